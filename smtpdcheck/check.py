@@ -1,0 +1,211 @@
+"""Checking a server list: the heart shared by the command and the daemon.
+
+Mail Avenger's smtpdcheck walked the list one server at a time, so a dead
+primary cost a full timeout before the next was tried (its BUGS section says
+as much).  Here every server the stop rule allows, and every address of each,
+is probed at once; the first available one ends the run.  ``sequential``
+keeps the old behaviour as a baseline for the benchmark.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import trio
+
+from .probe import Outcome, Prober, ProbeResult
+from .resolver import Resolver
+from .servers import IPAddress, Server
+from .stoprule import StopSet, eligibility
+
+
+@dataclass(slots=True)
+class ServerReport:
+    """What happened to one server; what ``-v`` and the daemon's log show."""
+
+    server: Server
+    addresses: tuple[IPAddress, ...] = ()
+    lookup_error: str | None = None
+    is_stop: bool | None = None
+    eligible: bool | None = None
+    probes: list[ProbeResult] = field(default_factory=list)
+    cached: bool = True
+    available: bool = False
+    timed_out: bool = False
+
+    def summary(self) -> str:
+        if self.eligible is False:
+            return "this host" if self.is_stop else "not checked (stop rule)"
+        if self.available:
+            return "available"
+        if self.lookup_error:
+            return f"lookup failed: {self.lookup_error}"
+        if self.timed_out and not self.probes:
+            return "timeout"
+        if not self.probes:
+            return "not probed"
+        return "; ".join(p.describe() for p in self.probes)
+
+
+@dataclass(slots=True)
+class CheckResult:
+    winner: Server | None
+    reports: list[ServerReport]
+    elapsed: float
+
+    @property
+    def probed(self) -> list[ServerReport]:
+        return [r for r in self.reports if r.eligible]
+
+    @property
+    def from_cache(self) -> bool:
+        """True when no lookup or probe had to go to the network."""
+        return all(r.cached for r in self.reports if r.eligible is not False)
+
+
+class _Board:
+    """Shared state of one run, and a way to wait for it to change."""
+
+    def __init__(self, servers: Sequence[Server], stop: StopSet) -> None:
+        self.servers = servers
+        self.matches: list[bool | None] = [
+            True if stop.matches_name(s) else (False if s.is_literal else None) for s in servers
+        ]
+        self._changed = trio.Event()
+
+    def set_match(self, i: int, value: bool) -> None:
+        self.matches[i] = value
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def eligible(self, i: int) -> bool | None:
+        return eligibility(self.servers, self.matches)[i]
+
+    async def wait_decided(self, i: int) -> bool:
+        while (decided := self.eligible(i)) is None:
+            await self._changed.wait()
+        return decided
+
+
+class Checker:
+    """Runs the stop rule, lookups and probes for a server list."""
+
+    def __init__(self, resolver: Resolver, prober: Prober, *, port: int = 25, timeout: float = 10.0) -> None:
+        self.resolver = resolver
+        self.prober = prober
+        self.port = port
+        self.timeout = timeout
+
+    @property
+    def _budget(self) -> float:
+        return self.timeout if self.timeout > 0 else math.inf
+
+    async def _lookup(self, report: ServerReport) -> None:
+        server = report.server
+        if server.address is not None:
+            report.addresses = (server.address,)
+            return
+        lookup, cached = await self.resolver.addresses(server.host)
+        report.cached = report.cached and cached
+        report.addresses = lookup.addresses
+        report.lookup_error = lookup.error
+
+    async def _probe_all(self, report: ServerReport) -> None:
+        """Probe every address of one server at once; the first 220 wins."""
+        async with trio.open_nursery() as nursery:
+
+            async def one(address: IPAddress) -> None:
+                result, cached = await self.prober.probe(address, self.port)
+                report.cached = report.cached and cached
+                report.probes.append(result)
+                if result.outcome is Outcome.AVAILABLE:
+                    report.available = True
+                    nursery.cancel_scope.cancel()
+
+            for address in report.addresses:
+                nursery.start_soon(one, address)
+
+    async def check(self, servers: Sequence[Server], stop: StopSet, *, sequential: bool = False) -> CheckResult:
+        start = trio.current_time()
+        reports = [ServerReport(s) for s in servers]
+        if sequential:
+            winner = await self._check_sequential(servers, stop, reports)
+        else:
+            winner = await self._check_concurrent(servers, stop, reports)
+        return CheckResult(winner, reports, trio.current_time() - start)
+
+    async def _check_concurrent(
+        self, servers: Sequence[Server], stop: StopSet, reports: list[ServerReport]
+    ) -> Server | None:
+        board = _Board(servers, stop)
+        found: list[int] = []
+
+        async with trio.open_nursery() as nursery:
+
+            async def run(i: int) -> None:
+                report = reports[i]
+                with trio.move_on_after(self._budget) as scope:
+                    if board.matches[i] is None:
+                        await self._lookup(report)
+                        board.set_match(i, stop.matches(report.server, report.addresses))
+                    elif report.server.address is not None:
+                        report.addresses = (report.server.address,)
+                    if board.eligible(i) is False:
+                        return
+                    # Probe even while an earlier lookup is pending (it may
+                    # decide this server is not to be checked after all);
+                    # the result counts only once the rule allows it.
+                    await self._probe_all(report)
+                    if report.available and await board.wait_decided(i):
+                        found.append(i)
+                        nursery.cancel_scope.cancel()
+                report.timed_out = scope.cancelled_caught
+
+            for i in range(len(servers)):
+                nursery.start_soon(run, i)
+
+        for i, report in enumerate(reports):
+            report.is_stop = board.matches[i]
+            report.eligible = board.eligible(i)
+        return servers[min(found)] if found else None
+
+    async def _check_sequential(
+        self, servers: Sequence[Server], stop: StopSet, reports: list[ServerReport]
+    ) -> Server | None:
+        """Mail Avenger's order: look up until the stop host, then probe in turn."""
+        matches: list[bool] = []
+        spent: list[float] = []
+        for report in reports:
+            t0 = trio.current_time()
+            with trio.move_on_after(self._budget) as scope:
+                if stop.matches_name(report.server):
+                    matches.append(True)
+                else:
+                    await self._lookup(report)
+                    matches.append(stop.matches(report.server, report.addresses))
+            if scope.cancelled_caught:
+                matches.append(False)
+                report.timed_out = True
+            spent.append(trio.current_time() - t0)
+            report.is_stop = matches[-1]
+            if matches[-1]:
+                break
+        matches.extend([True] * (len(servers) - len(matches)))
+        decided = eligibility(servers, matches)
+        for i, report in enumerate(reports):
+            report.eligible = bool(decided[i])
+        for i, report in enumerate(reports):
+            if not report.eligible:
+                continue
+            with trio.move_on_after(self._budget - spent[i]) as scope:
+                for address in report.addresses:
+                    result, cached = await self.prober.probe(address, self.port)
+                    report.cached = report.cached and cached
+                    report.probes.append(result)
+                    if result.available:
+                        report.available = True
+                        return report.server
+            report.timed_out = report.timed_out or scope.cancelled_caught
+        return None

@@ -1,0 +1,183 @@
+"""The ``smtpdcheck`` command, drop-in compatible with Mail Avenger's.
+
+Exit status is the interface scripts rely on: 1 and the server's name on
+stdout when one is available, 0 and nothing when none is, 2 and one line on
+stderr on bad usage or a system error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from typing import Final, NoReturn, TextIO
+
+import trio
+
+from .check import Checker, CheckResult
+from .probe import Prober
+from .resolver import DNSConfigError, Resolver, parse_nameserver
+from .servers import Server, ServerSyntaxError, parse_servers
+from .stophost import StopHostError, resolve_stop
+
+EXIT_NONE: Final = 0
+EXIT_AVAILABLE: Final = 1
+EXIT_ERROR: Final = 2
+
+DESCRIPTION = """\
+Check whether SMTP servers are available.  Meant for secondary mail
+servers, which have no reason to accept mail while a primary is up.
+
+Each argument is a server name, IPv4 address or [IPv6] address, optionally
+prefixed by a numeric MX priority and a colon (prio:server), the format of
+an MX list.  A server is available when one of its addresses accepts a TCP
+connection on the SMTP port and greets with a 220 reply.  All servers that
+the --stop rule allows, and all addresses of each, are probed at once; the
+first available one ends the run.
+"""
+
+EPILOG = """\
+stop rule:
+  Servers are considered in the order given.  The first server that is this
+  host (its name is given with --stop, or one of its addresses is a --stop
+  address) and every server after it are not checked.  If that server has a
+  prio, no server with the same prio is checked either, wherever it stands.
+  A --stop name that does not resolve is an error (exit 2); a server name
+  that does not resolve is simply not available.
+
+exit status:
+  1  a server is available; its name, as written, is printed on stdout
+     (the earliest in the list if several are known available at once)
+  0  no server is available; nothing is printed
+  2  bad usage or a system error; one line on stderr
+
+examples:
+  smtpdcheck --stop s2.domain.com 10:s1.domain.com 10:s2.domain.com 20:s3.domain.com
+      always exits 0: s2 (this host) has the same priority as s1.
+  smtpdcheck --stop s2.domain.com 10:s1.domain.com 20:s2.domain.com 20:s3.domain.com
+      prints s1.domain.com and exits 1 when s1 is up.
+  server=`smtpdcheck --stop $MYIP $RECIP_MXES`
+      the Mail Avenger idiom: defer when $server is non-empty.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_ERROR, f"{self.prog}: {message}\n")
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 0 or math.isnan(value) or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be 0 or more: {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"not a TCP port: {text!r}")
+    return int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="smtpdcheck",
+        usage="%(prog)s [--stop {ip-addr|name}] [--timeout seconds] [options] [prio:]server [[prio:]server ...]",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("servers", nargs="*", metavar="[prio:]server", help="servers to check, in order")
+    parser.add_argument(
+        "--stop", action="append", default=[], metavar="{ip-addr|name}",
+        help="this host; stop before checking it (see stop rule); may be repeated",
+    )
+    parser.add_argument(
+        "--timeout", type=_non_negative, default=10.0, metavar="seconds",
+        help="time allowed for each server: lookup, connect and greeting (default 10; 0 = no limit)",
+    )
+    parser.add_argument("--smtp-port", type=_port, default=25, metavar="N", help="SMTP port to probe (default 25)")
+    parser.add_argument(
+        "--nameserver", action="append", default=[], metavar="IP[:PORT]",
+        help="DNS server to ask (repeatable; default: the system resolver configuration)",
+    )
+    parser.add_argument(
+        "--sequential", action="store_true",
+        help="probe one server after another, in list order, as Mail Avenger did",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="report each server's outcome on stderr")
+    return parser
+
+
+def format_report(result: CheckResult, out: TextIO) -> None:
+    for report in result.reports:
+        server = report.server
+        label = f"{server.prio}:{server.name}" if server.prio is not None else server.name
+        addrs = ",".join(str(a) for a in report.addresses) or "-"
+        ms = max((p.elapsed for p in report.probes), default=0.0) * 1000
+        cache = " (cached)" if report.cached and report.probes else ""
+        print(f"smtpdcheck: {label} [{addrs}] {report.summary()}{cache} {ms:.1f} ms", file=out)
+
+
+async def _run(args: argparse.Namespace, servers: list[Server]) -> int:
+    nameservers = [parse_nameserver(n) for n in args.nameserver]
+    async with trio.open_nursery() as nursery:
+        # DNS gets the whole per-server budget; the per-server deadline in
+        # the checker bounds lookup plus probe together, as the man page says.
+        resolver = Resolver(nursery, nameservers=nameservers or None, timeout=args.timeout or 0)
+        prober = Prober(nursery, timeout=args.timeout)
+        try:
+            stop = await resolve_stop(args.stop, resolver, system_fallback=not nameservers)
+        except StopHostError as exc:
+            print(f"smtpdcheck: {exc}", file=sys.stderr)
+            nursery.cancel_scope.cancel()
+            return EXIT_ERROR
+        checker = Checker(resolver, prober, port=args.smtp_port, timeout=args.timeout)
+        result = await checker.check(servers, stop, sequential=args.sequential)
+        if result.winner is not None:
+            print(result.winner.name, flush=True)
+        if args.verbose:
+            format_report(result, sys.stderr)
+        # Probes still saying QUIT politely get a moment, then everything stops.
+        with trio.move_on_after(1.0):
+            while prober.flights.inflight or resolver.address_flights.inflight:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    return EXIT_AVAILABLE if result.winner is not None else EXIT_NONE
+
+
+def _unwrapped(args: argparse.Namespace, servers: list[Server]) -> int:
+    """Run, turning a one-exception group back into that exception."""
+    try:
+        return trio.run(_run, args, servers)
+    except BaseExceptionGroup as group:
+        leaf: BaseException = group
+        while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+            leaf = leaf.exceptions[0]
+        raise leaf from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.servers:
+        parser.error("no servers given")
+    try:
+        servers = parse_servers(args.servers)
+        return _unwrapped(args, servers)
+    except (ServerSyntaxError, DNSConfigError) as exc:
+        print(f"smtpdcheck: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:
+        print(f"smtpdcheck: system error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Probing one address for an SMTP greeting.
+
+"Available" means what the man page means: a TCP connection to the SMTP
+port and a greeting whose first line has code 220, within the deadline.
+Everything else -- refused, reset, closed, silent, 421, 554, garbage -- is
+"not available", and each of those is recorded distinctly because an admin
+reading the log wants to know *why* a primary was judged down.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+import trio
+
+from .cache import SingleFlight, TTLCache
+from .greeting import MAX_GREETING_BYTES, GreetingError, GreetingReader
+from .servers import IPAddress
+
+QUIT_GRACE_S: Final = 2.0
+RECEIVE_CHUNK: Final = 1024
+
+
+class Outcome(enum.Enum):
+    AVAILABLE = "available"
+    REFUSED = "refused"  # greeted with a code other than 220
+    CONNECT_FAILED = "connect failed"
+    TIMEOUT = "timeout"
+    CLOSED = "closed"  # EOF or reset before a greeting line
+    BAD_GREETING = "bad greeting"
+    OVERLOADED = "not probed"  # our own probe limit, not the server's fault
+    ERROR = "error"
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    outcome: Outcome
+    address: str
+    port: int
+    detail: str = ""
+    elapsed: float = 0.0
+
+    @property
+    def available(self) -> bool:
+        return self.outcome is Outcome.AVAILABLE
+
+    def describe(self) -> str:
+        target = f"[{self.address}]:{self.port}" if ":" in self.address else f"{self.address}:{self.port}"
+        detail = f" ({self.detail})" if self.detail else ""
+        return f"{target} {self.outcome.value}{detail}"
+
+
+def printable(text: str, limit: int = 120) -> str:
+    """Peer text for logs: printable ASCII only, bounded."""
+    cleaned = "".join(c if " " <= c <= "~" else "?" for c in text[:limit])
+    return cleaned + ("..." if len(text) > limit else "")
+
+
+def _os_error_text(exc: BaseException) -> str:
+    """The errno name (ECONNREFUSED, ...) of an error, digging through causes.
+
+    trio.open_tcp_stream reports a failed connect as a generic OSError whose
+    cause holds the real per-attempt errors.
+    """
+    seen = 0
+    todo: list[BaseException] = [exc]
+    while todo and seen < 16:
+        current = todo.pop(0)
+        seen += 1
+        number = getattr(current, "errno", None)
+        if isinstance(number, int):
+            return errno.errorcode.get(number, str(number))
+        if isinstance(current, BaseExceptionGroup):
+            todo.extend(current.exceptions)
+        if current.__cause__ is not None:
+            todo.append(current.__cause__)
+    return type(exc).__name__
+
+
+async def probe_greeting(
+    address: IPAddress,
+    port: int,
+    timeout: float,
+    deliver: Callable[[ProbeResult], None],
+    *,
+    quit_grace: float = QUIT_GRACE_S,
+) -> None:
+    """Connect, read the first greeting line, deliver the verdict, then leave politely.
+
+    The verdict is delivered as soon as the first line is read; the task then
+    goes on (bounded by ``quit_grace`` and ``timeout``) to read the rest of a
+    multi-line greeting and say QUIT, so the primary does not log a lost
+    connection.  Nothing is ever sent before the greeting is complete.
+    """
+    start = trio.current_time()
+    host = str(address)
+    delivered = False
+
+    def finish(outcome: Outcome, detail: str = "") -> None:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            deliver(ProbeResult(outcome, host, port, detail, trio.current_time() - start))
+
+    with trio.move_on_after(timeout if timeout > 0 else math.inf):
+        try:
+            stream = await trio.open_tcp_stream(host, port)
+        except OSError as exc:
+            finish(Outcome.CONNECT_FAILED, _os_error_text(exc))
+            return
+        async with stream:
+            reader = GreetingReader()
+            try:
+                while reader.first is None:
+                    data = await stream.receive_some(RECEIVE_CHUNK)
+                    reader.feed(data)
+                    if reader.eof:
+                        finish(Outcome.CLOSED, "closed before greeting")
+                        return
+            except GreetingError as exc:
+                finish(Outcome.BAD_GREETING, str(exc))
+                return
+            except (trio.BrokenResourceError, OSError) as exc:
+                finish(Outcome.CLOSED, _os_error_text(exc))
+                return
+            first = reader.first
+            line = printable(f"{first.code}{'-' if first.continues else ' '}{first.text}")
+            finish(Outcome.AVAILABLE if first.available else Outcome.REFUSED, line)
+            with trio.move_on_after(quit_grace):
+                await _say_quit(stream, reader)
+    finish(Outcome.TIMEOUT, f"no greeting within {timeout:g}s")
+
+
+async def _say_quit(stream: trio.SocketStream, reader: GreetingReader) -> None:
+    """Finish reading the greeting, send QUIT and wait for its reply.
+
+    Waiting for the reply before closing avoids a reset (closing with unread
+    data) that the primary would log as an error.  Any failure here is
+    irrelevant to the verdict, which is already delivered.
+    """
+    try:
+        while not reader.complete and not reader.eof:
+            reader.feed(await stream.receive_some(RECEIVE_CHUNK))
+        if not reader.complete:
+            return
+        await stream.send_all(b"QUIT\r\n")
+        seen = 0
+        while seen < MAX_GREETING_BYTES:
+            data = await stream.receive_some(RECEIVE_CHUNK)
+            if not data or b"\n" in data:
+                return
+            seen += len(data)
+    except (GreetingError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        return
+
+
+class Prober:
+    """Probes with a shared result cache, single-flight and a global limit.
+
+    Args:
+        nursery: where probe flights run; it must outlive every caller.
+        timeout: per-probe budget for connect plus first greeting line.
+        up_ttl / down_ttl: how long "available" / "not available" is believed.
+        max_concurrent: probes connecting at once, process-wide.
+    """
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        *,
+        timeout: float,
+        up_ttl: float = 120.0,
+        down_ttl: float = 60.0,
+        max_entries: int = 10_000,
+        max_concurrent: int = 200,
+        quit_grace: float = QUIT_GRACE_S,
+    ) -> None:
+        self.timeout = timeout
+        self.up_ttl = up_ttl
+        self.down_ttl = down_ttl
+        self.quit_grace = quit_grace
+        self.limiter = trio.CapacityLimiter(max_concurrent)
+        self.outcomes: dict[Outcome, int] = dict.fromkeys(Outcome, 0)
+        self.flights: SingleFlight[tuple[str, int], ProbeResult] = SingleFlight(
+            nursery,
+            TTLCache(max_entries),
+            self._ttl_of,
+            lambda exc: ProbeResult(Outcome.ERROR, "?", 0, type(exc).__name__ if exc else "no result"),
+            name="probe",
+        )
+
+    def _ttl_of(self, result: ProbeResult) -> float:
+        if result.outcome is Outcome.AVAILABLE:
+            return self.up_ttl
+        if result.outcome in (Outcome.OVERLOADED, Outcome.ERROR):
+            return 0.0
+        return self.down_ttl
+
+    async def probe(self, address: IPAddress, port: int) -> tuple[ProbeResult, bool]:
+        """Return ``(result, from_cache)`` for one address."""
+
+        async def produce(deliver: Callable[[ProbeResult], None]) -> None:
+            def counted(result: ProbeResult) -> None:
+                self.outcomes[result.outcome] += 1
+                deliver(result)
+
+            # Only the wait for a slot is bounded here; the probe bounds itself.
+            acquired = False
+            with trio.move_on_after(self.timeout if self.timeout > 0 else math.inf):
+                await self.limiter.acquire()
+                acquired = True
+            if not acquired:
+                counted(ProbeResult(Outcome.OVERLOADED, str(address), port, "probe limit reached"))
+                return
+            try:
+                await probe_greeting(address, port, self.timeout, counted, quit_grace=self.quit_grace)
+            finally:
+                self.limiter.release()
+
+        return await self.flights.get((str(address), port), produce)

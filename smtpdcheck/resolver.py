@@ -1,0 +1,313 @@
+"""DNS for smtpdcheck: host addresses and MX lists, cached, bounded, fail-safe.
+
+dnspython's async resolver does the protocol work.  Around it:
+
+* every lookup runs under our own trio deadline: dnspython measures its
+  ``lifetime`` on the wall clock and has been seen to overrun it, and a
+  policy server must answer Postfix on time whatever a nameserver does;
+* results are cached by us, with capped TTLs (dnspython's own cache would
+  keep a negative answer without SOA for 2**32 seconds), and looked up with
+  single-flight so a burst of RCPTs makes one query;
+* every failure is a value (``error`` set), never an exception: a SERVFAIL
+  must not be confused with "no such domain" or "no MX records".
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+import dns.asyncbackend
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.nameserver
+import dns.rcode
+import dns.rdatatype
+import dns.resolver
+import trio
+
+from .cache import SingleFlight, TTLCache
+from .servers import IPAddress, is_valid_hostname, normalize_hostname
+
+DEFAULT_DNS_TIMEOUT_S: Final = 5.0
+MAX_MX_HOSTS: Final = 10
+MAX_ADDRESSES_PER_HOST: Final = 8
+
+
+class DNSConfigError(ValueError):
+    """A nameserver argument or resolver configuration that cannot be used."""
+
+
+def parse_nameserver(text: str) -> tuple[str, int]:
+    """Parse ``IP``, ``IP:PORT``, ``[IPv6]:PORT`` or a bare IPv6 address."""
+    host, port = text, 53
+    if text.startswith("["):
+        inner, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise DNSConfigError(f"bad nameserver {text!r}")
+        host = inner
+        if rest:
+            port = _port(rest[1:], text)
+    elif text.count(":") == 1:
+        host, _, p = text.partition(":")
+        port = _port(p, text)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise DNSConfigError(f"nameserver must be an IP address: {text!r}") from None
+    return host, port
+
+
+def _port(text: str, whole: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise DNSConfigError(f"bad port in {whole!r}")
+    return int(text)
+
+
+@dataclass(frozen=True, slots=True)
+class AddressLookup:
+    host: str
+    addresses: tuple[IPAddress, ...] = ()
+    error: str | None = None
+    ttl: float = field(default=0.0, compare=False, repr=False)  # how long it may be reused
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.addresses)
+
+
+class MXKind(enum.Enum):
+    LIST = "mx"
+    IMPLICIT = "implicit mx"  # no MX records: the domain itself (RFC 5321 §5.1)
+    NULL = "null mx"  # "0 ." : the domain accepts no mail (RFC 7505)
+    NXDOMAIN = "nxdomain"
+    FAILURE = "dns failure"
+
+
+@dataclass(frozen=True, slots=True)
+class MXLookup:
+    domain: str
+    kind: MXKind
+    hosts: tuple[tuple[int, str], ...] = ()  # (preference, host), sorted, usable names only
+    ignored: tuple[str, ...] = ()  # escaped text of unusable targets, for the log
+    error: str | None = None
+    ttl: float = field(default=0.0, compare=False, repr=False)
+
+
+def _failure_text(exc: BaseException) -> str:
+    """A short reason for a failed lookup, for logs and metrics."""
+    if isinstance(exc, dns.resolver.NoNameservers):
+        errors = exc.kwargs.get("errors") or []
+        for err in errors:
+            answer = err[3] if len(err) > 3 else None
+            if isinstance(answer, int) or isinstance(answer, dns.rcode.Rcode):
+                return dns.rcode.to_text(dns.rcode.Rcode(answer))
+        for err in errors:
+            if len(err) > 3 and isinstance(err[3], BaseException):
+                return type(err[3]).__name__
+        return "no nameserver answered"
+    if isinstance(exc, dns.exception.Timeout):
+        return "timeout"
+    return type(exc).__name__
+
+
+class Resolver:
+    """Address and MX lookups for the checker and the policy server.
+
+    Args:
+        nursery: where lookup flights run (must outlive callers).
+        nameservers: ``(ip, port)`` pairs; None reads the system configuration.
+        timeout: budget for one lookup (both A and AAAA, or one MX query).
+        max_ttl / negative_ttl / failure_ttl: caps on how long answers,
+            authoritative negatives and failures are reused.
+    """
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        *,
+        nameservers: Sequence[tuple[str, int]] | None = None,
+        timeout: float = DEFAULT_DNS_TIMEOUT_S,
+        max_ttl: float = 3600.0,
+        negative_ttl: float = 300.0,
+        failure_ttl: float = 10.0,
+        max_entries: int = 20_000,
+        max_concurrent: int = 100,
+        max_addresses: int = MAX_ADDRESSES_PER_HOST,
+        max_mx_hosts: int = MAX_MX_HOSTS,
+    ) -> None:
+        try:
+            if nameservers:
+                self._dns = dns.asyncresolver.Resolver(configure=False)
+                self._dns.nameservers = [dns.nameserver.Do53Nameserver(h, p) for h, p in nameservers]
+            else:
+                self._dns = dns.asyncresolver.Resolver()
+        except dns.exception.DNSException as exc:
+            raise DNSConfigError(f"no usable resolver configuration: {exc}") from exc
+        self._dns.cache = None  # ours is in front, with capped TTLs
+        self._dns.timeout = min(2.0, timeout) if timeout > 0 else 2.0
+        self._dns.lifetime = timeout if timeout > 0 else None
+        self._backend = dns.asyncbackend.get_backend("trio")
+        self.timeout = timeout
+        self.max_ttl = max_ttl
+        self.negative_ttl = negative_ttl
+        self.failure_ttl = failure_ttl
+        self.max_addresses = max_addresses
+        self.max_mx_hosts = max_mx_hosts
+        self.limiter = trio.CapacityLimiter(max_concurrent)
+        self.failures = 0
+        self.address_flights: SingleFlight[str, AddressLookup] = SingleFlight(
+            nursery, TTLCache(max_entries), self._address_ttl,
+            lambda exc: AddressLookup("?", error="internal error"), name="address lookup",
+        )
+        self.mx_flights: SingleFlight[str, MXLookup] = SingleFlight(
+            nursery, TTLCache(max_entries), self._mx_ttl,
+            lambda exc: MXLookup("?", MXKind.FAILURE, error="internal error"), name="mx lookup",
+        )
+
+    def _address_ttl(self, value: AddressLookup) -> float:
+        if value.error not in (None, "NXDOMAIN", "no address records"):
+            return self.failure_ttl
+        return value.ttl
+
+    def _mx_ttl(self, value: MXLookup) -> float:
+        return self.failure_ttl if value.kind is MXKind.FAILURE else value.ttl
+
+    # -- raw queries --------------------------------------------------------
+
+    async def _query(self, name: str, rdtype: str) -> tuple[dns.resolver.Answer | None, float, str | None]:
+        """One query: ``(answer or None, ttl, error)``.  Never raises DNS errors."""
+        budget = self.timeout if self.timeout > 0 else math.inf
+        with trio.move_on_after(budget):
+            try:
+                async with self.limiter:
+                    answer = await self._dns.resolve(
+                        name, rdtype, raise_on_no_answer=False, search=False, backend=self._backend
+                    )
+            except dns.resolver.NXDOMAIN:
+                return None, self.negative_ttl, "NXDOMAIN"
+            except (dns.exception.DNSException, OSError, ValueError, UnicodeError) as exc:
+                self.failures += 1
+                return None, self.failure_ttl, _failure_text(exc)
+            ttl = max(0.0, min(answer.expiration - time.time(), self.max_ttl))
+            if answer.rrset is None:
+                ttl = min(ttl, self.negative_ttl)
+            return answer, ttl, None
+        self.failures += 1
+        return None, self.failure_ttl, "timeout"
+
+    # -- addresses ----------------------------------------------------------
+
+    async def addresses(self, host: str) -> tuple[AddressLookup, bool]:
+        """A and AAAA of ``host``, queried in parallel; ``(lookup, from_cache)``."""
+        host = normalize_hostname(host)
+
+        async def produce(deliver: Callable[[AddressLookup], None]) -> None:
+            results: dict[str, tuple[dns.resolver.Answer | None, float, str | None]] = {}
+
+            async def one(rdtype: str) -> None:
+                results[rdtype] = await self._query(host, rdtype)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(one, "AAAA")
+                nursery.start_soon(one, "A")
+            found: list[IPAddress] = []
+            ttls: list[float] = []
+            errors: list[str] = []
+            for rdtype in ("AAAA", "A"):
+                answer, ttl, error = results[rdtype]
+                if error:
+                    errors.append(error)
+                ttls.append(ttl)
+                if answer is not None and answer.rrset is not None:
+                    for rdata in answer.rrset:
+                        try:
+                            found.append(ipaddress.ip_address(rdata.address))
+                        except (AttributeError, ValueError):
+                            continue
+            # Interleave families so the cap keeps both when both exist.
+            v6 = [a for a in found if a.version == 6]
+            v4 = [a for a in found if a.version == 4]
+            mixed: list[IPAddress] = []
+            for pair in zip(v4, v6):
+                mixed.extend(pair)
+            mixed.extend(v4[len(v6):] if len(v4) > len(v6) else v6[len(v4):])
+            addrs = tuple(dict.fromkeys(mixed))[: self.max_addresses]
+            ttl = min(ttls)
+            if addrs:
+                deliver(AddressLookup(host, addrs, ttl=ttl))
+            elif errors and all(e == "NXDOMAIN" for e in errors):
+                deliver(AddressLookup(host, error="NXDOMAIN", ttl=ttl))
+            elif errors:
+                deliver(AddressLookup(host, error=next(e for e in errors if e != "NXDOMAIN"), ttl=ttl))
+            else:
+                deliver(AddressLookup(host, error="no address records", ttl=ttl))
+
+        return await self.address_flights.get(host, produce)
+
+    # -- MX -----------------------------------------------------------------
+
+    async def mx(self, domain: str) -> tuple[MXLookup, bool]:
+        """The MX list of ``domain`` (an A-label name); ``(lookup, from_cache)``."""
+        domain = normalize_hostname(domain)
+
+        async def produce(deliver: Callable[[MXLookup], None]) -> None:
+            answer, ttl, error = await self._query(domain, "MX")
+            deliver(self._mx_from_answer(domain, answer, error, ttl))
+
+        return await self.mx_flights.get(domain, produce)
+
+    def _mx_from_answer(
+        self, domain: str, answer: dns.resolver.Answer | None, error: str | None, ttl: float
+    ) -> MXLookup:
+        if error == "NXDOMAIN":
+            return MXLookup(domain, MXKind.NXDOMAIN, error=error, ttl=ttl)
+        if error is not None:
+            return MXLookup(domain, MXKind.FAILURE, error=error)
+        assert answer is not None
+        if answer.rrset is None or len(answer.rrset) == 0:
+            return MXLookup(domain, MXKind.IMPLICIT, hosts=((0, domain),), ttl=ttl)
+        records: list[tuple[int, dns.name.Name]] = []
+        for rdata in answer.rrset:
+            pref = getattr(rdata, "preference", None)
+            exchange = getattr(rdata, "exchange", None)
+            if isinstance(pref, int) and isinstance(exchange, dns.name.Name):
+                records.append((pref, exchange))
+        if any(x == dns.name.root for _, x in records) and len(records) == 1:
+            return MXLookup(domain, MXKind.NULL, ttl=ttl)
+        records.sort(key=lambda r: r[0])
+        hosts: list[tuple[int, str]] = []
+        ignored: list[str] = []
+        for pref, exchange in records:
+            text = _name_text(exchange)
+            if text is None or exchange == dns.name.root:
+                ignored.append(exchange.to_text())
+                continue
+            if len(hosts) < self.max_mx_hosts:
+                hosts.append((pref, text))
+            else:
+                ignored.append(text)
+        if not hosts:
+            return MXLookup(domain, MXKind.FAILURE, ignored=tuple(ignored[:5]), error="no usable MX host name", ttl=ttl)
+        return MXLookup(domain, MXKind.LIST, hosts=tuple(hosts), ignored=tuple(ignored[:5]), ttl=ttl)
+
+
+def _name_text(name: dns.name.Name) -> str | None:
+    """A DNS name as a plain host name, or None if it is not one.
+
+    ``to_text`` escapes odd bytes (``\\032``), so an escape character in the
+    text means the wire name held something no host name may hold.
+    """
+    try:
+        text = name.to_text(omit_final_dot=True)
+    except dns.exception.DNSException:
+        return None
+    if "\\" in text or not is_valid_hostname(text):
+        return None
+    return text.lower()
