@@ -1,0 +1,141 @@
+"""``smtpdcheck-policyd``: the Postfix policy server's command line and main loop."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+import trio
+
+from smtpdcheck.stophost import StopHostError, resolve_stop
+from smtpdcheck.stoprule import StopSet
+
+from . import config as cfg
+from .listeners import ListenError, endpoint_of, open_listeners, unix_paths
+from .logsetup import setup_logging
+from .server import PolicyServer
+from .service import PolicyService
+
+log = logging.getLogger("smtpdcheck.policyd")
+
+SHUTDOWN_GRACE_S = 5.0
+
+DESCRIPTION = """\
+Postfix policy server for backup MX hosts.  On each RCPT it looks up the
+recipient domain's MX hosts, finds this host among them (the request's
+server_address plus --stop), probes the more-preferred ones at once, and
+answers DEFER_IF_PERMIT naming a live one, or DUNNO.  Any failure answers
+the failure action (DUNNO: fail-open).
+"""
+
+EPILOG = """\
+Postfix wiring (main.cf):
+  smtpd_recipient_restrictions =
+      reject_unlisted_recipient,
+      check_policy_service { inet:127.0.0.1:10040, timeout=10s,
+                             try_limit=1, default_action=DUNNO }
+
+signals: SIGHUP re-reads the configuration file (listen, nameserver, cache
+sizes and limits need a restart); SIGTERM and SIGINT stop accepting, let
+requests in progress finish for a few seconds, and exit 0.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="smtpdcheck-policyd",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", type=Path, metavar="PATH", help="TOML configuration file; flags override it")
+    cfg.add_arguments(parser)
+    return parser
+
+
+def load(args: argparse.Namespace) -> cfg.Config:
+    return cfg.build(args, args.config)
+
+
+async def _resolve_stop(config: cfg.Config, service: PolicyService) -> StopSet:
+    return await resolve_stop(list(config.stop), service.resolver, system_fallback=not config.nameserver)
+
+
+async def run_daemon(config: cfg.Config, args: argparse.Namespace) -> int:
+    async with trio.open_nursery() as nursery:
+        service = PolicyService(config, StopSet(), nursery)
+        try:
+            service.stop = await _resolve_stop(config, service)
+            listeners = await open_listeners(config.listen, socket_mode=config.socket_mode)
+        except (StopHostError, ListenError) as exc:
+            log.critical("%s", exc)
+            nursery.cancel_scope.cancel()
+            return 2
+        server = PolicyServer(listeners, service, max_connections=config.max_connections)
+        await nursery.start(server.serve)
+        log.info("listening on %s", ", ".join(endpoint_of(l) for l in listeners))
+        with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    await _reload(service, args, config)
+                    config = service.config
+                    continue
+                log.info("stopping on %s", signal.Signals(signum).name)
+                await server.shutdown(SHUTDOWN_GRACE_S)
+                break
+        nursery.cancel_scope.cancel()
+    for path in unix_paths(config.listen):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    return 0
+
+
+_RESTART_ONLY = ("listen", "socket_mode", "nameserver", "cache_size", "max_probes", "max_dns_queries",
+                 "max_connections", "dns_max_ttl", "dns_negative_ttl", "dns_failure_ttl", "dns_timeout", "metrics")
+
+
+async def _reload(service: PolicyService, args: argparse.Namespace, old: cfg.Config) -> None:
+    try:
+        new = load(args)
+        stop = await _resolve_stop(new, service)
+    except (cfg.ConfigError, StopHostError) as exc:
+        log.error("reload failed, keeping the running configuration: %s", exc)
+        return
+    ignored = [k for k in _RESTART_ONLY if getattr(new, k) != getattr(old, k)]
+    if ignored:
+        log.warning("reload: %s changed; takes effect after a restart", ", ".join(ignored))
+    setup_logging(new.log_level, new.log_target)
+    service.reconfigure(new, stop)
+    log.info("configuration reloaded")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = load(args)
+    except cfg.ConfigError as exc:
+        print(f"smtpdcheck-policyd: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.log_level, config.log_target)
+    try:
+        return trio.run(run_daemon, config, args)
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

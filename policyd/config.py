@@ -1,0 +1,326 @@
+"""Configuration of smtpdcheck-policyd: one table drives flags, file and docs.
+
+Every option is declared once in :data:`OPTIONS`.  The command line, the
+TOML configuration file (keys are the long flags with ``_`` for ``-``) and
+the README's configuration reference are all derived from it, so they
+cannot drift apart.  Validation happens here, at start-up or reload, with
+messages that name the offending key and file: a typo must never reach
+the request path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import string
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Final
+
+from smtpdcheck.resolver import DNSConfigError, parse_nameserver
+from smtpdcheck.servers import is_valid_hostname, parse_address
+
+DEFAULT_LISTEN: Final = "inet:127.0.0.1:10040"
+DEFAULT_DEFER_TEXT: Final = "this is a backup MX and primary MX {mx} is up; please deliver there"
+
+
+class ConfigError(ValueError):
+    """An option value that cannot be used; the message names the option."""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen: tuple[str, ...] = (DEFAULT_LISTEN,)
+    socket_mode: int = 0o666
+    stop: tuple[str, ...] = ()
+    timeout: float = 5.0
+    dns_timeout: float = 2.0
+    deadline: float = 8.0
+    smtp_port: int = 25
+    nameserver: tuple[str, ...] = ()
+    mode: str = "enforce"
+    defer_text: str = DEFAULT_DEFER_TEXT
+    failure_action: str = "DUNNO"
+    cache_up_ttl: float = 120.0
+    cache_down_ttl: float = 60.0
+    dns_max_ttl: float = 3600.0
+    dns_negative_ttl: float = 300.0
+    dns_failure_ttl: float = 10.0
+    cache_size: int = 10_000
+    max_probes: int = 200
+    max_dns_queries: int = 100
+    max_connections: int = 1000
+    request_timeout: float = 10.0
+    idle_timeout: float = 3600.0
+    log_level: str = "info"
+    log_target: str = "stderr"
+    metrics: str = ""
+
+    @property
+    def nameservers(self) -> list[tuple[str, int]]:
+        return [parse_nameserver(n) for n in self.nameserver]
+
+    def defer_message(self, mx: str, domain: str) -> str:
+        return self.defer_text.format(mx=mx, domain=domain)
+
+
+# -- validators -------------------------------------------------------------
+
+
+def _seconds(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError("must be a number of seconds")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"not a number: {value!r}") from None
+    if number < 0 or not math.isfinite(number):
+        raise ConfigError(f"must be 0 or more: {value!r}")
+    return number
+
+
+def _positive_seconds(value: object) -> float:
+    number = _seconds(value)
+    if number <= 0:
+        raise ConfigError(f"must be more than 0: {value!r}")
+    return number
+
+
+def _count(value: object) -> int:
+    if isinstance(value, bool):
+        raise ConfigError("must be a whole number")
+    try:
+        number = int(str(value), 10)
+    except ValueError:
+        raise ConfigError(f"not a whole number: {value!r}") from None
+    if number < 1:
+        raise ConfigError(f"must be 1 or more: {value!r}")
+    return number
+
+
+def _port(value: object) -> int:
+    number = _count(value)
+    if number > 65535:
+        raise ConfigError(f"not a TCP port: {value!r}")
+    return number
+
+
+def _mode_bits(value: object) -> int:
+    text = str(value)
+    try:
+        bits = int(text, 8)
+    except ValueError:
+        raise ConfigError(f"not an octal file mode: {value!r}") from None
+    if not 0 <= bits <= 0o777:
+        raise ConfigError(f"not a file mode: {value!r}")
+    return bits
+
+
+def _choice(*allowed: str) -> Callable[[object], str]:
+    def check(value: object) -> str:
+        text = str(value).lower() if allowed[0].islower() else str(value).upper()
+        if text not in allowed:
+            raise ConfigError(f"must be one of {', '.join(allowed)}: {value!r}")
+        return text
+
+    return check
+
+
+def check_listen(value: object) -> str:
+    text = str(value)
+    kind, _, rest = text.partition(":")
+    if kind == "unix":
+        if not rest.startswith("/"):
+            raise ConfigError(f"unix socket path must be absolute: {text!r}")
+        return text
+    if kind == "inet":
+        host, _, port = rest.rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if parse_address(host) is None and not (host and is_valid_hostname(host)):
+            raise ConfigError(f"bad listen address {text!r} (want inet:HOST:PORT, inet:[IPv6]:PORT or unix:/path)")
+        _port(port)
+        return text
+    raise ConfigError(f"bad listen address {text!r} (want inet:HOST:PORT, inet:[IPv6]:PORT or unix:/path)")
+
+
+def _stop_value(value: object) -> str:
+    text = str(value)
+    if parse_address(text) is None and not is_valid_hostname(text):
+        raise ConfigError(f"not a host name or IP address: {text!r}")
+    return text
+
+
+def _nameserver(value: object) -> str:
+    try:
+        parse_nameserver(str(value))
+    except DNSConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    return str(value)
+
+
+def _defer_text(value: object) -> str:
+    text = str(value)
+    fields_used = {f for _, f, _, _ in string.Formatter().parse(text) if f is not None}
+    unknown = fields_used - {"mx", "domain"}
+    if unknown:
+        raise ConfigError(f"unknown placeholder {{{sorted(unknown)[0]}}} (known: {{mx}}, {{domain}})")
+    try:
+        text.format(mx="mx.example", domain="example")
+    except (ValueError, IndexError) as exc:
+        raise ConfigError(f"bad template: {exc}") from None
+    if any(ord(c) < 0x20 or ord(c) > 0x7E for c in text):
+        raise ConfigError("must be printable ASCII")
+    return text
+
+
+def _metrics(value: object) -> str:
+    text = str(value)
+    if text and not text.startswith("inet:"):
+        raise ConfigError(f"want inet:HOST:PORT: {text!r}")
+    return check_listen(text) if text else text
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    name: str  # the Config field; the flag is --name-with-dashes
+    convert: Callable[[object], object]
+    help: str
+    metavar: str = "VALUE"
+    repeatable: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+OPTIONS: Final[tuple[Option, ...]] = (
+    Option("listen", check_listen, "where to accept Postfix's connections: inet:HOST:PORT, inet:[IPv6]:PORT or unix:/path (repeatable)", "ENDPOINT", True),
+    Option("socket_mode", _mode_bits, "file mode of unix sockets, octal", "MODE"),
+    Option("stop", _stop_value, "this host's names and addresses besides the request's server_address (repeatable); names are resolved at start-up", "NAME|IP", True),
+    Option("timeout", _positive_seconds, "per-probe budget: connect plus first greeting line", "SECONDS"),
+    Option("dns_timeout", _positive_seconds, "budget for one DNS lookup", "SECONDS"),
+    Option("deadline", _positive_seconds, "every request is answered within this time; keep it below Postfix's policy timeout", "SECONDS"),
+    Option("smtp_port", _port, "port probed on the MX hosts", "PORT"),
+    Option("nameserver", _nameserver, "DNS server to ask, IP[:PORT] (repeatable; default: /etc/resolv.conf)", "IP[:PORT]", True),
+    Option("mode", _choice("enforce", "warn"), "enforce: answer DEFER_IF_PERMIT; warn: answer WARN with the same text (Postfix logs and accepts)", "MODE"),
+    Option("defer_text", _defer_text, "reply text when deferring; {mx} is the live MX, {domain} the recipient domain", "TEMPLATE"),
+    Option("failure_action", _choice("DUNNO", "DEFER_IF_PERMIT"), "answer when DNS fails, the deadline passes or anything breaks (fail-open DUNNO by default)", "ACTION"),
+    Option("cache_up_ttl", _seconds, "how long an MX address that greeted with 220 is believed up", "SECONDS"),
+    Option("cache_down_ttl", _seconds, "how long an MX address that failed is believed down", "SECONDS"),
+    Option("dns_max_ttl", _seconds, "cap on how long a DNS answer is reused (its own TTL otherwise)", "SECONDS"),
+    Option("dns_negative_ttl", _seconds, "cap on how long NXDOMAIN / no-records answers are reused", "SECONDS"),
+    Option("dns_failure_ttl", _seconds, "how long a failed lookup (SERVFAIL, timeout) is reused before asking again", "SECONDS"),
+    Option("cache_size", _count, "entries per cache (probe results, MX lists, host addresses)", "N"),
+    Option("max_probes", _count, "SMTP probes connecting at once, process-wide", "N"),
+    Option("max_dns_queries", _count, "DNS queries in flight at once, process-wide", "N"),
+    Option("max_connections", _count, "Postfix connections served at once; more wait in the listen queue", "N"),
+    Option("request_timeout", _positive_seconds, "a request that has started must arrive completely within this time", "SECONDS"),
+    Option("idle_timeout", _seconds, "close a connection idle this long (0 = never; Postfix closes idle ones itself)", "SECONDS"),
+    Option("log_level", _choice("debug", "info", "warning", "error"), "log level; decisions are logged at info", "LEVEL"),
+    Option("log_target", _choice("stderr", "syslog"), "where logs go: stderr (journald-friendly) or syslog (facility mail)", "TARGET"),
+    Option("metrics", _metrics, "serve Prometheus metrics at inet:HOST:PORT (empty = off)", "ENDPOINT"),
+)
+
+_BY_NAME: Final = {o.name: o for o in OPTIONS}
+assert set(_BY_NAME) == {f.name for f in fields(Config)}
+
+
+def default_text(option: Option) -> str:
+    value = getattr(Config(), option.name)
+    if option.name == "socket_mode":
+        return f"{value:04o}"
+    if isinstance(value, tuple):
+        return ", ".join(value) if value else "(none)"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value) if value != "" else "(off)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags for every option; defaults stay None so the file can fill in."""
+    for option in OPTIONS:
+        kwargs: dict[str, object] = {
+            "dest": option.name,
+            "metavar": option.metavar,
+            "default": None,
+            "help": f"{option.help} (default: {default_text(option)})",
+        }
+        if option.repeatable:
+            kwargs["action"] = "append"
+        parser.add_argument(option.flag, **kwargs)  # type: ignore[arg-type]
+
+
+def _convert(option: Option, raw: object, where: str) -> object:
+    try:
+        if option.repeatable:
+            items = raw if isinstance(raw, (list, tuple)) else None
+            if items is None:
+                raise ConfigError("must be a list")
+            return tuple(option.convert(item) for item in items)
+        if isinstance(raw, (list, dict)):
+            raise ConfigError("must be a single value, not a list or table")
+        return option.convert(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _check_whole(config: Config, where: str) -> Config:
+    if not config.listen:
+        raise ConfigError(f"{where}: listen: at least one endpoint is needed")
+    if config.deadline <= 0:
+        raise ConfigError(f"{where}: deadline must be more than 0")
+    return config
+
+
+def load_file(path: Path, base: Config | None = None) -> Config:
+    """Read a TOML file over ``base``; unknown keys and bad values are refused."""
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return apply_mapping(base or Config(), data, str(path))
+
+
+def apply_mapping(base: Config, data: Mapping[str, object], where: str) -> Config:
+    changes: dict[str, object] = {}
+    for key, raw in data.items():
+        option = _BY_NAME.get(key)
+        if option is None:
+            hint = " (use _ not -)" if key.replace("-", "_") in _BY_NAME else ""
+            raise ConfigError(f"{where}: unknown key {key!r}{hint}")
+        changes[key] = _convert(option, raw, f"{where}: {key}")
+    return _check_whole(replace(base, **changes), where)  # type: ignore[arg-type]
+
+
+def from_args(args: argparse.Namespace, base: Config) -> Config:
+    """Apply the flags that were given over ``base`` (file or defaults)."""
+    changes: dict[str, object] = {}
+    for option in OPTIONS:
+        raw = getattr(args, option.name, None)
+        if raw is not None:
+            changes[option.name] = _convert(option, raw, option.flag)
+    return _check_whole(replace(base, **changes), "command line")  # type: ignore[arg-type]
+
+
+def build(args: argparse.Namespace, config_path: Path | None) -> Config:
+    base = load_file(config_path) if config_path is not None else Config()
+    return from_args(args, base)
+
+
+def reference_markdown() -> str:
+    """The configuration reference table, as in README.md."""
+    lines = ["| flag | file key | default | meaning |", "|---|---|---|---|"]
+    for option in OPTIONS:
+        default = default_text(option).replace("|", "\\|")
+        lines.append(f"| `{option.flag} {option.metavar}` | `{option.name}` | `{default}` | {option.help} |")
+    return "\n".join(lines)
+
+
+def option_names() -> Sequence[str]:
+    return [o.name for o in OPTIONS]

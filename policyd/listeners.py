@@ -1,0 +1,106 @@
+"""Opening the sockets Postfix connects to.
+
+Unix sockets need care a TCP port does not: a socket file left by a crashed
+run must be replaced, but a path that is not a socket, or a socket another
+live server is answering on, must never be clobbered -- that would silently
+take over (or break) someone else's service.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+
+import trio
+
+from smtpdcheck.servers import parse_address
+
+
+class ListenError(OSError):
+    """An endpoint that cannot be listened on; the message says why."""
+
+
+def split_inet(endpoint: str) -> tuple[str, int]:
+    """``inet:HOST:PORT`` or ``inet:[IPv6]:PORT`` to ``(host, port)``."""
+    rest = endpoint.partition(":")[2]
+    host, _, port = rest.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def _check_stale_unix(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ListenError(errno.EEXIST, f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)  # stale: nobody is listening
+        return
+    except OSError as exc:
+        raise ListenError(errno.EEXIST, f"{path}: cannot tell whether it is in use ({exc.strerror}); refusing to replace it") from None
+    finally:
+        probe.close()
+    raise ListenError(errno.EADDRINUSE, f"{path}: another server is listening on it")
+
+
+async def open_unix_listener(path: str, mode: int, backlog: int = 128) -> trio.SocketListener:
+    _check_stale_unix(path)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # Bind under a restrictive umask, then chmod: no window in which the
+        # socket is reachable with wider permissions than configured.
+        old = os.umask(0o177)
+        try:
+            await sock.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, mode)
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    return trio.SocketListener(sock)
+
+
+async def open_listeners(endpoints: tuple[str, ...], *, socket_mode: int) -> list[trio.SocketListener]:
+    """Open every endpoint or none: a half-started daemon is worse than none."""
+    opened: list[trio.SocketListener] = []
+    try:
+        for endpoint in endpoints:
+            if endpoint.startswith("unix:"):
+                opened.append(await open_unix_listener(endpoint[5:], socket_mode))
+                continue
+            host, port = split_inet(endpoint)
+            if parse_address(host) is None and host != "localhost":
+                raise ListenError(errno.EINVAL, f"{endpoint}: listen on an IP address")
+            try:
+                opened.extend(await trio.open_tcp_listeners(port, host=host))
+            except OSError as exc:
+                raise ListenError(exc.errno or errno.EINVAL, f"{endpoint}: {exc.strerror or exc}") from None
+    except BaseException:
+        for listener in opened:
+            await trio.aclose_forcefully(listener)
+        raise
+    return opened
+
+
+def unix_paths(endpoints: tuple[str, ...]) -> list[str]:
+    return [e[5:] for e in endpoints if e.startswith("unix:")]
+
+
+def endpoint_of(listener: trio.SocketListener) -> str:
+    """A listener's address as an endpoint string (the real port when 0 was asked)."""
+    sockname = listener.socket.getsockname()
+    if listener.socket.family == socket.AF_UNIX:
+        return f"unix:{sockname}"
+    host, port = sockname[0], sockname[1]
+    return f"inet:[{host}]:{port}" if ":" in host else f"inet:{host}:{port}"

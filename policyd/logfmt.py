@@ -1,0 +1,36 @@
+"""One decision, one log line, safe to grep.
+
+Values in the line come from Postfix requests (raw SMTP bytes) and from DNS,
+so every value is escaped to printable ASCII: a CR/LF in a recipient must not
+forge a second log line.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+_SAFE: Final = frozenset(chr(c) for c in range(0x21, 0x7F)) - {'"', "\\", "="}
+
+
+def escape(value: str, limit: int = 256) -> str:
+    """Printable ASCII with ``\\xNN`` escapes; raw bytes from surrogateescape shown as bytes."""
+    out: list[str] = []
+    for ch in value[:limit]:
+        if ch in _SAFE:
+            out.append(ch)
+        elif ch == " ":
+            out.append("\\x20")
+        else:
+            code = ord(ch)
+            if 0xDC80 <= code <= 0xDCFF:  # a raw byte kept by surrogateescape
+                code -= 0xDC00
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+    if len(value) > limit:
+        out.append("...")
+    return "".join(out)
+
+
+def quoted(value: str, limit: int = 256) -> str:
+    """A free-text value (a reason) in double quotes, escaped likewise."""
+    text = escape(value, limit).replace("\\x20", " ")
+    return f'"{text}"'

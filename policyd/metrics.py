@@ -1,0 +1,37 @@
+"""Counters the daemon keeps for itself, cheap enough for every request.
+
+Plain integers, no locks (one trio thread), no library on the request path.
+The Prometheus exposition (:mod:`policyd.exposition`) reads them, and the
+core's own counters, only when scraped.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Final
+
+#: Decision latency buckets, seconds: cached answers sit in the first ones,
+#: probes of silent primaries in the last.
+LATENCY_BUCKETS_S: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass
+class Metrics:
+    requests: Counter[tuple[str, str]] = field(default_factory=Counter)  # (action, kind)
+    latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
+    latency_sum: float = 0.0
+    connections_open: int = 0
+    requests_in_flight: int = 0
+    connections_total: int = 0
+    protocol_errors: Counter[str] = field(default_factory=Counter)
+    accept_errors: int = 0
+
+    def observe_request(self, action: str, kind: str, seconds: float) -> None:
+        self.requests[(action, kind)] += 1
+        self.latency_sum += seconds
+        for i, bound in enumerate(LATENCY_BUCKETS_S):
+            if seconds <= bound:
+                self.latency_counts[i] += 1
+                return
+        self.latency_counts[-1] += 1

@@ -1,0 +1,529 @@
+"""The Postfix policy delegation protocol, without I/O.
+
+Postfix (``check_policy_service``) sends a request as ``name=value`` lines
+separated by a bare LF and ended by an empty line; the server answers with
+one ``action=...`` line, also ended by an empty line, on the same persistent
+connection.  This module turns bytes into :class:`PolicyRequest` objects and
+replies into bytes.  It knows nothing about sockets, trio or clocks, so the
+framing rules can be tested exhaustively with plain function calls, in the
+style of h11: the caller feeds whatever it read with
+:meth:`PolicyParser.receive_data` and pulls requests out with
+:meth:`PolicyParser.next_request` until it says :data:`NEED_DATA`.
+
+Reading is tolerant and writing is strict.  Postfix never sends CR, NUL or
+non-UTF-8 attribute names, but values are raw bytes from the SMTP dialogue
+(an 8-bit ``RCPT TO`` passes through untouched), so values are decoded with
+``surrogateescape`` and nothing is lost.  Replies, on the other hand, are
+built only from a fixed set of action words and sanitised printable ASCII:
+an empty action makes Postfix PERMIT the mail, an unknown word is a
+"server configuration error", and a CRLF reply makes Postfix wait for its
+timeout.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Final, NoReturn, final
+
+__all__ = [
+    "ALLOWED_ACTIONS",
+    "CLOSED",
+    "DUNNO_REPLY",
+    "MAX_ATTRIBUTES",
+    "MAX_LINE_BYTES",
+    "MAX_REPLY_TEXT_CHARS",
+    "MAX_REQUEST_BYTES",
+    "NEED_DATA",
+    "PolicyParser",
+    "PolicyRequest",
+    "ProtocolError",
+    "encode_request",
+    "format_reply",
+    "parse_reply",
+    "sanitize_text",
+]
+
+#: One ``name=value`` line, not counting its LF.  Postfix reads SMTP commands
+#: with ``line_length_limit`` (2048 by default), so the longest real value is
+#: well below this.
+MAX_LINE_BYTES: Final = 4096
+#: One whole request on the wire, terminating empty line included.  A real
+#: Postfix 3.7 request is a few hundred bytes.
+MAX_REQUEST_BYTES: Final = 64 * 1024
+#: Attribute lines per request, duplicates included.  Postfix 3.7 sends 29,
+#: the 3.12 snapshot 32.
+MAX_ATTRIBUTES: Final = 256
+#: Reply text cap.  Postfix itself truncates and sanitises the SMTP reply,
+#: but a short text survives its ``<rcpt>: Recipient address rejected:``
+#: prefix intact.
+MAX_REPLY_TEXT_CHARS: Final = 400
+
+#: The access(5) words this project may send.  Anything else is refused by
+#: :func:`format_reply`, because Postfix treats an empty action as PERMIT and
+#: an unknown one as a configuration error that tempfails the recipient.
+ALLOWED_ACTIONS: Final[frozenset[str]] = frozenset(
+    {"DUNNO", "DEFER_IF_PERMIT", "WARN", "DEFER", "REJECT", "PREPEND", "INFO", "OK"}
+)
+
+# Replies are built on every request; encode the fixed parts once.
+_ACTION_PREFIXES: Final[Mapping[str, bytes]] = MappingProxyType(
+    {action: b"action=" + action.encode("ascii") for action in ALLOWED_ACTIONS}
+)
+_BARE_REPLIES: Final[Mapping[str, bytes]] = MappingProxyType(
+    {action: prefix + b"\n\n" for action, prefix in _ACTION_PREFIXES.items()}
+)
+#: The neutral answer, ready to write: "no opinion, go on with the next
+#: restriction".
+DUNNO_REPLY: Final[bytes] = _BARE_REPLIES["DUNNO"]
+
+_ENCODING: Final = "utf-8"
+_ERRORS: Final = "surrogateescape"
+_LF: Final = 0x0A
+_CR: Final = 0x0D
+_NOT_PRINTABLE_ASCII: Final = re.compile(r"[^\x20-\x7e]")
+_ELLIPSIS: Final = "..."
+
+
+class ProtocolError(Exception):
+    """The peer broke the policy protocol; drop this connection only.
+
+    ``reason`` is short, fixed and meant for log fields and metric labels;
+    ``str(exc)`` adds detail for humans.  Reasons raised by the parser:
+    ``"line too long"``, ``"request too large"``, ``"too many attributes"``,
+    ``"line without '='"``, ``"attribute name empty"``, ``"NUL byte"``,
+    ``"connection closed mid-request"``.  :func:`parse_reply` adds
+    ``"CR in reply"``, ``"incomplete reply"``, ``"trailing data after reply"``,
+    ``"missing action"`` and ``"empty action"``.
+
+    Postfix's advice for a server in trouble is to log and disconnect
+    without replying; it then retries and applies its default action.
+    """
+
+    def __init__(self, reason: str, message: str | None = None) -> None:
+        super().__init__(message if message is not None else reason)
+        self.reason: Final[str] = reason
+        self.message: Final[str] = message if message is not None else reason
+
+
+class _Sentinel(type):
+    """Metaclass for marker values: the class object itself is the value.
+
+    A class gives a value that is unique, has a readable repr, and can be
+    spelled as a type (``type[NEED_DATA]``) in annotations.
+    """
+
+    def __repr__(cls) -> str:
+        return cls.__name__
+
+    def __call__(cls, *args: object, **kwargs: object) -> NoReturn:
+        raise TypeError(f"{cls.__name__} is a sentinel; use the class itself")
+
+
+@final
+class NEED_DATA(metaclass=_Sentinel):
+    """No complete request is buffered yet: read more and feed it in."""
+
+
+@final
+class CLOSED(metaclass=_Sentinel):
+    """The peer closed the connection between requests, which is normal."""
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyRequest:
+    """One request, as Postfix sent it.
+
+    ``attrs`` holds every attribute, including ones this project does not
+    know (Postfix adds attributes in new releases and the README asks
+    servers to ignore what they do not need).  Names and values are decoded
+    as UTF-8 with ``surrogateescape``, so
+    ``value.encode("utf-8", "surrogateescape")`` gives back the raw bytes.
+    When a name repeats, the *first* value is kept: Postfix's README allows
+    first or last, and first means a peer cannot override an attribute by
+    appending another line.  ``size_bytes`` is the request's length on the
+    wire, for logs.
+    """
+
+    attrs: Mapping[str, str]
+    size_bytes: int = 0
+
+    def get(self, name: str, default: str = "") -> str:
+        """An attribute, or ``default``: a missing attribute and an empty one
+        mean the same to Postfix ("value unavailable")."""
+        return self.attrs.get(name, default)
+
+    @property
+    def request(self) -> str:
+        """Always ``smtpd_access_policy`` for smtpd; anything else is not ours."""
+        return self.attrs.get("request", "")
+
+    @property
+    def protocol_state(self) -> str:
+        """The SMTP stage (``RCPT``, ``DATA``...), upper-cased so comparisons
+        need no care."""
+        return self.attrs.get("protocol_state", "").upper()
+
+    @property
+    def recipient(self) -> str:
+        """Envelope recipient in Postfix's internal form, without ``<>``."""
+        return self.attrs.get("recipient", "")
+
+    @property
+    def sender(self) -> str:
+        """Envelope sender without ``<>``; empty for the null sender."""
+        return self.attrs.get("sender", "")
+
+    @property
+    def queue_id(self) -> str:
+        """Empty at the first RCPT: the queue file does not exist yet."""
+        return self.attrs.get("queue_id", "")
+
+    @property
+    def server_address(self) -> str:
+        """The local address the SMTP client connected to (Postfix 3.2+)."""
+        return self.attrs.get("server_address", "")
+
+    @property
+    def client_address(self) -> str:
+        """The SMTP client's IP address."""
+        return self.attrs.get("client_address", "")
+
+    @property
+    def instance(self) -> str:
+        """Ties together the requests for one message on one connection."""
+        return self.attrs.get("instance", "")
+
+
+class PolicyParser:
+    """Turns a byte stream from Postfix into requests.
+
+    Call :meth:`receive_data` with whatever was read (``b""`` at EOF), then
+    :meth:`next_request` until it returns :data:`NEED_DATA` or
+    :data:`CLOSED`.  A :class:`ProtocolError` means the peer is broken; the
+    parser then refuses all further calls with the same error.
+
+    The work is linear in the bytes received however they are chunked: the
+    scan resumes where it stopped instead of starting again at the line
+    start, and consumed bytes are dropped from the buffer in bulk.  Limits
+    are checked as soon as they can be known, so an endless line is refused
+    after ``max_line_bytes + 1`` bytes rather than buffered until its LF.
+    ``bytes_scanned`` counts the bytes the framing scan has passed over; it
+    never exceeds the bytes received, which lets tests prove the linearity
+    without timing anything.
+
+    Framing details, chosen for tolerant reading:
+
+    * one trailing CR is stripped from each line (Postfix never sends one,
+      but hand-typed test input often does), and a line that is just CR ends
+      the request like an empty line; the CR still counts towards the limits;
+    * empty lines before the first attribute of a request are skipped rather
+      than producing an empty request, so a stray LF between requests is
+      harmless; they do not count towards the next request's size;
+    * a name is everything before the first ``=``, so values may contain
+      ``=``.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_line_bytes: int = MAX_LINE_BYTES,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
+        max_attributes: int = MAX_ATTRIBUTES,
+    ) -> None:
+        for name, value in (
+            ("max_line_bytes", max_line_bytes),
+            ("max_request_bytes", max_request_bytes),
+            ("max_attributes", max_attributes),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, not {value}")
+        self._max_line_bytes: Final = max_line_bytes
+        self._max_request_bytes: Final = max_request_bytes
+        self._max_attributes: Final = max_attributes
+        self._buf = bytearray()
+        # _line_start: first byte of the line being read; everything before
+        # it has been parsed and may be deleted.  _scan_pos: first byte not
+        # yet searched for LF and NUL (always >= _line_start).
+        self._line_start = 0
+        self._scan_pos = 0
+        self._attrs: dict[str, str] = {}
+        self._attr_count = 0
+        self._request_bytes = 0
+        self._bytes_scanned = 0
+        self._eof = False
+        self._closed = False
+        self._error: ProtocolError | None = None
+
+    @property
+    def bytes_scanned(self) -> int:
+        """Bytes the framing scan has passed over so far (each exactly once)."""
+        return self._bytes_scanned
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes received but not yet parsed into attributes."""
+        return len(self._buf) - self._line_start
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Add bytes read from the peer; ``b""`` means the peer closed.
+
+        Only appends: all parsing, and so all limit checks, happen in
+        :meth:`next_request`, which the caller is expected to drain before
+        reading more.
+        """
+        self._raise_if_broken()
+        if not data:
+            self._eof = True
+            return
+        if self._eof:
+            raise RuntimeError("received data after EOF")
+        self._buf += data
+
+    def next_request(self) -> PolicyRequest | type[NEED_DATA] | type[CLOSED]:
+        """The next complete request, :data:`NEED_DATA`, or :data:`CLOSED`.
+
+        Raises :class:`ProtocolError` when the buffered bytes cannot be the
+        start of a valid request, or when EOF arrives inside a request.
+        """
+        self._raise_if_broken()
+        if self._closed:
+            return CLOSED
+        try:
+            return self._parse()
+        except ProtocolError as exc:
+            self._error = exc
+            # Nothing more will be read from it: free the memory now.
+            self._buf = bytearray()
+            self._line_start = self._scan_pos = 0
+            self._attrs = {}
+            raise
+
+    def _raise_if_broken(self) -> None:
+        if self._error is not None:
+            raise ProtocolError(self._error.reason, self._error.message)
+
+    def _parse(self) -> PolicyRequest | type[NEED_DATA] | type[CLOSED]:
+        buf = self._buf
+        while True:
+            start = self._line_start
+            pos = self._scan_pos
+            # Never look further than the longest line the limits still
+            # allow, plus one byte: without an LF in that window a limit is
+            # broken whatever follows.  Bounding the window by both limits
+            # also makes the outcome independent of how the bytes were
+            # chunked (the same bytes are checked for NUL either way).
+            allowed = min(self._max_line_bytes, self._max_request_bytes - self._request_bytes)
+            window_end = min(len(buf), start + allowed + 1)
+            nl = buf.find(b"\n", pos, window_end)
+            stop = window_end if nl < 0 else nl
+            if stop > pos:
+                nul = buf.find(0, pos, stop)
+                if nul >= 0:
+                    raise ProtocolError("NUL byte", f"NUL byte at offset {nul - start} of a line")
+
+            if nl < 0:
+                self._bytes_scanned += window_end - pos
+                self._scan_pos = window_end
+                pending = window_end - start
+                if pending > self._max_line_bytes:
+                    raise ProtocolError(
+                        "line too long", f"line longer than {self._max_line_bytes} bytes"
+                    )
+                if self._request_bytes + pending > self._max_request_bytes:
+                    self._raise_too_large()
+                if self._eof:
+                    if self._attr_count or pending:
+                        raise ProtocolError(
+                            "connection closed mid-request",
+                            f"connection closed mid-request after {self._attr_count} "
+                            f"attribute(s) and {pending} byte(s) of an unfinished line",
+                        )
+                    self._closed = True
+                    self._compact()
+                    return CLOSED
+                self._compact()
+                return NEED_DATA
+
+            self._bytes_scanned += nl + 1 - pos
+            self._line_start = self._scan_pos = nl + 1
+            line_bytes = nl + 1 - start
+            end = nl - 1 if nl > start and buf[nl - 1] == _CR else nl
+
+            if end == start:  # empty line (or a lone CR)
+                if not self._attr_count:
+                    continue  # stray separator between requests
+                size = self._request_bytes + line_bytes
+                if size > self._max_request_bytes:
+                    self._raise_too_large()
+                request = PolicyRequest(MappingProxyType(self._attrs), size)
+                self._attrs = {}
+                self._attr_count = 0
+                self._request_bytes = 0
+                # Amortised: copying the rest is paid for by what is dropped.
+                if self._line_start >= len(buf) - self._line_start:
+                    self._compact()
+                return request
+
+            self._request_bytes += line_bytes
+            if self._request_bytes > self._max_request_bytes:
+                self._raise_too_large()
+            self._attr_count += 1
+            if self._attr_count > self._max_attributes:
+                raise ProtocolError(
+                    "too many attributes",
+                    f"more than {self._max_attributes} attributes in one request",
+                )
+            eq = buf.find(b"=", start, end)
+            if eq < 0:
+                raise ProtocolError(
+                    "line without '='", f"line without '=': {_excerpt(buf, start, end)}"
+                )
+            if eq == start:
+                raise ProtocolError(
+                    "attribute name empty", f"attribute name empty: {_excerpt(buf, start, end)}"
+                )
+            name = buf[start:eq].decode(_ENCODING, _ERRORS)
+            if name not in self._attrs:
+                self._attrs[name] = buf[eq + 1 : end].decode(_ENCODING, _ERRORS)
+
+    def _raise_too_large(self) -> NoReturn:
+        raise ProtocolError(
+            "request too large", f"request larger than {self._max_request_bytes} bytes"
+        )
+
+    def _compact(self) -> None:
+        """Drop parsed bytes.
+
+        Called at most once per :meth:`next_request`, never per line.  When
+        it runs at NEED_DATA only a partial line is left to move, and each
+        byte is moved at most once that way, so the copying stays linear.
+        """
+        if self._line_start:
+            del self._buf[: self._line_start]
+            self._scan_pos -= self._line_start
+            self._line_start = 0
+
+
+def _excerpt(buf: bytearray, start: int, end: int) -> str:
+    """The start of a bad line for an error message, short and escaped."""
+    return repr(bytes(buf[start : min(end, start + 64)]))
+
+
+def sanitize_text(text: str, limit: int = MAX_REPLY_TEXT_CHARS) -> str:
+    """Make ``text`` safe to put after an action word.
+
+    Every character outside printable ASCII becomes ``?``: an LF would end
+    the reply early and let the rest be read as the next reply, CR and NUL
+    confuse Postfix, and non-ASCII (including lone surrogates from
+    ``surrogateescape``-decoded addresses) is invalid in a plain SMTP reply
+    and, when not UTF-8, makes Postfix with ``smtputf8_enable=yes`` discard
+    the reply.  Runs of spaces are collapsed, the ends stripped, and text
+    longer than ``limit`` is cut with ``...`` inside the limit.
+    """
+    if limit < len(_ELLIPSIS):
+        raise ValueError(f"limit must be at least {len(_ELLIPSIS)}, not {limit}")
+    if not (text.isascii() and text.isprintable()):
+        text = _NOT_PRINTABLE_ASCII.sub("?", text)
+    # Only spaces are left as whitespace; split() also drops the ends.
+    text = " ".join(text.split())
+    if len(text) > limit:
+        text = text[: limit - len(_ELLIPSIS)].rstrip(" ") + _ELLIPSIS
+    return text
+
+
+def format_reply(action: str, text: str = "") -> bytes:
+    """The bytes of one reply: ``action=ACTION TEXT`` and an empty line.
+
+    Only words in :data:`ALLOWED_ACTIONS`, spelled exactly, are accepted;
+    the text goes through :func:`sanitize_text`, so the result has no CR and
+    exactly two LFs, both at the end.  ``PREPEND`` needs a header to prepend:
+    Postfix ignores the line (and warns) without one.
+    """
+    bare = _BARE_REPLIES.get(action)
+    if bare is None:
+        raise ValueError(f"refusing to send action {action!r}; allowed: {sorted(ALLOWED_ACTIONS)}")
+    clean = sanitize_text(text) if text else ""
+    if not clean:
+        if action == "PREPEND":
+            raise ValueError("PREPEND needs a header text")
+        return bare
+    return b"".join((_ACTION_PREFIXES[action], b" ", clean.encode("ascii"), b"\n\n"))
+
+
+def encode_request(attrs: Mapping[str, str] | Iterable[tuple[str, str]]) -> bytes:
+    """Encode a request as Postfix would send it, for tests and tooling.
+
+    Pairs are written in order, duplicates included, so tests can build
+    odd-but-legal input.  Raises ValueError for anything Postfix could not
+    send, or that would not read back unchanged: an empty request, a name
+    that is empty or holds ``=``, LF or NUL, a value holding LF or NUL, or
+    a value ending in CR (the parser would take it for a CRLF line end).
+    Strings must encode with UTF-8 plus ``surrogateescape``.
+    """
+    pairs = attrs.items() if isinstance(attrs, Mapping) else attrs
+    out = bytearray()
+    for name, value in pairs:
+        if not name:
+            raise ValueError("attribute name empty")
+        if "=" in name or "\n" in name or "\x00" in name:
+            raise ValueError(f"attribute name {name!r} contains '=', LF or NUL")
+        if "\n" in value or "\x00" in value:
+            raise ValueError(f"value of {name!r} contains LF or NUL")
+        if value.endswith("\r"):
+            raise ValueError(f"value of {name!r} ends in CR")
+        out += name.encode(_ENCODING, _ERRORS)
+        out += b"="
+        out += value.encode(_ENCODING, _ERRORS)
+        out += b"\n"
+    if not out:
+        raise ValueError("a request needs at least one attribute")
+    out += b"\n"
+    return bytes(out)
+
+
+def parse_reply(data: bytes) -> tuple[str, str]:
+    """Read one reply as Postfix would: ``(ACTION, text)``.
+
+    Like Postfix, other attributes around ``action`` are ignored, the word
+    ends at the first space or tab and is case-insensitive (returned
+    upper-cased), and leading blanks of the text are skipped.  Stricter than
+    Postfix where Postfix would misbehave: a CR anywhere (Postfix would wait
+    for its timeout), bytes after the empty line (Postfix would see them as
+    a broken connection on the next request), and an empty action (Postfix
+    would PERMIT) all raise :class:`ProtocolError`.
+    """
+    if b"\r" in data:
+        raise ProtocolError("CR in reply", "reply contains CR; Postfix needs bare LF")
+    if data.startswith(b"\n"):
+        raise ProtocolError("missing action", "reply starts with an empty line")
+    parser = PolicyParser()
+    parser.receive_data(data)
+    parser.receive_data(b"")
+    try:
+        reply = parser.next_request()
+    except ProtocolError as exc:
+        if exc.reason == "connection closed mid-request":
+            raise ProtocolError("incomplete reply", "reply not ended by an empty line") from exc
+        raise
+    if not isinstance(reply, PolicyRequest):
+        raise ProtocolError("incomplete reply", "no reply in the data")
+    if reply.size_bytes != len(data):
+        raise ProtocolError(
+            "trailing data after reply",
+            f"{len(data) - reply.size_bytes} byte(s) after the reply's empty line",
+        )
+    if "action" not in reply.attrs:
+        raise ProtocolError("missing action", "reply has no action attribute")
+    value = reply.attrs["action"]
+    word_end = len(value)
+    for sep in (" ", "\t"):
+        i = value.find(sep)
+        if 0 <= i < word_end:
+            word_end = i
+    word = value[:word_end]
+    if not word:
+        raise ProtocolError("empty action", "empty action (Postfix would PERMIT)")
+    return word.upper(), value[word_end:].lstrip(" \t")

@@ -1,0 +1,167 @@
+"""Serving Postfix connections: accept loops and the per-connection loop.
+
+Postfix keeps one policy connection per smtpd process and reuses it for
+many requests, strictly one at a time; it closes idle ones itself.  So a
+connection here is long-lived and mostly idle, and the rules are:
+
+* answer every complete request exactly once, in order, with bare LF;
+* never send anything unasked (Postfix reads early bytes as a dead peer);
+* a peer that breaks the protocol, or starts a request and then stalls,
+  loses its own connection and nothing else;
+* never let one connection's trouble -- or a bug -- reach another.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+
+import trio
+
+from .metrics import Metrics
+from .protocol import CLOSED, NEED_DATA, PolicyParser, ProtocolError
+from .service import PolicyService
+
+log = logging.getLogger("smtpdcheck.policyd")
+
+RECEIVE_BYTES = 65536
+# accept() errors that mean "out of resources for now": wait and retry
+# instead of dying (the list trio's serve_listeners uses).
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_RETRY_S = 0.1
+
+
+async def handle_connection(stream: trio.abc.Stream, service: PolicyService, peer: str = "") -> None:
+    """Serve one Postfix connection until it closes; never raises."""
+    metrics: Metrics = service.metrics
+    parser = PolicyParser()
+    metrics.connections_open += 1
+    metrics.connections_total += 1
+    try:
+        while True:
+            request = parser.next_request()
+            if request is NEED_DATA:
+                config = service.config
+                # A request in progress must finish promptly; between requests
+                # Postfix may legitimately stay silent for minutes.
+                if parser.buffered_bytes:
+                    limit = config.request_timeout
+                else:
+                    limit = config.idle_timeout if config.idle_timeout > 0 else math.inf
+                with trio.move_on_after(limit) as scope:
+                    data = await stream.receive_some(RECEIVE_BYTES)
+                if scope.cancelled_caught:
+                    what = "incomplete request" if parser.buffered_bytes else "idle connection"
+                    log.warning("closing %s%s after %gs", what, peer, limit)
+                    metrics.protocol_errors["timeout"] += 1
+                    return
+                parser.receive_data(data)
+                continue
+            if request is CLOSED:
+                return
+            metrics.requests_in_flight += 1
+            try:
+                outcome = await service.answer(request)
+                # A peer that sends but never reads must not hold us forever.
+                with trio.move_on_after(service.config.request_timeout) as scope:
+                    await stream.send_all(outcome.reply)
+            finally:
+                metrics.requests_in_flight -= 1
+            if scope.cancelled_caught:
+                log.warning("closing connection%s: reply not read within %gs", peer, service.config.request_timeout)
+                return
+    except ProtocolError as exc:
+        metrics.protocol_errors[exc.reason] += 1
+        log.warning("protocol error%s: %s; closing the connection", peer, exc)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        log.debug("connection%s lost", peer)
+    except OSError as exc:
+        log.debug("connection%s failed: %s", peer, exc)
+    except Exception:  # last resort: one connection's bug must not stop the server
+        log.exception("unexpected error on a connection%s; closing it", peer)
+    finally:
+        metrics.connections_open -= 1
+        await trio.aclose_forcefully(stream)
+
+
+def _peer_text(stream: trio.SocketStream) -> str:
+    try:
+        name = stream.socket.getpeername()
+    except OSError:
+        return ""
+    if isinstance(name, tuple) and len(name) >= 2:
+        return f" from {name[0]}:{name[1]}"
+    return ""
+
+
+async def accept_loop(
+    listener: trio.SocketListener,
+    service: PolicyService,
+    handlers: trio.Nursery,
+    slots: trio.Semaphore,
+) -> None:
+    """Accept while under the connection limit; beyond it, peers wait in the backlog."""
+    while True:
+        await slots.acquire()
+        try:
+            stream = await listener.accept()
+        except OSError as exc:
+            slots.release()
+            if exc.errno in _ACCEPT_CAPACITY_ERRNOS:
+                service.metrics.accept_errors += 1
+                log.error("accept failed: %s; retrying in %gs", errno.errorcode.get(exc.errno or 0, exc), ACCEPT_RETRY_S)
+                await trio.sleep(ACCEPT_RETRY_S)
+                continue
+            raise
+        except BaseException:
+            slots.release()
+            raise
+        handlers.start_soon(_run_handler, stream, service, slots)
+
+
+async def _run_handler(stream: trio.SocketStream, service: PolicyService, slots: trio.Semaphore) -> None:
+    try:
+        await handle_connection(stream, service, _peer_text(stream))
+    finally:
+        slots.release()
+
+
+class PolicyServer:
+    """Listeners plus handlers, with a shutdown that drains before closing.
+
+    On shutdown the accept loops stop first; connections waiting for their
+    next request are closed at once, and a request already being decided
+    gets up to ``grace`` seconds to be answered.  Postfix then applies its
+    own default action to anything after that, which is why the grace is
+    short.
+    """
+
+    def __init__(self, listeners: list[trio.SocketListener], service: PolicyService, *, max_connections: int) -> None:
+        self.listeners = listeners
+        self.service = service
+        self.slots = trio.Semaphore(max_connections)
+        self._accepting = trio.CancelScope()
+        self._handlers: trio.Nursery | None = None
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as handlers:
+            self._handlers = handlers
+            with self._accepting:
+                async with trio.open_nursery() as acceptors:
+                    for listener in self.listeners:
+                        acceptors.start_soon(accept_loop, listener, self.service, handlers, self.slots)
+                    task_status.started()
+            for listener in self.listeners:
+                await trio.aclose_forcefully(listener)
+            # Accepting has stopped; handlers end when their peers leave or
+            # when shutdown() cancels them.
+
+    async def shutdown(self, grace: float) -> None:
+        self._accepting.cancel()
+        metrics = self.service.metrics
+        with trio.move_on_after(grace):
+            while metrics.requests_in_flight:
+                await trio.sleep(0.01)
+        if self._handlers is not None:
+            self._handlers.cancel_scope.cancel()

@@ -1,0 +1,160 @@
+"""From one policy request to one reply: the daemon's decision path.
+
+Everything that can go wrong here -- DNS, probes, the deadline, a bug --
+turns into the configured failure action (fail-open ``DUNNO`` by default)
+and a log line.  The caller always gets bytes to send, within the deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import trio
+
+from smtpdcheck.check import Checker, CheckResult
+from smtpdcheck.probe import Prober
+from smtpdcheck.resolver import MXLookup, Resolver
+from smtpdcheck.stoprule import StopSet
+
+from .config import Config
+from .decision import Action, DomainError, Verdict, mx_servers, recipient_domain, verdict_for_check, verdict_for_mx
+from .logfmt import escape, quoted
+from .metrics import Metrics
+from .protocol import DUNNO_REPLY, PolicyRequest, format_reply
+
+log = logging.getLogger("smtpdcheck.policyd")
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one request came to; the reply bytes and what the log line says."""
+
+    reply: bytes
+    action: str
+    kind: str  # a short fixed label for metrics: "primary live", "dns failure", ...
+    reason: str  # the log's free text
+    domain: str = ""
+    cached: bool = False
+    checked: bool = True  # False for requests that are not RCPT (not logged)
+
+
+class PolicyService:
+    """The decision path, with the shared core (resolver, prober, checker).
+
+    The core's caches live as long as this object: a reload that changes
+    only policy options keeps them warm.
+    """
+
+    def __init__(self, config: Config, stop: StopSet, nursery: trio.Nursery, metrics: Metrics | None = None) -> None:
+        self.nursery = nursery
+        self.metrics = metrics or Metrics()
+        self.resolver = Resolver(
+            nursery,
+            nameservers=config.nameservers or None,
+            timeout=config.dns_timeout,
+            max_ttl=config.dns_max_ttl,
+            negative_ttl=config.dns_negative_ttl,
+            failure_ttl=config.dns_failure_ttl,
+            max_entries=config.cache_size,
+            max_concurrent=config.max_dns_queries,
+        )
+        self.prober = Prober(
+            nursery,
+            timeout=config.timeout,
+            up_ttl=config.cache_up_ttl,
+            down_ttl=config.cache_down_ttl,
+            max_entries=config.cache_size,
+            max_concurrent=config.max_probes,
+        )
+        self.checker = Checker(self.resolver, self.prober, port=config.smtp_port, timeout=config.timeout + config.dns_timeout)
+        self.config = config
+        self.stop = stop
+        self._stop_by_server: dict[str, StopSet] = {}
+
+    def reconfigure(self, config: Config, stop: StopSet) -> None:
+        """Apply a reloaded configuration; caches and connections stay."""
+        self.config = config
+        self.stop = stop
+        self._stop_by_server.clear()
+        self.prober.timeout = config.timeout
+        self.prober.up_ttl = config.cache_up_ttl
+        self.prober.down_ttl = config.cache_down_ttl
+        self.checker.port = config.smtp_port
+        self.checker.timeout = config.timeout + config.dns_timeout
+
+    def _stop_for(self, server_address: str) -> StopSet:
+        """This host for one request: --stop plus the address Postfix was reached on.
+
+        Memoised because a Postfix has only a handful of listening addresses.
+        """
+        stop = self._stop_by_server.get(server_address)
+        if stop is None:
+            stop = self.stop.with_address(server_address)
+            if len(self._stop_by_server) < 1024:
+                self._stop_by_server[server_address] = stop
+        return stop
+
+    def _reply(self, verdict: Verdict, domain: str) -> bytes:
+        if verdict.action is Action.DUNNO:
+            return DUNNO_REPLY
+        assert verdict.mx is not None
+        return format_reply(verdict.action.value, self.config.defer_message(verdict.mx, domain))
+
+    def _failure(self, kind: str, reason: str, domain: str) -> Outcome:
+        action = self.config.failure_action
+        if action == "DUNNO":
+            return Outcome(DUNNO_REPLY, "DUNNO", kind, reason, domain)
+        text = f"cannot check the primary MX of {domain or 'this domain'} now; try again later"
+        return Outcome(format_reply(action, text), action, kind, reason, domain)
+
+    async def answer(self, request: PolicyRequest) -> Outcome:
+        """Decide one request; never raises except for cancellation from outside."""
+        start = trio.current_time()
+        try:
+            outcome = await self._decide(request)
+        except Exception as exc:  # a bug must cost one DUNNO, not the connection
+            log.exception("internal error deciding a request")
+            outcome = self._failure("internal error", f"internal error: {type(exc).__name__}", "")
+        elapsed = trio.current_time() - start
+        self.metrics.observe_request(outcome.action, outcome.kind, elapsed)
+        if outcome.checked and log.isEnabledFor(logging.INFO):
+            log.info(
+                "%s: rcpt=<%s> domain=%s action=%s reason=%s cache=%s ms=%.1f",
+                escape(request.queue_id) or "NOQUEUE",
+                escape(request.recipient),
+                escape(outcome.domain) or "-",
+                outcome.action,
+                quoted(outcome.reason),
+                "hit" if outcome.cached else "miss",
+                elapsed * 1000,
+            )
+        return outcome
+
+    async def _decide(self, request: PolicyRequest) -> Outcome:
+        if request.request != "smtpd_access_policy" or request.protocol_state != "RCPT":
+            return Outcome(DUNNO_REPLY, "DUNNO", "not rcpt", f"state {request.protocol_state or '?'}", checked=False)
+        try:
+            domain = recipient_domain(request.recipient)
+        except DomainError as exc:
+            return Outcome(DUNNO_REPLY, "DUNNO", "bad domain", str(exc))
+        if domain is None:
+            return Outcome(DUNNO_REPLY, "DUNNO", "no domain", "no recipient domain")
+
+        deadline = self.config.deadline
+        with trio.move_on_after(deadline if deadline > 0 else math.inf):
+            mx, mx_cached = await self.resolver.mx(domain)
+            verdict = verdict_for_mx(mx)
+            if verdict is not None and verdict.kind == "dns failure":
+                return self._failure(verdict.kind, verdict.reason, domain)
+            if verdict is None:
+                result = await self._check(mx, request.server_address)
+                verdict = verdict_for_check(result, warn_only=self.config.mode == "warn")
+                mx_cached = mx_cached and result.from_cache
+            reply = self._reply(verdict, domain)
+            return Outcome(reply, verdict.action.value, verdict.kind, verdict.reason, domain, mx_cached)
+        return self._failure("deadline", f"deadline of {deadline:g}s exceeded", domain)
+
+    async def _check(self, mx: MXLookup, server_address: str) -> CheckResult:
+        return await self.checker.check(mx_servers(mx), self._stop_for(server_address))
