@@ -17,9 +17,11 @@ from smtpdcheck.stophost import StopHostError, resolve_stop
 from smtpdcheck.stoprule import StopSet
 
 from . import config as cfg
+from . import systemd
+from .exposition import MetricsUnavailable, make_registry, serve_metrics
 from .listeners import ListenError, endpoint_of, open_listeners, unix_paths
 from .logsetup import setup_logging
-from .server import PolicyServer
+from .server import PolicyServer, handle_connection
 from .service import PolicyService
 
 log = logging.getLogger("smtpdcheck.policyd")
@@ -60,6 +62,20 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", type=Path, metavar="PATH", help="TOML configuration file; flags override it")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--stdio", action="store_true",
+        help="serve one Postfix connection on stdin/stdout (Postfix spawn(8)); logs never go to stderr",
+    )
+    mode.add_argument(
+        "--check", metavar="ADDRESS",
+        help="decide one RCPT for ADDRESS with this configuration, print the reply and exit "
+        "(1 = would defer, 0 = would not, 2 = error)",
+    )
+    parser.add_argument(
+        "--server-address", metavar="IP", default="",
+        help="with --check: the address Postfix was reached on (the request's server_address)",
+    )
     cfg.add_arguments(parser)
     return parser
 
@@ -73,18 +89,30 @@ async def _resolve_stop(config: cfg.Config, service: PolicyService) -> StopSet:
 
 
 async def run_daemon(config: cfg.Config, args: argparse.Namespace) -> int:
+    inherited = systemd.inherited_sockets()
     async with trio.open_nursery() as nursery:
         service = PolicyService(config, StopSet(), nursery)
         try:
             service.stop = await _resolve_stop(config, service)
-            listeners = await open_listeners(config.listen, socket_mode=config.socket_mode)
-        except (StopHostError, ListenError) as exc:
+            if inherited:
+                listeners = systemd.listeners_from(inherited)
+            else:
+                listeners = await open_listeners(config.listen, socket_mode=config.socket_mode)
+            if config.metrics:
+                registry = make_registry(service)
+                metric_listeners = await open_listeners((config.metrics,), socket_mode=0o600)
+        except (StopHostError, ListenError, MetricsUnavailable) as exc:
             log.critical("%s", exc)
             nursery.cancel_scope.cancel()
             return 2
+        if config.metrics:
+            await nursery.start(serve_metrics, metric_listeners, registry)
+            log.info("metrics on %s", ", ".join(endpoint_of(l) for l in metric_listeners))
         server = PolicyServer(listeners, service, max_connections=config.max_connections)
         await nursery.start(server.serve)
-        log.info("listening on %s", ", ".join(endpoint_of(l) for l in listeners))
+        how = " (socket activation)" if inherited else ""
+        log.info("listening on %s%s", ", ".join(endpoint_of(l) for l in listeners), how)
+        systemd.notify("READY=1")
         with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:
@@ -92,15 +120,48 @@ async def run_daemon(config: cfg.Config, args: argparse.Namespace) -> int:
                     config = service.config
                     continue
                 log.info("stopping on %s", signal.Signals(signum).name)
+                systemd.notify("STOPPING=1")
                 await server.shutdown(SHUTDOWN_GRACE_S)
                 break
         nursery.cancel_scope.cancel()
-    for path in unix_paths(config.listen):
+    for path in [] if inherited else unix_paths(config.listen):
         try:
             os.unlink(path)
         except OSError:
             pass
     return 0
+
+
+async def run_stdio(config: cfg.Config) -> int:
+    """One connection on stdin/stdout, as Postfix's spawn(8) runs us."""
+    stream = trio.StapledStream(trio.lowlevel.FdStream(os.dup(1)), trio.lowlevel.FdStream(os.dup(0)))
+    async with trio.open_nursery() as nursery:
+        service = PolicyService(config, StopSet(), nursery)
+        try:
+            service.stop = await _resolve_stop(config, service)
+        except StopHostError as exc:
+            log.critical("%s", exc)
+            nursery.cancel_scope.cancel()
+            return 2
+        await handle_connection(stream, service, " on stdin")
+        nursery.cancel_scope.cancel()
+    return 0
+
+
+async def run_check(config: cfg.Config, address: str, server_address: str) -> int:
+    """Explain one decision: the MX list, each probe, and the reply."""
+    async with trio.open_nursery() as nursery:
+        service = PolicyService(config, StopSet(), nursery)
+        try:
+            service.stop = await _resolve_stop(config, service)
+        except StopHostError as exc:
+            print(f"smtpdcheck-policyd: {exc}", file=sys.stderr)
+            nursery.cancel_scope.cancel()
+            return 2
+        explanation = await service.explain(address, server_address)
+        print(explanation.text, end="")
+        nursery.cancel_scope.cancel()
+    return 1 if explanation.defers else 0
 
 
 _RESTART_ONLY = ("listen", "socket_mode", "nameserver", "cache_size", "max_probes", "max_dns_queries",
@@ -117,7 +178,7 @@ async def _reload(service: PolicyService, args: argparse.Namespace, old: cfg.Con
     ignored = [k for k in _RESTART_ONLY if getattr(new, k) != getattr(old, k)]
     if ignored:
         log.warning("reload: %s changed; takes effect after a restart", ", ".join(ignored))
-    setup_logging(new.log_level, new.log_target)
+    setup_logging(new.log_level, "none" if args.stdio else new.log_target)
     service.reconfigure(new, stop)
     log.info("configuration reloaded")
 
@@ -130,6 +191,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except cfg.ConfigError as exc:
         print(f"smtpdcheck-policyd: {exc}", file=sys.stderr)
         return 2
+    if args.stdio:
+        # spawn(8) wires stderr to the Postfix socket: a log line there
+        # would be read as a reply.  Syslog if possible, else nothing.
+        target = "syslog" if config.log_target == "syslog" or os.path.exists("/dev/log") else "none"
+        setup_logging(config.log_level, target)
+        return trio.run(run_stdio, config)
+    if args.check is not None:
+        setup_logging("warning" if config.log_level == "info" else config.log_level, "stderr")
+        return trio.run(run_check, config, args.check, args.server_address)
     setup_logging(config.log_level, config.log_target)
     try:
         return trio.run(run_daemon, config, args)

@@ -145,17 +145,23 @@ class PolicyServer:
         self._handlers: trio.Nursery | None = None
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as handlers:
-            self._handlers = handlers
-            with self._accepting:
-                async with trio.open_nursery() as acceptors:
-                    for listener in self.listeners:
-                        acceptors.start_soon(accept_loop, listener, self.service, handlers, self.slots)
-                    task_status.started()
-            for listener in self.listeners:
-                await trio.aclose_forcefully(listener)
-            # Accepting has stopped; handlers end when their peers leave or
-            # when shutdown() cancels them.
+        try:
+            async with trio.open_nursery() as handlers:
+                self._handlers = handlers
+                with self._accepting:
+                    async with trio.open_nursery() as acceptors:
+                        for listener in self.listeners:
+                            acceptors.start_soon(accept_loop, listener, self.service, handlers, self.slots)
+                        task_status.started()
+                self._close_listeners()
+                # Accepting has stopped; handlers end when their peers leave
+                # or when shutdown() cancels them.
+        finally:
+            self._close_listeners()
+
+    def _close_listeners(self) -> None:
+        for listener in self.listeners:
+            listener.socket.close()
 
     async def shutdown(self, grace: float) -> None:
         self._accepting.cancel()

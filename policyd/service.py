@@ -9,17 +9,26 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import trio
 
 from smtpdcheck.check import Checker, CheckResult
+from smtpdcheck.decision import (
+    Action,
+    DomainError,
+    Verdict,
+    mx_servers,
+    recipient_domain,
+    verdict_for_check,
+    verdict_for_mx,
+)
+from smtpdcheck.explain import explain_lines
 from smtpdcheck.probe import Prober
 from smtpdcheck.resolver import MXLookup, Resolver
 from smtpdcheck.stoprule import StopSet
 
 from .config import Config
-from .decision import Action, DomainError, Verdict, mx_servers, recipient_domain, verdict_for_check, verdict_for_mx
 from .logfmt import escape, quoted
 from .metrics import Metrics
 from .protocol import DUNNO_REPLY, PolicyRequest, format_reply
@@ -38,6 +47,16 @@ class Outcome:
     domain: str = ""
     cached: bool = False
     checked: bool = True  # False for requests that are not RCPT (not logged)
+    # What the decision was made from, for --check explanations.
+    mx: MXLookup | None = field(default=None, compare=False, repr=False)
+    result: CheckResult | None = field(default=None, compare=False, repr=False)
+    verdict: Verdict | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    text: str
+    defers: bool
 
 
 class PolicyService:
@@ -146,15 +165,36 @@ class PolicyService:
         with trio.move_on_after(deadline if deadline > 0 else math.inf):
             mx, mx_cached = await self.resolver.mx(domain)
             verdict = verdict_for_mx(mx)
+            result = None
             if verdict is not None and verdict.kind == "dns failure":
-                return self._failure(verdict.kind, verdict.reason, domain)
+                failed = self._failure(verdict.kind, verdict.reason, domain)
+                return replace(failed, mx=mx, verdict=verdict)
             if verdict is None:
-                result = await self._check(mx, request.server_address)
+                result = await self.checker.check(mx_servers(mx), self._stop_for(request.server_address))
                 verdict = verdict_for_check(result, warn_only=self.config.mode == "warn")
                 mx_cached = mx_cached and result.from_cache
             reply = self._reply(verdict, domain)
-            return Outcome(reply, verdict.action.value, verdict.kind, verdict.reason, domain, mx_cached)
+            return Outcome(
+                reply, verdict.action.value, verdict.kind, verdict.reason, domain, mx_cached,
+                mx=mx, result=result, verdict=verdict,
+            )
         return self._failure("deadline", f"deadline of {deadline:g}s exceeded", domain)
 
-    async def _check(self, mx: MXLookup, server_address: str) -> CheckResult:
-        return await self.checker.check(mx_servers(mx), self._stop_for(server_address))
+    async def explain(self, recipient: str, server_address: str = "") -> Explanation:
+        """Decide one RCPT exactly as the server would, and say how."""
+        request = PolicyRequest(
+            {
+                "request": "smtpd_access_policy",
+                "protocol_state": "RCPT",
+                "recipient": recipient,
+                "server_address": server_address,
+            }
+        )
+        outcome = await self.answer(request)
+        lines = []
+        if outcome.mx is not None and outcome.verdict is not None:
+            lines = explain_lines(outcome.mx, outcome.result, outcome.verdict, mx_cached=outcome.cached)
+        else:
+            lines = [f"verdict: {outcome.action} ({outcome.reason})"]
+        lines.append(outcome.reply.decode("ascii").rstrip("\n"))
+        return Explanation("\n".join(lines) + "\n", outcome.action != "DUNNO")

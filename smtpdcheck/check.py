@@ -90,7 +90,13 @@ class _Board:
 
 
 class Checker:
-    """Runs the stop rule, lookups and probes for a server list."""
+    """Runs the stop rule, lookups and probes for a server list.
+
+    ``timeout`` bounds each server's whole check (lookup, connect, greeting).
+    Give the resolver a shorter timeout than this: a server waits for the
+    lookups of the servers before it (one of them may be this host), and a
+    hung lookup must be given up on while there is still time to probe.
+    """
 
     def __init__(self, resolver: Resolver, prober: Prober, *, port: int = 25, timeout: float = 10.0) -> None:
         self.resolver = resolver
@@ -154,11 +160,14 @@ class Checker:
                         report.addresses = (report.server.address,)
                     if board.eligible(i) is False:
                         return
-                    # Probe even while an earlier lookup is pending (it may
-                    # decide this server is not to be checked after all);
-                    # the result counts only once the rule allows it.
+                    # Wait for the lookups that could still make this server
+                    # "this host or after it": probing a host the rule
+                    # excludes would be load on it for nothing.  Lookups are
+                    # bounded by the resolver's own, shorter, timeout.
+                    if not await board.wait_decided(i):
+                        return
                     await self._probe_all(report)
-                    if report.available and await board.wait_decided(i):
+                    if report.available:
                         found.append(i)
                         nursery.cancel_scope.cancel()
                 report.timed_out = scope.cancelled_caught

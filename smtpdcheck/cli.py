@@ -16,14 +16,18 @@ from typing import Final, NoReturn, TextIO
 import trio
 
 from .check import Checker, CheckResult
+from .decision import DomainError, mx_servers, recipient_domain, verdict_for_check, verdict_for_mx
+from .explain import explain_lines
 from .probe import Prober
 from .resolver import DNSConfigError, Resolver, parse_nameserver
 from .servers import Server, ServerSyntaxError, parse_servers
 from .stophost import StopHostError, resolve_stop
+from .stoprule import StopSet
 
 EXIT_NONE: Final = 0
 EXIT_AVAILABLE: Final = 1
 EXIT_ERROR: Final = 2
+DNS_TIMEOUT_S: Final = 5.0
 
 DESCRIPTION = """\
 Check whether SMTP servers are available.  Meant for secondary mail
@@ -110,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="probe one server after another, in list order, as Mail Avenger did",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="report each server's outcome on stderr")
+    parser.add_argument(
+        "--mx", metavar="DOMAIN",
+        help="instead of a server list, look up DOMAIN's MX hosts and explain the policy server's decision "
+        "for it: the MX list, what was probed, each outcome, the verdict (exit 1 = a more-preferred MX is up)",
+    )
     return parser
 
 
@@ -126,9 +135,11 @@ def format_report(result: CheckResult, out: TextIO) -> None:
 async def _run(args: argparse.Namespace, servers: list[Server]) -> int:
     nameservers = [parse_nameserver(n) for n in args.nameserver]
     async with trio.open_nursery() as nursery:
-        # DNS gets the whole per-server budget; the per-server deadline in
-        # the checker bounds lookup plus probe together, as the man page says.
-        resolver = Resolver(nursery, nameservers=nameservers or None, timeout=args.timeout or 0)
+        # The per-server deadline bounds lookup plus probe together, as the
+        # man page says; lookups get half of it so a hung nameserver leaves
+        # time to probe the servers that did resolve.
+        dns_timeout = min(DNS_TIMEOUT_S, args.timeout / 2) if args.timeout > 0 else DNS_TIMEOUT_S
+        resolver = Resolver(nursery, nameservers=nameservers or None, timeout=dns_timeout)
         prober = Prober(nursery, timeout=args.timeout)
         try:
             stop = await resolve_stop(args.stop, resolver, system_fallback=not nameservers)
@@ -137,6 +148,10 @@ async def _run(args: argparse.Namespace, servers: list[Server]) -> int:
             nursery.cancel_scope.cancel()
             return EXIT_ERROR
         checker = Checker(resolver, prober, port=args.smtp_port, timeout=args.timeout)
+        if args.mx is not None:
+            code = await _explain_mx(args.mx, resolver, checker, stop, args.sequential)
+            nursery.cancel_scope.cancel()
+            return code
         result = await checker.check(servers, stop, sequential=args.sequential)
         if result.winner is not None:
             print(result.winner.name, flush=True)
@@ -148,6 +163,29 @@ async def _run(args: argparse.Namespace, servers: list[Server]) -> int:
                 await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
     return EXIT_AVAILABLE if result.winner is not None else EXIT_NONE
+
+
+async def _explain_mx(recipient: str, resolver: Resolver, checker: Checker, stop: StopSet, sequential: bool) -> int:
+    """``--mx``: the policy server's decision for a domain, step by step."""
+    try:
+        domain = recipient_domain(recipient if "@" in recipient else "@" + recipient)
+    except DomainError as exc:
+        print(f"smtpdcheck: --mx {recipient!r}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    if domain is None:
+        print(f"smtpdcheck: --mx {recipient!r}: no domain to look up", file=sys.stderr)
+        return EXIT_ERROR
+    mx, _ = await resolver.mx(domain)
+    verdict = verdict_for_mx(mx)
+    result = None
+    if verdict is None:
+        result = await checker.check(mx_servers(mx), stop, sequential=sequential)
+        verdict = verdict_for_check(result)
+    for line in explain_lines(mx, result, verdict):
+        print(line)
+    if verdict.kind == "dns failure":
+        return EXIT_ERROR
+    return EXIT_AVAILABLE if verdict.defers else EXIT_NONE
 
 
 def _unwrapped(args: argparse.Namespace, servers: list[Server]) -> int:
@@ -164,8 +202,10 @@ def _unwrapped(args: argparse.Namespace, servers: list[Server]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.servers:
+    if not args.servers and args.mx is None:
         parser.error("no servers given")
+    if args.servers and args.mx is not None:
+        parser.error("--mx takes no server list")
     try:
         servers = parse_servers(args.servers)
         return _unwrapped(args, servers)

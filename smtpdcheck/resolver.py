@@ -106,8 +106,8 @@ def _failure_text(exc: BaseException) -> str:
         errors = exc.kwargs.get("errors") or []
         for err in errors:
             answer = err[3] if len(err) > 3 else None
-            if isinstance(answer, int) or isinstance(answer, dns.rcode.Rcode):
-                return dns.rcode.to_text(dns.rcode.Rcode(answer))
+            if isinstance(answer, str) and answer.isalpha():  # an rcode: "SERVFAIL", "REFUSED"
+                return answer[:16]
         for err in errors:
             if len(err) > 3 and isinstance(err[3], BaseException):
                 return type(err[3]).__name__

@@ -81,8 +81,14 @@ def eligibility(servers: Sequence[Server], matches: Sequence[bool | None]) -> li
     # The first unknown server may turn out to be this host.  Servers before
     # it are safe unless some later server of the same prio could still be
     # the first match; servers from it on wait.
+    # A server after any known match is out whatever the pending lookups
+    # say: the first match can only be earlier still.
+    known = next((k for k in range(first_open, n) if matches[k]), n)
     result: list[bool | None] = []
     for i in range(n):
+        if i > known:
+            result.append(False)
+            continue
         if i >= first_open:
             result.append(None)
             continue

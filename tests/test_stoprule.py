@@ -74,6 +74,7 @@ def test_match_by_resolved_address() -> None:
         (["10:a", "20:b", "10:c"], [None, None, None], [None, None, None]),
         # A later known match does not decide while an earlier lookup runs.
         (["10:a", "20:b", "30:c"], [False, None, True], [True, None, None]),
+        (["10:a", "20:b", "30:c", "40:d"], [None, True, None, None], [None, None, False, False]),
         (["10:a", "20:b", "10:c"], [False, None, True], [None, None, None]),
         # No prio: only order matters.
         (["a", "b", "c"], [False, None, None], [True, None, None]),

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import idna
 
-from smtpdcheck.check import CheckResult
-from smtpdcheck.resolver import MXKind, MXLookup
-from smtpdcheck.servers import Server, is_valid_hostname
+from .check import CheckResult
+from .resolver import MXKind, MXLookup
+from .servers import Server, is_valid_hostname
 
 
 class Action(enum.Enum):

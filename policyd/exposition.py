@@ -1,0 +1,136 @@
+"""The Prometheus endpoint: our counters in the text exposition format.
+
+prometheus-client provides the metric families and the exposition format;
+its own HTTP server runs in a thread, so the endpoint here is a minimal
+HTTP/1.0 responder on trio.  Values are read from the daemon's plain
+counters at scrape time, so nothing on the request path touches the
+library.  The request read is bounded in size and time: the endpoint is
+one more socket that hostile peers can reach.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import trio
+
+from .metrics import LATENCY_BUCKETS_S
+
+if TYPE_CHECKING:
+    from .service import PolicyService
+
+log = logging.getLogger("smtpdcheck.policyd")
+
+MAX_HTTP_REQUEST_BYTES = 8192
+HTTP_TIMEOUT_S = 5.0
+
+
+class MetricsUnavailable(RuntimeError):
+    """--metrics was asked for but prometheus-client is not installed."""
+
+
+def make_registry(service: PolicyService) -> object:
+    try:
+        from prometheus_client.core import (
+            CollectorRegistry,
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+    except ImportError as exc:
+        raise MetricsUnavailable("--metrics needs prometheus-client: pip install 'smtpdcheck[metrics]'") from exc
+
+    class Collector:
+        def collect(self) -> Iterator[object]:
+            m = service.metrics
+            requests = CounterMetricFamily(
+                "smtpdcheck_policy_requests", "Policy requests answered, by action and reason", labels=["action", "reason"]
+            )
+            for (action, kind), value in sorted(m.requests.items()):
+                requests.add_metric([action, kind], value)
+            yield requests
+            buckets = []
+            running = 0
+            for bound, count in zip(LATENCY_BUCKETS_S, m.latency_counts):
+                running += count
+                buckets.append((repr(bound), running))
+            running += m.latency_counts[-1]
+            buckets.append(("+Inf", running))
+            yield HistogramMetricFamily(
+                "smtpdcheck_policy_decision_seconds", "Time to answer a policy request",
+                buckets=buckets, sum_value=m.latency_sum,
+            )
+            probes = CounterMetricFamily("smtpdcheck_probes", "SMTP greeting probes made, by outcome", labels=["outcome"])
+            for outcome, value in service.prober.outcomes.items():
+                probes.add_metric([outcome.value], value)
+            yield probes
+            hits = CounterMetricFamily("smtpdcheck_cache_hits", "Cache hits", labels=["cache"])
+            misses = CounterMetricFamily("smtpdcheck_cache_misses", "Cache misses", labels=["cache"])
+            size = GaugeMetricFamily("smtpdcheck_cache_entries", "Entries in each cache", labels=["cache"])
+            for name, cache in (
+                ("probe", service.prober.flights.cache),
+                ("mx", service.resolver.mx_flights.cache),
+                ("address", service.resolver.address_flights.cache),
+            ):
+                hits.add_metric([name], cache.hits)
+                misses.add_metric([name], cache.misses)
+                size.add_metric([name], len(cache))
+            yield hits
+            yield misses
+            yield size
+            yield CounterMetricFamily("smtpdcheck_dns_failures", "DNS queries that failed or timed out", value=service.resolver.failures)
+            yield GaugeMetricFamily("smtpdcheck_connections_open", "Postfix connections open", value=m.connections_open)
+            yield CounterMetricFamily("smtpdcheck_connections", "Postfix connections accepted", value=m.connections_total)
+            errors = CounterMetricFamily("smtpdcheck_protocol_errors", "Connections closed for protocol errors", labels=["reason"])
+            for reason, value in sorted(m.protocol_errors.items()):
+                errors.add_metric([reason], value)
+            yield errors
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Collector())  # type: ignore[arg-type]
+    return registry
+
+
+def render(registry: object) -> bytes:
+    from prometheus_client import generate_latest
+
+    return generate_latest(registry)  # type: ignore[arg-type]
+
+
+async def _serve_one(stream: trio.SocketStream, registry: object) -> None:
+    try:
+        request = b""
+        with trio.move_on_after(HTTP_TIMEOUT_S):
+            while b"\r\n\r\n" not in request and b"\n\n" not in request and len(request) < MAX_HTTP_REQUEST_BYTES:
+                data = await stream.receive_some(4096)
+                if not data:
+                    break
+                request += data
+        line = request.split(b"\r\n", 1)[0].split(b"\n", 1)[0]
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == b"GET" and parts[1].split(b"?")[0] in (b"/metrics", b"/"):
+            body = render(registry)
+            head = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
+        else:
+            body = b"not found\n"
+            head = b"HTTP/1.0 404 Not Found\r\nContent-Type: text/plain\r\n"
+        with trio.move_on_after(HTTP_TIMEOUT_S):
+            await stream.send_all(head + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def serve_metrics(
+    listeners: list[trio.SocketListener], registry: object, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    async def handler(stream: trio.SocketStream) -> None:
+        await _serve_one(stream, registry)
+
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(trio.serve_listeners, handler, [listener])
+        task_status.started()

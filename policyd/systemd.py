@@ -1,0 +1,62 @@
+"""systemd integration without libsystemd: socket activation and readiness.
+
+Both protocols are small and stable (sd_listen_fds(3), sd_notify(3)):
+inherited listening sockets start at fd 3, counted by ``LISTEN_FDS`` and
+meant for us only if ``LISTEN_PID`` is our pid; readiness is one datagram
+to ``NOTIFY_SOCKET``.  The variables are removed after use so that child
+processes do not mistake them for their own.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import MutableMapping
+from typing import Final
+
+import trio
+
+SD_LISTEN_FDS_START: Final = 3
+
+
+def inherited_sockets(environ: MutableMapping[str, str] | None = None) -> list[socket.socket]:
+    """Listening sockets passed by systemd socket activation, or []."""
+    env = os.environ if environ is None else environ
+    pid = env.get("LISTEN_PID", "")
+    count = env.get("LISTEN_FDS", "")
+    if not pid or not count:
+        return []
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        env.pop(name, None)
+    if not pid.isdigit() or int(pid) != os.getpid() or not count.isdigit():
+        return []
+    sockets = []
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count)):
+        os.set_inheritable(fd, False)
+        sockets.append(socket.socket(fileno=fd))
+    return sockets
+
+
+def listeners_from(sockets: list[socket.socket]) -> list[trio.SocketListener]:
+    result = []
+    for sock in sockets:
+        sock.setblocking(False)
+        result.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+    return result
+
+
+def notify(state: str, environ: MutableMapping[str, str] | None = None) -> bool:
+    """Send ``state`` (e.g. ``READY=1``) to systemd; False when not under systemd."""
+    env = os.environ if environ is None else environ
+    address = env.get("NOTIFY_SOCKET", "")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # abstract namespace
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(address)
+            sock.sendall(state.encode("ascii"))
+        except OSError:
+            return False
+    return True

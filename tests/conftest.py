@@ -1,0 +1,102 @@
+"""Shared fixtures: real DNS and SMTP peers on loopback, and the core under test.
+
+Every peer here is a real socket server on 127.0.0.0/8 (or ::1) bound to an
+ephemeral port, started in pytest-trio's ``nursery`` fixture so it stops
+with the test.  Greeters for one test share a port on distinct loopback
+addresses (127.0.0.2, 127.0.0.3, ...) because the code under test probes a
+single SMTP port on every MX host, as a real backup MX probes port 25.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+
+import pytest
+import trio
+
+from smtpdcheck.check import Checker
+from smtpdcheck.probe import Prober
+from smtpdcheck.resolver import Resolver
+from tests.support.dnsserver import FakeDNSServer, Zone
+from tests.support.greeters import Greeter, Mode, unused_port
+from tests.support.pytest_postfix import postfix_factory as _postfix_factory
+
+IN_CI = os.environ.get("CI") == "true"
+
+postfix_factory = pytest.fixture(_postfix_factory)
+
+
+@dataclass
+class Farm:
+    """Greeters on 127.0.0.{2,3,...} sharing one port."""
+
+    port: int
+    greeters: list[Greeter]
+
+    def host(self, i: int) -> str:
+        return self.greeters[i].host
+
+
+async def start_farm(nursery: trio.Nursery, modes: Sequence[Mode], **kwargs: object) -> Farm:
+    for _attempt in range(20):
+        port = unused_port("127.0.0.2")
+        greeters: list[Greeter] = []
+        try:
+            for i, mode in enumerate(modes):
+                greeter = Greeter(mode, host=f"127.0.0.{i + 2}", port=port, **kwargs)  # type: ignore[arg-type]
+                await nursery.start(greeter.serve)
+                greeters.append(greeter)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            continue
+        return Farm(port, greeters)
+    raise RuntimeError("no common free port for the greeter farm")
+
+
+@pytest.fixture
+def farm(nursery: trio.Nursery) -> Callable[..., object]:
+    async def make(*modes: Mode, **kwargs: object) -> Farm:
+        return await start_farm(nursery, modes, **kwargs)
+
+    return make
+
+
+@pytest.fixture
+async def dns_server(nursery: trio.Nursery) -> AsyncIterator[FakeDNSServer]:
+    server = FakeDNSServer({})
+    await nursery.start(server.serve)
+    yield server
+
+
+@dataclass
+class Core:
+    resolver: Resolver
+    prober: Prober
+    checker: Checker
+
+
+@pytest.fixture
+def make_core(nursery: trio.Nursery, dns_server: FakeDNSServer) -> Callable[..., Core]:
+    def make(port: int = 25, *, timeout: float = 2.0, dns_timeout: float = 2.0, **prober_kw: object) -> Core:
+        resolver = Resolver(nursery, nameservers=[dns_server.address], timeout=dns_timeout)
+        prober = Prober(nursery, timeout=timeout, quit_grace=0.5, **prober_kw)  # type: ignore[arg-type]
+        return Core(resolver, prober, Checker(resolver, prober, port=port, timeout=timeout))
+
+    return make
+
+
+def zone_with_hosts(hosts: dict[str, list[str]], ttl_zone: Zone | None = None) -> Zone:
+    """A zone of A/AAAA records: ``{"mx1.example": ["127.0.0.2", "::1"]}``."""
+    zone: Zone = dict(ttl_zone or {})
+    for name, addrs in hosts.items():
+        v4 = [a for a in addrs if ":" not in a]
+        v6 = [a for a in addrs if ":" in a]
+        if v4:
+            zone[(name, "A")] = v4
+        if v6:
+            zone[(name, "AAAA")] = v6
+    return zone

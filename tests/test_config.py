@@ -1,0 +1,108 @@
+"""Configuration: flags, TOML file, validation, and docs that cannot drift."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from policyd import config as cfg
+from policyd.cli import build_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "etc" / "smtpdcheck-policyd.toml"
+
+
+def parse(argv: list[str], tmp_path: Path | None = None, toml: str | None = None) -> cfg.Config:
+    path = None
+    if toml is not None:
+        assert tmp_path is not None
+        path = tmp_path / "policyd.toml"
+        path.write_text(toml)
+    args = build_parser().parse_args(argv + (["--config", str(path)] if path else []))
+    return cfg.build(args, args.config)
+
+
+def test_defaults_work_out_of_the_box() -> None:
+    config = parse([])
+    assert config == cfg.Config()
+    assert config.listen == ("inet:127.0.0.1:10040",)
+    assert config.failure_action == "DUNNO"
+    # Answer well inside Postfix's policy timeout (10s in our snippets).
+    assert config.deadline < 10
+
+
+def test_file_then_flags_override(tmp_path: Path) -> None:
+    toml = 'listen = ["inet:127.0.0.1:10050", "unix:/run/p.sock"]\nstop = ["192.0.2.25"]\ntimeout = 3\nmode = "warn"\n'
+    config = parse(["--timeout", "4.5", "--stop", "198.51.100.7"], tmp_path, toml)
+    assert config.listen == ("inet:127.0.0.1:10050", "unix:/run/p.sock")
+    assert config.stop == ("198.51.100.7",)  # a repeatable flag replaces the file's list
+    assert config.timeout == 4.5
+    assert config.mode == "warn"
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("tiemout = 3\n", "unknown key 'tiemout'"),
+        ("smtp-port = 25\n", "use _ not -"),
+        ('timeout = "soon"\n', "timeout: not a number"),
+        ("timeout = -1\n", "timeout: must be 0 or more"),
+        ("timeout = 0\n", "timeout: must be more than 0"),
+        ("smtp_port = 70000\n", "smtp_port: not a TCP port"),
+        ('listen = "inet:127.0.0.1:10040"\n', "listen: must be a list"),
+        ('listen = ["tcp:1.2.3.4:5"]\n', "listen: bad listen address"),
+        ('listen = ["unix:relative.sock"]\n', "must be absolute"),
+        ("listen = []\n", "at least one endpoint"),
+        ('mode = "loud"\n', "mode: must be one of enforce, warn"),
+        ('defer_text = "primary {host} is up"\n', "unknown placeholder {host}"),
+        ('defer_text = "bad \\u00e9"\n', "printable ASCII"),
+        ('nameserver = ["dns.example"]\n', "nameserver must be an IP address"),
+        ('stop = ["bad name"]\n', "stop: not a host name"),
+        ("cache_size = 0\n", "cache_size: must be 1 or more"),
+        ("max_probes = true\n", "max_probes: must be a whole number"),
+        ('socket_mode = "999"\n', "socket_mode: not an octal"),
+        ("timeout = [1]\n", "must be a single value"),
+        ("this is not toml\n", "not valid TOML"),
+    ],
+)
+def test_bad_file_is_refused_naming_key_and_file(tmp_path: Path, toml: str, message: str) -> None:
+    with pytest.raises(cfg.ConfigError) as info:
+        parse([], tmp_path, toml)
+    assert message in str(info.value)
+    assert "policyd.toml" in str(info.value)
+
+
+def test_bad_flag_is_refused() -> None:
+    with pytest.raises(cfg.ConfigError, match="--timeout"):
+        parse(["--timeout", "x"])
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    args = build_parser().parse_args(["--config", str(tmp_path / "none.toml")])
+    with pytest.raises(cfg.ConfigError, match="cannot read"):
+        cfg.build(args, args.config)
+
+
+def test_example_file_loads_and_documents_every_key(tmp_path: Path) -> None:
+    text = EXAMPLE.read_text()
+    assert cfg.load_file(EXAMPLE) == cfg.Config()  # everything commented: the defaults
+    # Uncommenting every setting must give exactly the built-in defaults.
+    uncommented = re.sub(r"(?m)^#([a-z_]+ = )", r"\1", text)
+    path = tmp_path / "all.toml"
+    path.write_text(uncommented)
+    assert cfg.load_file(path) == cfg.Config()
+    for name in cfg.option_names():
+        assert re.search(rf"(?m)^#{name} = ", text), f"{name} missing from {EXAMPLE.name}"
+
+
+def test_readme_reference_matches_the_code() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert cfg.reference_markdown() in readme, "README's configuration table is stale: regenerate it"
+
+
+def test_help_mentions_every_flag() -> None:
+    text = build_parser().format_help()
+    for option in cfg.OPTIONS:
+        assert option.flag in text

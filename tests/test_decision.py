@@ -1,0 +1,138 @@
+"""The policy decision as a table: MX lookups, this host's place, probe outcomes."""
+
+from __future__ import annotations
+
+import pytest
+
+from smtpdcheck.decision import (
+    Action,
+    DomainError,
+    mx_servers,
+    recipient_domain,
+    verdict_for_check,
+    verdict_for_mx,
+)
+from smtpdcheck.check import CheckResult, ServerReport
+from smtpdcheck.resolver import MXKind, MXLookup
+from smtpdcheck.stoprule import StopSet, eligible
+
+
+@pytest.mark.parametrize(
+    ("recipient", "domain"),
+    [
+        ("user@example.com", "example.com"),
+        ("User@Example.COM.", "example.com"),
+        ("john doe@example.com", "example.com"),
+        ('"a@b"@example.org', "example.org"),
+        ("user@bücher.example", "xn--bcher-kva.example"),
+        ("user@BÜCHER.example", "xn--bcher-kva.example"),
+        ("", None),
+        ("postmaster", None),
+        ("user@", None),
+        ("user@.", None),
+        ("user@[192.0.2.1]", None),
+        ("user@[IPv6:2001:db8::1]", None),
+    ],
+)
+def test_recipient_domain(recipient: str, domain: str | None) -> None:
+    assert recipient_domain(recipient) == domain
+
+
+@pytest.mark.parametrize(
+    "recipient",
+    [
+        "user@exa mple.com",
+        "user@example.com\r\nX",
+        "user@exa=mple.com",
+        "user@\udcfcexample.com",  # a raw non-UTF-8 byte kept by surrogateescape
+        "user@" + "a" * 64 + ".com",
+        "user@ex\x00ample.com",
+    ],
+)
+def test_recipient_domain_rejects(recipient: str) -> None:
+    with pytest.raises(DomainError):
+        recipient_domain(recipient)
+
+
+@pytest.mark.parametrize(
+    ("lookup", "kind"),
+    [
+        (MXLookup("a.example", MXKind.NXDOMAIN, error="NXDOMAIN"), "nxdomain"),
+        (MXLookup("a.example", MXKind.NULL), "null mx"),
+        (MXLookup("a.example", MXKind.FAILURE, error="SERVFAIL"), "dns failure"),
+        (MXLookup("a.example", MXKind.FAILURE, error="timeout"), "dns failure"),
+    ],
+)
+def test_mx_outcomes_that_decide_alone(lookup: MXLookup, kind: str) -> None:
+    verdict = verdict_for_mx(lookup)
+    assert verdict is not None
+    assert verdict.action is Action.DUNNO
+    assert verdict.kind == kind
+
+
+def test_dns_failure_is_never_no_records() -> None:
+    verdict = verdict_for_mx(MXLookup("a.example", MXKind.FAILURE, error="SERVFAIL"))
+    assert verdict is not None and "SERVFAIL" in verdict.reason
+    assert verdict_for_mx(MXLookup("a.example", MXKind.IMPLICIT, hosts=((0, "a.example"),))) is None
+
+
+def _result(mx: list[tuple[int, str]], this_host: set[str], up: set[str], timed_out: set[str] = frozenset()) -> CheckResult:
+    """Build what the checker would report, using the real stop rule."""
+    lookup = MXLookup("d.example", MXKind.LIST, hosts=tuple(mx))
+    servers = mx_servers(lookup)
+    stop = StopSet.build(this_host)
+    matches = [stop.matches_name(s) for s in servers]
+    allowed = set(eligible(servers, matches))
+    reports = []
+    winner = None
+    for i, server in enumerate(servers):
+        report = ServerReport(server, is_stop=matches[i], eligible=i in allowed)
+        if i in allowed:
+            report.available = server.host in up
+            report.timed_out = server.host in timed_out
+            if report.available and winner is None:
+                winner = server
+        reports.append(report)
+    return CheckResult(winner, reports, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("mx", "this_host", "up", "action", "kind", "mx_named"),
+    [
+        # Backup at 20, primary at 10 up -> defer naming the primary.
+        ([(10, "mx1"), (20, "backup")], {"backup"}, {"mx1"}, Action.DEFER_IF_PERMIT, "primary live", "mx1"),
+        # Primary down -> accept.
+        ([(10, "mx1"), (20, "backup")], {"backup"}, set(), Action.DUNNO, "all down", None),
+        # Same preference as the backup: never more preferred.
+        ([(10, "mx1"), (10, "backup")], {"backup"}, {"mx1"}, Action.DUNNO, "no better mx", None),
+        # This host is the primary.
+        ([(10, "backup"), (20, "mx2")], {"backup"}, {"mx2"}, Action.DUNNO, "no better mx", None),
+        # Two primaries, the second up.
+        ([(5, "a"), (10, "b"), (20, "backup")], {"backup"}, {"b"}, Action.DEFER_IF_PERMIT, "primary live", "b"),
+        # Worse MXes than this host are never probed.
+        ([(10, "mx1"), (20, "backup"), (30, "mx3")], {"backup"}, {"mx3"}, Action.DUNNO, "all down", None),
+        # This host not listed: every MX is probed, as smtpdcheck does.
+        ([(10, "mx1"), (20, "mx2")], {"backup"}, {"mx2"}, Action.DEFER_IF_PERMIT, "primary live", "mx2"),
+        ([(10, "mx1"), (20, "mx2")], {"backup"}, set(), Action.DUNNO, "all down", None),
+        # Implicit MX (no MX records): the domain itself at preference 0.
+        ([(0, "d.example")], {"backup"}, {"d.example"}, Action.DEFER_IF_PERMIT, "primary live", "d.example"),
+    ],
+)
+def test_decision_table(
+    mx: list[tuple[int, str]], this_host: set[str], up: set[str], action: Action, kind: str, mx_named: str | None
+) -> None:
+    verdict = verdict_for_check(_result(mx, this_host, up))
+    assert (verdict.action, verdict.kind, verdict.mx) == (action, kind, mx_named)
+
+
+def test_warn_mode_uses_warn() -> None:
+    verdict = verdict_for_check(_result([(10, "mx1"), (20, "b")], {"b"}, {"mx1"}), warn_only=True)
+    assert verdict.action is Action.WARN and verdict.mx == "mx1"
+
+
+def test_reason_counts_down_mxes_and_timeouts() -> None:
+    result = _result([(10, "a"), (10, "c"), (20, "b")], {"b"}, set(), timed_out={"c"})
+    verdict = verdict_for_check(result)
+    assert verdict.reason == "all 2 more-preferred MXes down, 1 timed out"
+    single = verdict_for_check(_result([(10, "a"), (20, "b")], {"b"}, set()))
+    assert single.reason == "all 1 more-preferred MX down"

@@ -1,0 +1,109 @@
+"""End to end: a real Postfix smtpd asks the real policy server over real sockets.
+
+Postfix runs as a throwaway instance on a loopback port (see
+tests/support/postfix.py); its check_policy_service points at the policy
+server under test, which looks MX lists up in the test's DNS server and
+probes greeters on 127.0.0.x.  Skipped loudly without Postfix; a failure
+under CI=true.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import trio
+
+from tests.conftest import Farm
+from tests.policyd_helpers import policyd_config, start_policyd
+from tests.support.dnsserver import FakeDNSServer
+from tests.support.greeters import Mode
+from tests.support.postfix import smtp_rcpt
+from tests.support.pytest_postfix import PostfixFactory
+from tests.test_policyd_server import backup_zone
+
+pytestmark = pytest.mark.postfix
+
+DOMAINS = {
+    "up.example.com": "127.0.0.2",  # greets 220
+    "busy.example.com": "127.0.0.3",  # greets 421
+    "silent.example.com": "127.0.0.4",  # accepts, never greets
+    "refused.example.com": "127.0.0.9",  # nothing listens
+}
+
+
+async def _setup(
+    nursery: trio.Nursery, dns_server: FakeDNSServer, farm: Callable[..., Farm], postfix_factory: PostfixFactory,
+    *, unix: bool = False, **config: object,
+) -> object:
+    f = await farm(Mode.OK, Mode.CODE_421, Mode.SILENT)
+    for domain, ip in DOMAINS.items():
+        dns_server.zone.update(backup_zone(domain, ip))
+    listen = ("inet:127.0.0.1:0",)
+    if unix:
+        listen = (f"unix:{postfix_factory.socket_dir()}/policy",)
+    running = await start_policyd(
+        nursery, policyd_config(dns_server.port, f.port, listen=listen, socket_mode=0o666, timeout=1.5, deadline=4.0, **config)
+    )
+    instance = await postfix_factory.start(policy_endpoint=running.endpoints[0], relay_domains=list(DOMAINS))
+    return instance
+
+
+async def test_live_primary_gets_450_naming_it(
+    nursery: trio.Nursery, dns_server: FakeDNSServer, farm: Callable[..., Farm], postfix_factory: PostfixFactory
+) -> None:
+    instance = await _setup(nursery, dns_server, farm, postfix_factory)
+    with trio.fail_after(20):
+        reply = await smtp_rcpt(instance.smtp_port, "user@up.example.com")  # type: ignore[attr-defined]
+        # Postfix passes the recipient as written; we lower-case and strip the dot.
+        reply2 = await smtp_rcpt(instance.smtp_port, "e@UP.Example.COM.")  # type: ignore[attr-defined]
+    assert reply.code == 450
+    assert reply.text.startswith("4.7.1 <user@up.example.com>: Recipient address rejected:")
+    assert "mx1.up.example.com" in reply.text
+    assert reply2.code == 450
+
+
+@pytest.mark.parametrize("domain", ["busy.example.com", "silent.example.com", "refused.example.com"])
+async def test_primary_not_available_gets_250(
+    nursery: trio.Nursery, dns_server: FakeDNSServer, farm: Callable[..., Farm], postfix_factory: PostfixFactory, domain: str
+) -> None:
+    instance = await _setup(nursery, dns_server, farm, postfix_factory)
+    with trio.fail_after(20):
+        reply = await smtp_rcpt(instance.smtp_port, f"user@{domain}")  # type: ignore[attr-defined]
+    assert reply.code == 250, reply
+
+
+async def test_unix_socket_endpoint(
+    nursery: trio.Nursery, dns_server: FakeDNSServer, farm: Callable[..., Farm], postfix_factory: PostfixFactory
+) -> None:
+    instance = await _setup(nursery, dns_server, farm, postfix_factory, unix=True)
+    with trio.fail_after(20):
+        up = await smtp_rcpt(instance.smtp_port, "user@up.example.com")  # type: ignore[attr-defined]
+        down = await smtp_rcpt(instance.smtp_port, "user@busy.example.com")  # type: ignore[attr-defined]
+    assert (up.code, down.code) == (450, 250)
+
+
+async def test_warn_mode_accepts_and_postfix_logs_it(
+    nursery: trio.Nursery, dns_server: FakeDNSServer, farm: Callable[..., Farm], postfix_factory: PostfixFactory
+) -> None:
+    instance = await _setup(nursery, dns_server, farm, postfix_factory, mode="warn")
+    with trio.fail_after(20):
+        reply = await smtp_rcpt(instance.smtp_port, "user@up.example.com")  # type: ignore[attr-defined]
+    assert reply.code == 250
+    log = ""
+    with trio.move_on_after(5):
+        while "warn: RCPT" not in log:
+            await trio.sleep(0.2)
+            log = instance.maillog()  # type: ignore[attr-defined]
+    assert "warn: RCPT" in log and "mx1.up.example.com" in log, log[-2000:]
+
+
+async def test_policy_server_failure_is_fail_open(
+    nursery: trio.Nursery, dns_server: FakeDNSServer, farm: Callable[..., Farm], postfix_factory: PostfixFactory
+) -> None:
+    """With the recommended wiring, even a dead policy server costs nothing but the check."""
+    instance = await _setup(nursery, dns_server, farm, postfix_factory)
+    await trio.to_thread.run_sync(lambda: instance.set_policy_endpoint("inet:127.0.0.1:9"))  # type: ignore[attr-defined]
+    with trio.fail_after(20):
+        reply = await smtp_rcpt(instance.smtp_port, "user@up.example.com")  # type: ignore[attr-defined]
+    assert reply.code == 250
