@@ -1,0 +1,288 @@
+"""smtpdcheck-policyd as a real process: signals, systemd, spawn mode, metrics, --check.
+
+Each test runs the installed code as a child process and talks to it over
+real sockets; the DNS server and greeters run in the test's own loop.
+Readiness is learned the way systemd learns it, from READY=1 on a
+NOTIFY_SOCKET, so no test sleeps and hopes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import trio
+
+from policyd.protocol import parse_reply
+from tests.conftest import Farm
+from tests.policyd_helpers import rcpt, read_replies
+from tests.support.dnsserver import FakeDNSServer, nameserver_arg
+from tests.support.greeters import Mode, unused_port
+from tests.test_policyd_server import backup_zone
+
+PYTHON = sys.executable
+
+
+@dataclass
+class Daemon:
+    process: trio.Process
+    port: int
+    stderr_lines: list[str] = field(default_factory=list)
+    changed: trio.Event = field(default_factory=trio.Event)
+
+    async def wait_log(self, needle: str, timeout: float = 5.0) -> str:
+        with trio.fail_after(timeout):
+            while True:
+                for line in self.stderr_lines:
+                    if needle in line:
+                        return line
+                await self.changed.wait()
+
+    async def ask(self, request: bytes, stream: trio.SocketStream) -> tuple[str, str]:
+        await stream.send_all(request)
+        return parse_reply(await read_replies(stream, 1))
+
+
+async def _collect(daemon: Daemon, stream: trio.abc.ReceiveStream) -> None:
+    buf = b""
+    while data := await stream.receive_some(65536):
+        buf += data
+        *lines, buf = buf.split(b"\n")
+        daemon.stderr_lines.extend(line.decode("utf-8", "replace") for line in lines)
+        daemon.changed.set()
+        daemon.changed = trio.Event()
+
+
+def _notify_socket() -> tuple[socket.socket, str]:
+    path = tempfile.mktemp(prefix="sdnotify", dir="/tmp")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    return sock, path
+
+
+async def start_daemon(
+    nursery: trio.Nursery, args: list[str], *, port: int | None = None, prefix: list[str] | None = None,
+    pass_fds: tuple[int, ...] = (),
+) -> Daemon:
+    port = port or unused_port()
+    notify, notify_path = _notify_socket()
+    env = {**os.environ, "NOTIFY_SOCKET": notify_path}
+    command = (prefix or []) + [PYTHON, "-m", "policyd.cli", "--listen", f"inet:127.0.0.1:{port}", *args]
+    process = await trio.lowlevel.open_process(
+        command, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env, pass_fds=pass_fds
+    )
+    daemon = Daemon(process, port)
+    assert process.stderr is not None
+    nursery.start_soon(_collect, daemon, process.stderr)
+
+    async def reap() -> None:
+        try:
+            await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                with trio.CancelScope(shield=True):
+                    await process.wait()
+
+    nursery.start_soon(reap)
+    try:
+        with trio.fail_after(15):
+            tsock = trio.socket.from_stdlib_socket(notify)
+            message = await tsock.recv(4096)
+        assert message == b"READY=1", message
+    except BaseException as exc:
+        process.kill()
+        raise AssertionError(f"daemon not ready; stderr: {daemon.stderr_lines}") from exc
+    finally:
+        notify.close()
+        os.unlink(notify_path)
+    return daemon
+
+
+@pytest.fixture
+async def world(nursery: trio.Nursery, dns_server: FakeDNSServer, farm: Callable[..., Farm]) -> tuple[list[str], Farm]:
+    f = await farm(Mode.OK, Mode.CODE_421)
+    dns_server.zone.update(backup_zone("up.example", "127.0.0.2"))
+    dns_server.zone.update(backup_zone("down.example", "127.0.0.3"))
+    base = ["--nameserver", nameserver_arg(dns_server), "--smtp-port", str(f.port), "--timeout", "1", "--deadline", "3"]
+    return base, f
+
+
+async def test_reload_keeps_connections_and_cache_and_rejects_bad_config(
+    nursery: trio.Nursery, world: tuple[list[str], Farm], tmp_path: Path
+) -> None:
+    base, f = world
+    conf = tmp_path / "policyd.toml"
+    conf.write_text('mode = "enforce"\n')
+    daemon = await start_daemon(nursery, [*base, "--config", str(conf)])
+    with trio.fail_after(20):
+        stream = await trio.open_tcp_stream("127.0.0.1", daemon.port)
+        async with stream:
+            assert (await daemon.ask(rcpt("a@up.example"), stream))[0] == "DEFER_IF_PERMIT"
+            conf.write_text('mode = "warn"\ndefer_text = "shadow: {mx} is up"\n')
+            daemon.process.send_signal(signal.SIGHUP)
+            await daemon.wait_log("configuration reloaded")
+            assert await daemon.ask(rcpt("b@up.example"), stream) == ("WARN", "shadow: mx1.up.example is up")
+            # A broken file is refused; the running configuration stays.
+            conf.write_text('mode = "warn"\ntiemout = 3\n')
+            daemon.process.send_signal(signal.SIGHUP)
+            line = await daemon.wait_log("reload failed")
+            assert "tiemout" in line and "policyd.toml" in line
+            assert (await daemon.ask(rcpt("c@up.example"), stream))[0] == "WARN"
+        daemon.process.send_signal(signal.SIGTERM)
+        assert await daemon.process.wait() == 0
+    assert f.greeters[0].connections == 1  # the probe cache survived the reload
+    warn_line = next(l for l in daemon.stderr_lines if "action=WARN" in l)
+    assert warn_line.startswith("NOQUEUE: rcpt=<b@up.example> domain=up.example action=WARN")
+
+
+async def test_sigterm_finishes_request_in_flight(nursery: trio.Nursery, dns_server: FakeDNSServer, farm: Callable[..., Farm]) -> None:
+    """A request being decided when SIGTERM arrives is still answered; then exit 0."""
+    f = await farm(Mode.PAUSED_MULTILINE, pause=5.0)
+    dns_server.zone.update(backup_zone("slowdns.example", "127.0.0.2"))
+    from tests.support.dnsserver import Slow
+
+    dns_server.zone[("slowdns.example", "MX")] = Slow(1.0, ["10 mx1.slowdns.example.", "20 backup.slowdns.example."])
+    daemon = await start_daemon(
+        nursery, ["--nameserver", nameserver_arg(dns_server), "--smtp-port", str(f.port), "--dns-timeout", "3", "--deadline", "4"]
+    )
+    with trio.fail_after(15):
+        stream = await trio.open_tcp_stream("127.0.0.1", daemon.port)
+        idle = await trio.open_tcp_stream("127.0.0.1", daemon.port)
+        async with stream, idle:
+            await stream.send_all(rcpt("a@slowdns.example"))
+            await trio.sleep(0.3)  # the request is now waiting on DNS
+            daemon.process.send_signal(signal.SIGTERM)
+            reply = parse_reply(await read_replies(stream, 1))
+            assert reply[0] == "DEFER_IF_PERMIT"
+            assert await idle.receive_some(10) == b""  # idle connections are closed
+        assert await daemon.process.wait() == 0
+    # Accepting stopped: the port is closed.
+    with pytest.raises(OSError):
+        await trio.open_tcp_stream("127.0.0.1", daemon.port)
+
+
+async def test_socket_activation(nursery: trio.Nursery, world: tuple[list[str], Farm]) -> None:
+    base, _ = world
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    port = listener.getsockname()[1]
+    fd = listener.fileno()
+    # As systemd does: the socket at fd 3, LISTEN_FDS=1, LISTEN_PID = the service's pid
+    # (known only after fork, hence a small exec wrapper).
+    wrapper = (
+        "import os, sys; os.dup2(int(sys.argv[1]), 3); os.environ['LISTEN_FDS'] = '1'; "
+        "os.environ['LISTEN_PID'] = str(os.getpid()); os.execv(sys.argv[2], sys.argv[2:])"
+    )
+    prefix = [PYTHON, "-c", wrapper, str(fd)]
+    try:
+        daemon = await start_daemon(nursery, base, port=unused_port(), prefix=prefix, pass_fds=(fd,))
+    finally:
+        listener.close()
+    await daemon.wait_log("socket activation")
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            assert (await daemon.ask(rcpt("a@up.example"), stream))[0] == "DEFER_IF_PERMIT"
+        # The --listen endpoint was not opened: the inherited socket replaces it.
+        with pytest.raises(OSError):
+            await trio.open_tcp_stream("127.0.0.1", daemon.port)
+        daemon.process.send_signal(signal.SIGTERM)
+        assert await daemon.process.wait() == 0
+
+
+async def test_metrics_scrape(nursery: trio.Nursery, world: tuple[list[str], Farm]) -> None:
+    base, _ = world
+    mport = unused_port()
+    daemon = await start_daemon(nursery, [*base, "--metrics", f"inet:127.0.0.1:{mport}"])
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream("127.0.0.1", daemon.port)
+        async with stream:
+            for rcpt_to in ("a@up.example", "b@up.example", "c@down.example"):
+                await daemon.ask(rcpt(rcpt_to), stream)
+            http = await trio.open_tcp_stream("127.0.0.1", mport)
+            async with http:
+                await http.send_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+                body = b""
+                while chunk := await http.receive_some(65536):
+                    body += chunk
+        daemon.process.send_signal(signal.SIGTERM)
+        await daemon.process.wait()
+    text = body.decode()
+    assert text.startswith("HTTP/1.0 200 OK")
+    assert 'smtpdcheck_policy_requests_total{action="DEFER_IF_PERMIT",reason="primary live"} 2.0' in text
+    assert 'smtpdcheck_policy_requests_total{action="DUNNO",reason="all down"} 1.0' in text
+    assert 'smtpdcheck_probes_total{outcome="available"} 1.0' in text
+    assert 'smtpdcheck_probes_total{outcome="refused"} 1.0' in text
+    assert 'smtpdcheck_cache_hits_total{cache="probe"}' in text
+    assert "smtpdcheck_policy_decision_seconds_count 3.0" in text
+    assert "smtpdcheck_connections_open 1.0" in text
+
+
+async def test_spawn_mode_stdio(nursery: trio.Nursery, world: tuple[list[str], Farm]) -> None:
+    """As spawn(8) runs it: stdin, stdout AND stderr are the one socket."""
+    base, _ = world
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        process = await trio.lowlevel.open_process(
+            [PYTHON, "-m", "policyd.cli", "--stdio", *base], stdin=theirs.fileno(), stdout=theirs.fileno(), stderr=theirs.fileno()
+        )
+        theirs.close()
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours.dup()))
+        with trio.fail_after(15):
+            async with stream:
+                await stream.send_all(rcpt("a@up.example") + rcpt("b@down.example") + b"request=smtpd_access_policy\nbroken\n\n")
+                data = b""
+                while chunk := await stream.receive_some(65536):
+                    data += chunk
+            assert await process.wait() == 0
+    # Exactly the two replies: no log line leaked into the socket.
+    assert data.startswith(b"action=DEFER_IF_PERMIT ")
+    assert data.endswith(b"\n\naction=DUNNO\n\n") and data.count(b"\n\n") == 2
+
+
+@pytest.mark.parametrize(("recipient", "code", "action"), [("user@up.example", 1, "DEFER_IF_PERMIT"), ("user@down.example", 0, "DUNNO")])
+async def test_check_explains_a_decision(world: tuple[list[str], Farm], recipient: str, code: int, action: str) -> None:
+    base, _ = world
+    with trio.fail_after(15):
+        result = await trio.run_process(
+            [PYTHON, "-m", "policyd.cli", *base, "--check", recipient, "--server-address", "127.0.0.1"],
+            capture_stdout=True, capture_stderr=True, check=False,
+        )
+    out = result.stdout.decode()
+    assert result.returncode == code, (out, result.stderr)
+    domain = recipient.split("@")[1]
+    assert out.splitlines()[0] == f"domain {domain}: mx"
+    assert f"mx1.{domain}" in out and "probed:" in out and "this host" in out
+    assert out.splitlines()[-1].startswith(f"action={action}")
+
+
+async def test_start_up_errors_exit_2(tmp_path: Path, world: tuple[list[str], Farm]) -> None:
+    base, _ = world
+    bad = tmp_path / "bad.toml"
+    bad.write_text("timeout = -3\n")
+    regular = tmp_path / "not-a-socket"
+    regular.write_text("x")
+    cases = [
+        ["--config", str(bad)],
+        ["--stop", "nonexistent.example"],
+        ["--listen", f"unix:{regular}"],
+        ["--listen", "inet:127.0.0.1:99999"],
+    ]
+    for extra in cases:
+        with trio.fail_after(15):
+            result = await trio.run_process(
+                [PYTHON, "-m", "policyd.cli", *base, *extra], capture_stdout=True, capture_stderr=True, check=False
+            )
+        assert result.returncode == 2, (extra, result.stderr)
+        assert result.stderr.strip(), extra
+    assert regular.read_text() == "x"
