@@ -4,7 +4,7 @@ set -eu
 here=$(cd "$(dirname "$0")/.." && pwd)
 venv="$here/.venv"
 py=${PYTHON:-python3}
-extra=${1:-}
+extra=${extra:-}
 if [ ! -x "$venv/bin/python" ]; then
     if ! "$py" -m venv "$venv" 2>/dev/null; then
         rm -rf "$venv"
