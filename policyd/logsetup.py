@@ -27,9 +27,9 @@ class _PostfixStyle(logging.Formatter):
 
 def setup_logging(level: str, target: str, *, ident: str = "smtpdcheck-policyd") -> logging.Logger:
     logger = logging.getLogger(LOGGER_NAME)
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        handler.close()
+    for old in list(logger.handlers):
+        logger.removeHandler(old)
+        old.close()
     handler: logging.Handler
     if target == "syslog":
         address = "/dev/log" if os.path.exists("/dev/log") else ("localhost", 514)

@@ -38,26 +38,36 @@ async def handle_connection(stream: trio.abc.Stream, service: PolicyService, pee
     parser = PolicyParser()
     metrics.connections_open += 1
     metrics.connections_total += 1
+    request_deadline = math.inf
     try:
         while True:
             request = parser.next_request()
             if request is NEED_DATA:
                 config = service.config
-                # A request in progress must finish promptly; between requests
-                # Postfix may legitimately stay silent for minutes.
+                # A request in progress must be complete within
+                # request_timeout of its first byte (a client trickling one
+                # byte a second must not pin us); between requests Postfix
+                # may legitimately stay silent for minutes.
                 if parser.buffered_bytes:
-                    limit = config.request_timeout
+                    if request_deadline == math.inf:
+                        request_deadline = trio.current_time() + config.request_timeout
+                    deadline = request_deadline
                 else:
-                    limit = config.idle_timeout if config.idle_timeout > 0 else math.inf
-                with trio.move_on_after(limit) as scope:
+                    request_deadline = math.inf
+                    idle = config.idle_timeout if config.idle_timeout > 0 else math.inf
+                    deadline = trio.current_time() + idle
+                with trio.move_on_at(deadline) as scope:
                     data = await stream.receive_some(RECEIVE_BYTES)
                 if scope.cancelled_caught:
-                    what = "incomplete request" if parser.buffered_bytes else "idle connection"
-                    log.warning("closing %s%s after %gs", what, peer, limit)
+                    if parser.buffered_bytes:
+                        log.warning("closing connection%s: request incomplete after %gs", peer, config.request_timeout)
+                    else:
+                        log.info("closing connection%s: idle for %gs", peer, config.idle_timeout)
                     metrics.protocol_errors["timeout"] += 1
                     return
                 parser.receive_data(data)
                 continue
+            request_deadline = math.inf
             if request is CLOSED:
                 return
             metrics.requests_in_flight += 1

@@ -152,7 +152,8 @@ class Resolver:
             raise DNSConfigError(f"no usable resolver configuration: {exc}") from exc
         self._dns.cache = None  # ours is in front, with capped TTLs
         self._dns.timeout = min(2.0, timeout) if timeout > 0 else 2.0
-        self._dns.lifetime = timeout if timeout > 0 else None
+        # A backstop only: our own trio deadline in _query is what counts.
+        self._dns.lifetime = timeout + 1.0 if timeout > 0 else 3600.0
         self._backend = dns.asyncbackend.get_backend("trio")
         self.timeout = timeout
         self.max_ttl = max_ttl
