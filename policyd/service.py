@@ -37,8 +37,8 @@ log = logging.getLogger("smtpdcheck.policyd")
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
-    """What one request came to; the reply bytes and what the log line says."""
+class Answer:
+    """What one request came to: the reply bytes and what the log line says."""
 
     reply: bytes
     action: str
@@ -121,14 +121,14 @@ class PolicyService:
         assert verdict.mx is not None
         return format_reply(verdict.action.value, self.config.defer_message(verdict.mx, domain))
 
-    def _failure(self, kind: str, reason: str, domain: str) -> Outcome:
+    def _failure(self, kind: str, reason: str, domain: str) -> Answer:
         action = self.config.failure_action
         if action == "DUNNO":
-            return Outcome(DUNNO_REPLY, "DUNNO", kind, reason, domain)
+            return Answer(DUNNO_REPLY, "DUNNO", kind, reason, domain)
         text = f"cannot check the primary MX of {domain or 'this domain'} now; try again later"
-        return Outcome(format_reply(action, text), action, kind, reason, domain)
+        return Answer(format_reply(action, text), action, kind, reason, domain)
 
-    async def answer(self, request: PolicyRequest) -> Outcome:
+    async def answer(self, request: PolicyRequest) -> Answer:
         """Decide one request; never raises except for cancellation from outside."""
         start = trio.current_time()
         try:
@@ -151,15 +151,15 @@ class PolicyService:
             )
         return outcome
 
-    async def _decide(self, request: PolicyRequest) -> Outcome:
+    async def _decide(self, request: PolicyRequest) -> Answer:
         if request.request != "smtpd_access_policy" or request.protocol_state != "RCPT":
-            return Outcome(DUNNO_REPLY, "DUNNO", "not rcpt", f"state {request.protocol_state or '?'}", checked=False)
+            return Answer(DUNNO_REPLY, "DUNNO", "not rcpt", f"state {request.protocol_state or '?'}", checked=False)
         try:
             domain = recipient_domain(request.recipient)
         except DomainError as exc:
-            return Outcome(DUNNO_REPLY, "DUNNO", "bad domain", str(exc))
+            return Answer(DUNNO_REPLY, "DUNNO", "bad domain", str(exc))
         if domain is None:
-            return Outcome(DUNNO_REPLY, "DUNNO", "no domain", "no recipient domain")
+            return Answer(DUNNO_REPLY, "DUNNO", "no domain", "no recipient domain")
 
         deadline = self.config.deadline
         with trio.move_on_after(deadline if deadline > 0 else math.inf):
@@ -174,7 +174,7 @@ class PolicyService:
                 verdict = verdict_for_check(result, warn_only=self.config.mode == "warn")
                 mx_cached = mx_cached and result.from_cache
             reply = self._reply(verdict, domain)
-            return Outcome(
+            return Answer(
                 reply, verdict.action.value, verdict.kind, verdict.reason, domain, mx_cached,
                 mx=mx, result=result, verdict=verdict,
             )
