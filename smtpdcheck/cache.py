@@ -55,6 +55,16 @@ class TTLCache(Generic[K, V]):
         self.misses += 1
         return None
 
+    def peek(self, key: K) -> V | None:
+        """A fresh value without touching recency or statistics."""
+        item = self._data.get(key)
+        if item is not None and item[0] > self._clock():
+            return item[1]
+        return None
+
+    def count_hits(self, n: int) -> None:
+        self.hits += n
+
     def put(self, key: K, value: V, ttl: float) -> None:
         if ttl <= 0:
             self._data.pop(key, None)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import idna
 
 from .check import CheckResult
+from .probe import Outcome
 from .resolver import MXKind, MXLookup
 from .servers import Server, is_valid_hostname
 
@@ -98,7 +99,10 @@ def verdict_for_check(result: CheckResult, *, warn_only: bool = False) -> Verdic
     checked = [r for r in result.reports if r.eligible]
     if not checked:
         return Verdict(Action.DUNNO, "no better mx", "no more-preferred MX")
-    timed_out = sum(1 for r in checked if r.timed_out and not r.available)
+    timed_out = sum(
+        1 for r in checked
+        if not r.available and (r.timed_out or any(p.outcome is Outcome.TIMEOUT for p in r.probes))
+    )
     plural = "MX" if len(checked) == 1 else "MXes"
     if this_host_listed:
         reason = f"all {len(checked)} more-preferred {plural} down"

@@ -231,3 +231,18 @@ async def test_global_probe_limit(farm: Callable[..., Farm], make_core: Callable
     assert overloaded >= 1 and connections + overloaded == 3
     assert core.prober.outcomes[Outcome.TIMEOUT] == connections
     assert len(core.prober.flights.cache) == connections  # unprobed ones are not remembered
+
+
+async def test_cache_fast_path_falls_back_when_anything_is_missing(farm: Callable[..., Farm], make_core: Callable[..., Core]) -> None:
+    f = await farm(Mode.CODE_421, Mode.OK)
+    core = make_core(f.port)
+    with trio.fail_after(5):
+        first = await core.checker.check(parse_servers(["10:127.0.0.2"]), STOP_NONE)
+        assert first.winner is None
+        # .2 is cached down, .3 is not cached: the network is asked for .3 only.
+        assert core.checker.check_cached(parse_servers(["10:127.0.0.2", "20:127.0.0.3"]), STOP_NONE) is None
+        second = await core.checker.check(parse_servers(["10:127.0.0.2", "20:127.0.0.3"]), STOP_NONE)
+        third = await core.checker.check(parse_servers(["10:127.0.0.2", "20:127.0.0.3"]), STOP_NONE)
+    assert second.winner is not None and not second.from_cache
+    assert third.winner is not None and third.from_cache
+    assert [g.connections for g in f.greeters] == [1, 1]

@@ -109,7 +109,7 @@ request_st = st.builds(
     st.sampled_from(["RCPT", "RCPT", "RCPT", "VRFY", "DATA", "END-OF-MESSAGE"]),
     st.dictionaries(
         st.text("abcxyz_", min_size=1, max_size=8),
-        st.text(st.characters(blacklist_characters="\n\x00", blacklist_categories=("Cs",)), max_size=50),
+        st.text(st.characters(blacklist_characters="\n\r\x00", blacklist_categories=("Cs",)), max_size=50),
         max_size=3,
     ),
 )
