@@ -113,10 +113,17 @@ class SingleFlight(Generic[K, V]):
         self._name = name
         self.started = 0
         self.joined = 0
+        self._running = 0
 
     @property
     def inflight(self) -> int:
+        """Flights whose callers are still waiting for a value."""
         return len(self._inflight)
+
+    @property
+    def lingering(self) -> int:
+        """Flights that delivered but are still finishing (a probe saying QUIT)."""
+        return self._running - len(self._inflight)
 
     async def get(self, key: K, produce: Producer[V]) -> tuple[V, bool]:
         """Return ``(value, from_cache)``; waits for a flight if needed."""
@@ -147,12 +154,14 @@ class SingleFlight(Generic[K, V]):
 
     async def _fly(self, key: K, flight: _Flight[V], produce: Producer[V]) -> None:
         error: BaseException | None = None
+        self._running += 1
         try:
             await produce(lambda value: self._deliver(key, flight, value))
         except Exception as exc:  # a bug in a producer must not take the daemon down
             log.exception("%s for %r failed", self._name, key)
             error = exc
         finally:
+            self._running -= 1
             if not flight.done.is_set():
                 flight.value = self._fallback(error)
                 flight.done.set()

@@ -150,6 +150,7 @@ async def _run(args: argparse.Namespace, servers: list[Server]) -> int:
         checker = Checker(resolver, prober, port=args.smtp_port, timeout=args.timeout)
         if args.mx is not None:
             code = await _explain_mx(args.mx, resolver, checker, stop, args.sequential)
+            await _let_probes_finish(prober)
             nursery.cancel_scope.cancel()
             return code
         result = await checker.check(servers, stop, sequential=args.sequential)
@@ -157,12 +158,21 @@ async def _run(args: argparse.Namespace, servers: list[Server]) -> int:
             print(result.winner.name, flush=True)
         if args.verbose:
             format_report(result, sys.stderr)
-        # Probes still saying QUIT politely get a moment, then everything stops.
-        with trio.move_on_after(1.0):
-            while prober.flights.inflight or resolver.address_flights.inflight:
-                await trio.sleep(0.01)
+        await _let_probes_finish(prober)
         nursery.cancel_scope.cancel()
     return EXIT_AVAILABLE if result.winner is not None else EXIT_NONE
+
+
+async def _let_probes_finish(prober: Prober) -> None:
+    """Probes that have their verdict and are still saying QUIT get a moment.
+
+    They bound themselves (quit grace); probes still waiting for a greeting
+    are of no use now and are abandoned.
+    """
+    sys.stdout.flush()
+    with trio.move_on_after(prober.quit_grace):
+        while prober.flights.lingering:
+            await trio.sleep(0.01)
 
 
 async def _explain_mx(recipient: str, resolver: Resolver, checker: Checker, stop: StopSet, sequential: bool) -> int:
@@ -184,6 +194,7 @@ async def _explain_mx(recipient: str, resolver: Resolver, checker: Checker, stop
     for line in explain_lines(mx, result, verdict):
         print(line)
     if verdict.kind == "dns failure":
+        print(f"smtpdcheck: --mx {domain}: {verdict.reason}", file=sys.stderr)
         return EXIT_ERROR
     return EXIT_AVAILABLE if verdict.defers else EXIT_NONE
 
