@@ -14,6 +14,7 @@ import sys
 from typing import Final
 
 LOGGER_NAME: Final = "smtpdcheck"
+SYSLOG_SOCKET = "/dev/log"
 _PREFIX: Final = {logging.WARNING: "warning: ", logging.ERROR: "error: ", logging.CRITICAL: "fatal: "}
 
 
@@ -32,7 +33,7 @@ def setup_logging(level: str, target: str, *, ident: str = "smtpdcheck-policyd")
         old.close()
     handler: logging.Handler
     if target == "syslog":
-        address = "/dev/log" if os.path.exists("/dev/log") else ("localhost", 514)
+        address = SYSLOG_SOCKET if os.path.exists(SYSLOG_SOCKET) else ("localhost", 514)
         handler = logging.handlers.SysLogHandler(address=address, facility=logging.handlers.SysLogHandler.LOG_MAIL)
         handler.ident = f"{ident}[{os.getpid()}]: "
         formatter: logging.Formatter = _PostfixStyle("%(message)s")
