@@ -1,0 +1,205 @@
+"""Child processes of the benchmarks: the daemon, the ceiling server, the load generator.
+
+Servers and load run in separate processes so that neither is billed for
+the other's CPU time: on a two-core machine the server gets one core and
+the load generator the other.  Every child goes through :mod:`bench.guard`
+(dies with the benchmark, hard lifetime cap), and every wait here has a
+timeout.
+
+``subprocess.Popen`` is called from the main thread on purpose: the
+kernel's parent-death signal is tied to the *thread* that forked, and
+trio's own process API forks from a worker thread that may exit at any
+time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Final
+
+import trio
+
+REPO_ROOT: Final = Path(__file__).resolve().parent.parent
+LOOPBACK: Final = "127.0.0.1"
+
+
+def child_env() -> dict[str, str]:
+    """The environment of children: ours, with the repository importable."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env.setdefault("PYTHONHASHSEED", "0")
+    return env
+
+
+def guarded(argv: list[str], lifetime: float) -> list[str]:
+    return [
+        sys.executable, "-m", "bench.guard",
+        "--max-seconds", str(max(1, int(lifetime + 0.999))),
+        "--parent", str(os.getpid()), "--", *argv,
+    ]
+
+
+def daemon_command() -> list[str]:
+    """The installed ``smtpdcheck-policyd`` next to this interpreter, or the module."""
+    script = Path(sys.executable).with_name("smtpdcheck-policyd")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "policyd.cli"]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the daemon cannot listen on 0 and tell us)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+class Child:
+    """One guarded child process; stderr goes to a temporary file we can read back."""
+
+    def __init__(self, argv: list[str], *, lifetime: float, name: str, capture_stdout: bool = False) -> None:
+        self.name = name
+        self.argv = argv
+        self._stderr: IO[bytes] = tempfile.TemporaryFile(prefix=f"bench-{name}-")
+        self.proc = subprocess.Popen(
+            guarded(argv, lifetime),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if capture_stdout else subprocess.DEVNULL,
+            stderr=self._stderr,
+            env=child_env(),
+            cwd=REPO_ROOT,
+        )
+        self.returncode: int | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    async def read_line(self, timeout: float) -> str:
+        """One line of stdout (the ceiling server's port), within ``timeout``."""
+        assert self.proc.stdout is not None
+        stdout = self.proc.stdout
+        with trio.fail_after(timeout):
+            line = await trio.to_thread.run_sync(stdout.readline, abandon_on_cancel=True)
+        return line.decode("ascii", "replace").strip()
+
+    async def stop(self, grace: float = 7.0) -> int:
+        """SIGTERM, then SIGKILL after ``grace`` seconds; returns the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            with trio.move_on_after(grace):
+                while self.proc.poll() is None:
+                    await trio.sleep(0.02)
+            if self.proc.poll() is None:
+                self.proc.kill()
+                with trio.move_on_after(2.0):
+                    while self.proc.poll() is None:
+                        await trio.sleep(0.02)
+        self.returncode = self.proc.poll()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        return -999 if self.returncode is None else self.returncode
+
+    def stderr_text(self, limit: int = 1 << 20) -> str:
+        self._stderr.seek(0)
+        return self._stderr.read(limit).decode("utf-8", "replace")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            try:
+                self.proc.wait(timeout=2.0)
+            except subprocess.TimeoutExpired:
+                pass
+        self._stderr.close()
+
+
+async def wait_for_port(port: int, child: Child, timeout: float) -> None:
+    """Wait until something accepts on 127.0.0.1:port, or fail (child died / timeout)."""
+    with trio.fail_after(timeout):
+        while True:
+            if not child.alive():
+                raise RuntimeError(f"{child.name} exited with status {child.proc.poll()} before listening:\n{child.stderr_text(4000)}")
+            try:
+                stream = await trio.open_tcp_stream(LOOPBACK, port)
+            except OSError:
+                await trio.sleep(0.05)
+                continue
+            await stream.aclose()
+            return
+
+
+async def start_daemon(
+    dns_port: int, smtp_port: int, extra: list[str] | None = None, *, lifetime: float, attempts: int = 3
+) -> tuple[Child, int]:
+    """Start the real smtpdcheck-policyd on a free loopback port; return it and the port."""
+    last: Exception | None = None
+    for _ in range(attempts):
+        port = free_port()
+        argv = [
+            *daemon_command(),
+            "--listen", f"inet:{LOOPBACK}:{port}",
+            "--nameserver", f"{LOOPBACK}:{dns_port}",
+            "--smtp-port", str(smtp_port),
+            "--log-level", "warning",
+            *(extra or []),
+        ]
+        child = Child(argv, lifetime=lifetime, name="policyd")
+        try:
+            await wait_for_port(port, child, timeout=15.0)
+            return child, port
+        except (RuntimeError, trio.TooSlowError) as exc:
+            last = exc
+            await child.stop()
+            child.close()
+    raise RuntimeError(f"smtpdcheck-policyd did not start: {last}")
+
+
+async def start_ceiling(*, lifetime: float) -> tuple[Child, int]:
+    child = Child([sys.executable, "-m", "bench.ceiling"], lifetime=lifetime, name="ceiling", capture_stdout=True)
+    try:
+        port = int(await child.read_line(timeout=15.0))
+        return child, port
+    except (ValueError, trio.TooSlowError) as exc:
+        await child.stop()
+        text = child.stderr_text(4000)
+        child.close()
+        raise RuntimeError(f"ceiling server did not start: {exc}\n{text}") from None
+
+
+async def run_loadgen(job: dict[str, Any]) -> dict[str, Any]:
+    """Run one load-generator job in its own process; its JSON result.
+
+    The job's own ``time_limit`` bounds the run; the process gets a little
+    more before it is killed.
+    """
+    limit = float(job.get("time_limit", 60.0))
+    proc = subprocess.Popen(
+        guarded([sys.executable, "-m", "bench.loadgen"], limit + 15.0),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=child_env(),
+        cwd=REPO_ROOT,
+    )
+    payload = json.dumps(job).encode()
+    try:
+        out, err = await trio.to_thread.run_sync(lambda: proc.communicate(payload, timeout=limit + 10.0))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise RuntimeError("load generator overran its time limit") from None
+    if proc.returncode != 0:
+        raise RuntimeError(f"load generator failed (status {proc.returncode}): {err.decode(errors='replace')[-2000:]}")
+    result: dict[str, Any] = json.loads(out)
+    return result
