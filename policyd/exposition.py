@@ -70,6 +70,7 @@ def make_registry(service: PolicyService) -> object:
             misses = CounterMetricFamily("smtpdcheck_cache_misses", "Cache misses", labels=["cache"])
             size = GaugeMetricFamily("smtpdcheck_cache_entries", "Entries in each cache", labels=["cache"])
             for name, cache in (
+                ("answer", service.answers),
                 ("probe", service.prober.flights.cache),
                 ("mx", service.resolver.mx_flights.cache),
                 ("address", service.resolver.address_flights.cache),

@@ -33,54 +33,65 @@ ACCEPT_RETRY_S = 0.1
 
 
 async def handle_connection(stream: trio.abc.Stream, service: PolicyService, peer: str = "") -> None:
-    """Serve one Postfix connection until it closes; never raises."""
+    """Serve one Postfix connection until it closes; never raises.
+
+    One cancel scope covers the whole connection and its deadline is moved
+    for each phase (waiting for a request, answering, sending), instead of
+    a scope per phase: this loop runs for every RCPT of the mail server,
+    and when a deadline fires the connection is closed anyway.
+    """
     metrics: Metrics = service.metrics
     parser = PolicyParser()
     metrics.connections_open += 1
     metrics.connections_total += 1
     request_deadline = math.inf
+    phase = "idle"
     try:
-        while True:
-            request = parser.next_request()
-            if request is NEED_DATA:
-                config = service.config
-                # A request in progress must be complete within
-                # request_timeout of its first byte (a client trickling one
-                # byte a second must not pin us); between requests Postfix
-                # may legitimately stay silent for minutes.
-                if parser.buffered_bytes:
-                    if request_deadline == math.inf:
-                        request_deadline = trio.current_time() + config.request_timeout
-                    deadline = request_deadline
-                else:
-                    request_deadline = math.inf
-                    idle = config.idle_timeout if config.idle_timeout > 0 else math.inf
-                    deadline = trio.current_time() + idle
-                with trio.move_on_at(deadline) as scope:
-                    data = await stream.receive_some(RECEIVE_BYTES)
-                if scope.cancelled_caught:
+        with trio.CancelScope() as scope:
+            while True:
+                request = parser.next_request()
+                if request is NEED_DATA:
+                    config = service.config
+                    # A request in progress must be complete within
+                    # request_timeout of its first byte (a client trickling
+                    # one byte a second must not pin us); between requests
+                    # Postfix may legitimately stay silent for minutes.
                     if parser.buffered_bytes:
-                        log.warning("closing connection%s: request incomplete after %gs", peer, config.request_timeout)
+                        if request_deadline == math.inf:
+                            request_deadline = trio.current_time() + config.request_timeout
+                        scope.deadline = request_deadline
+                        phase = "request"
                     else:
-                        log.info("closing connection%s: idle for %gs", peer, config.idle_timeout)
-                    metrics.protocol_errors["timeout"] += 1
+                        request_deadline = math.inf
+                        idle = config.idle_timeout
+                        scope.deadline = trio.current_time() + idle if idle > 0 else math.inf
+                        phase = "idle"
+                    parser.receive_data(await stream.receive_some(RECEIVE_BYTES))
+                    continue
+                request_deadline = math.inf
+                if request is CLOSED:
                     return
-                parser.receive_data(data)
-                continue
-            request_deadline = math.inf
-            if request is CLOSED:
-                return
-            metrics.requests_in_flight += 1
-            try:
-                outcome = await service.answer(request)
-                # A peer that sends but never reads must not hold us forever.
-                with trio.move_on_after(service.config.request_timeout) as scope:
-                    await stream.send_all(outcome.reply)
-            finally:
-                metrics.requests_in_flight -= 1
-            if scope.cancelled_caught:
-                log.warning("closing connection%s: reply not read within %gs", peer, service.config.request_timeout)
-                return
+                metrics.requests_in_flight += 1
+                try:
+                    # The answer bounds itself (its deadline, fail-open); the
+                    # reply must then be taken within request_timeout, so a
+                    # peer that sends but never reads cannot hold us forever.
+                    config = service.config
+                    phase = "reply"
+                    scope.deadline = trio.current_time() + config.deadline + config.request_timeout
+                    answer = await service.answer(request)
+                    await stream.send_all(answer.reply)
+                finally:
+                    metrics.requests_in_flight -= 1
+        if scope.cancelled_caught:
+            config = service.config
+            metrics.protocol_errors["timeout"] += 1
+            if phase == "request":
+                log.warning("closing connection%s: request incomplete after %gs", peer, config.request_timeout)
+            elif phase == "reply":
+                log.warning("closing connection%s: reply not read within %gs", peer, config.request_timeout)
+            else:
+                log.info("closing connection%s: idle for %gs", peer, config.idle_timeout)
     except ProtocolError as exc:
         metrics.protocol_errors[exc.reason] += 1
         log.warning("protocol error%s: %s; closing the connection", peer, exc)

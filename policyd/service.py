@@ -23,6 +23,7 @@ from smtpdcheck.decision import (
     verdict_for_check,
     verdict_for_mx,
 )
+from smtpdcheck.cache import TTLCache
 from smtpdcheck.explain import explain_lines
 from smtpdcheck.probe import Prober
 from smtpdcheck.resolver import MXLookup, Resolver
@@ -91,12 +92,17 @@ class PolicyService:
         self.config = config
         self.stop = stop
         self._stop_by_server: dict[str, StopSet] = {}
+        # Whole answers, keyed by the recipient's raw domain part and the
+        # server address, valid exactly as long as every cached input they
+        # were computed from: the hot path then skips even the decision.
+        self.answers: TTLCache[tuple[str, str], Answer] = TTLCache(config.cache_size)
 
     def reconfigure(self, config: Config, stop: StopSet) -> None:
         """Apply a reloaded configuration; caches and connections stay."""
         self.config = config
         self.stop = stop
         self._stop_by_server.clear()
+        self.answers.clear()
         self.prober.timeout = config.timeout
         self.prober.up_ttl = config.cache_up_ttl
         self.prober.down_ttl = config.cache_down_ttl
@@ -154,6 +160,10 @@ class PolicyService:
     async def _decide(self, request: PolicyRequest) -> Answer:
         if request.request != "smtpd_access_policy" or request.protocol_state != "RCPT":
             return Answer(DUNNO_REPLY, "DUNNO", "not rcpt", f"state {request.protocol_state or '?'}", checked=False)
+        key = (request.recipient.rpartition("@")[2], request.server_address)
+        memo = self.answers.get(key)
+        if memo is not None:
+            return memo
         try:
             domain = recipient_domain(request.recipient)
         except DomainError as exc:
@@ -161,6 +171,12 @@ class PolicyService:
         if domain is None:
             return Answer(DUNNO_REPLY, "DUNNO", "no domain", "no recipient domain")
 
+        fast = self._decide_from_cache(request, domain)
+        if fast is not None:
+            answer, valid_until = fast
+            # Stored without what it was computed from: a memo must stay small.
+            self.answers.put(key, replace(answer, mx=None, result=None, verdict=None), valid_until - trio.current_time())
+            return answer
         deadline = self.config.deadline
         with trio.move_on_after(deadline if deadline > 0 else math.inf):
             mx, mx_cached = await self.resolver.mx(domain)
@@ -179,6 +195,33 @@ class PolicyService:
                 mx=mx, result=result, verdict=verdict,
             )
         return self._failure("deadline", f"deadline of {deadline:g}s exceeded", domain)
+
+    def _decide_from_cache(self, request: PolicyRequest, domain: str) -> tuple[Answer, float] | None:
+        """The answer when everything it needs is cached: no task, no await.
+
+        Same functions as the full path, so the same answer; None sends the
+        request down the full path (which also counts the cache misses).
+        Also returns when the first of the cached inputs expires.
+        """
+        mx_cache = self.resolver.mx_flights.cache
+        mx = mx_cache.peek(domain)
+        if mx is None:
+            return None
+        valid_until = mx_cache.expires(domain)
+        verdict = verdict_for_mx(mx)
+        result = None
+        if verdict is None:
+            result = self.checker.check_cached(mx_servers(mx), self._stop_for(request.server_address))
+            if result is None:
+                return None
+            valid_until = min(valid_until, result.valid_until)
+            verdict = verdict_for_check(result, warn_only=self.config.mode == "warn")
+        elif verdict.kind == "dns failure":
+            return None
+        mx_cache.count_hits(1)
+        reply = self._reply(verdict, domain)
+        answer = Answer(reply, verdict.action.value, verdict.kind, verdict.reason, domain, True, mx=mx, result=result, verdict=verdict)
+        return answer, valid_until
 
     async def explain(self, recipient: str, server_address: str = "") -> Explanation:
         """Decide one RCPT exactly as the server would, and say how."""

@@ -15,6 +15,7 @@ the answer still lands in the cache for the next one.
 from __future__ import annotations
 
 import logging
+import math
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -61,6 +62,11 @@ class TTLCache(Generic[K, V]):
         if item is not None and item[0] > self._clock():
             return item[1]
         return None
+
+    def expires(self, key: K) -> float:
+        """When ``key``'s value stops being fresh (-inf if it is not cached)."""
+        item = self._data.get(key)
+        return item[0] if item is not None else -math.inf
 
     def count_hits(self, n: int) -> None:
         self.hits += n

@@ -54,6 +54,7 @@ class CheckResult:
     winner: Server | None
     reports: list[ServerReport]
     elapsed: float
+    valid_until: float = math.inf  # for a result from caches: when the first input expires
 
     @property
     def probed(self) -> list[ServerReport]:
@@ -146,6 +147,7 @@ class Checker:
         reports = [ServerReport(s) for s in servers]
         matches: list[bool | None] = []
         lookups_used = probes_used = 0
+        valid_until = math.inf
         for report in reports:
             server = report.server
             if stop.matches_name(server):
@@ -160,6 +162,7 @@ class Checker:
                 matches.append(None)
                 continue
             lookups_used += 1
+            valid_until = min(valid_until, addr_cache.expires(server.host))
             report.addresses = lookup.addresses
             report.lookup_error = lookup.error
             matches.append(stop.matches(server, lookup.addresses))
@@ -179,6 +182,7 @@ class Checker:
                     complete = False
                     continue
                 probes_used += 1
+                valid_until = min(valid_until, probe_cache.expires((str(address), self.port)))
                 report.probes.append(result)
                 if result.available:
                     report.available = True
@@ -188,7 +192,7 @@ class Checker:
             return None
         addr_cache.count_hits(lookups_used)  # statistics as if each had been a get()
         probe_cache.count_hits(probes_used)
-        return CheckResult(winner, reports, 0.0)
+        return CheckResult(winner, reports, 0.0, valid_until)
 
     async def check(self, servers: Sequence[Server], stop: StopSet, *, sequential: bool = False) -> CheckResult:
         start = trio.current_time()
