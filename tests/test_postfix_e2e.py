@@ -9,7 +9,10 @@ under CI=true.
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import trio
@@ -107,3 +110,61 @@ async def test_policy_server_failure_is_fail_open(
     with trio.fail_after(20):
         reply = await smtp_rcpt(instance.smtp_port, "user@up.example.com")  # type: ignore[attr-defined]
     assert reply.code == 250
+
+
+SYSTEM_PYTHON = "/usr/bin/python3.11"
+
+
+def _copy_runtime(dest: Path) -> Path:
+    """The daemon and its pure-Python dependencies, where spawn's user can read them.
+
+    spawn(8) refuses to run commands as root, and the test's own interpreter
+    and virtual environment may live where nobody else can read; Debian's
+    python3.11 with a copied import path works for any user.
+    """
+    import importlib
+
+    lib = dest / "lib"
+    for name in ("smtpdcheck", "policyd", "trio", "dns", "idna", "sniffio", "outcome", "attr", "attrs", "sortedcontainers"):
+        module = importlib.import_module(name)
+        assert module.__file__ is not None
+        source = Path(module.__file__).parent
+        shutil.copytree(source, lib / name, ignore=shutil.ignore_patterns("__pycache__", "tests"))
+    # dnspython checks its optional dependencies' versions through their metadata.
+    from importlib import metadata
+
+    for dist in ("trio", "dnspython", "idna", "sniffio", "outcome", "attrs", "sortedcontainers"):
+        info = metadata.distribution(dist)
+        files = info.files or []
+        dist_info = next((f for f in files if f.parts[0].endswith(".dist-info")), None)
+        if dist_info is not None:
+            source = Path(str(info.locate_file(dist_info.parts[0])))
+            shutil.copytree(source, lib / source.name)
+    for path in [dest, *sorted(p for p in lib.rglob("*"))]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return lib
+
+
+async def test_spawn_mode_under_real_postfix(
+    nursery: trio.Nursery, dns_server: FakeDNSServer, farm: Callable[..., Farm], postfix_factory: PostfixFactory
+) -> None:
+    """master.cf runs `smtpdcheck-policyd --stdio` through spawn(8), as etc/postfix-snippets/master.cf shows."""
+    if not os.access(SYSTEM_PYTHON, os.X_OK):
+        pytest.skip(f"spawn test needs Debian's {SYSTEM_PYTHON} (spawn runs the command as an unprivileged user)")
+    f = await farm(Mode.OK, Mode.CODE_421, Mode.SILENT)
+    for domain, ip in DOMAINS.items():
+        dns_server.zone.update(backup_zone(domain, ip))
+    lib = await trio.to_thread.run_sync(_copy_runtime, postfix_factory.socket_dir())
+    argv = (
+        f"/usr/bin/env PYTHONPATH={lib} {SYSTEM_PYTHON} -m policyd.cli --stdio "
+        f"--nameserver 127.0.0.1:{dns_server.port} --smtp-port {f.port} --timeout 1.5 --deadline 4"
+    )
+    instance = postfix_factory(policy_endpoint="unix:private/smtpdcheck", relay_domains=list(DOMAINS))
+    instance.master_services = [f"smtpdcheck/unix = smtpdcheck unix - n n - 0 spawn user=nobody argv={argv}"]
+    instance.main_cf_extra = {"smtpdcheck_time_limit": "3600"}
+    await trio.to_thread.run_sync(instance.start)
+    with trio.fail_after(30):
+        up = await smtp_rcpt(instance.smtp_port, "user@up.example.com")
+        down = await smtp_rcpt(instance.smtp_port, "user@busy.example.com")
+    assert up.code == 450 and "mx1.up.example.com" in up.text, (up, instance.maillog())
+    assert down.code == 250

@@ -290,6 +290,10 @@ class PostfixInstance:
     policy_options: str = "timeout=10s, try_limit=1, default_action=DUNNO"
     # Where to keep a copy of the maillog after stop() removed the workdir, for post-mortems.
     log_copy_dir: pathlib.Path | None = None
+    # Extra master.cf services, as `postconf -Me` arguments ("name/type = entry ..."), and
+    # extra main.cf parameters: e.g. a spawn(8) policy service and its time limit.
+    master_services: list[str] = field(default_factory=list)
+    main_cf_extra: dict[str, str] = field(default_factory=dict)
 
     _started: bool = field(default=False, init=False, repr=False)
     _stopped: bool = field(default=False, init=False, repr=False)
@@ -401,7 +405,10 @@ class PostfixInstance:
             "smtpd_relay_restrictions": "reject_unauth_destination",
             "smtpd_recipient_restrictions": self.recipient_restrictions,
         }
+        settings.update(self.main_cf_extra)
         self._postconf("-e", *(f"{k} = {v}" for k, v in settings.items()))
+        for service in self.master_services:
+            self._postconf("-Me", service)
         # Drop the :25 listener; we never compete with a system Postfix.
         self._postconf("-MX", "smtp/inet")
         self._set_listener(self.smtp_port)
