@@ -196,7 +196,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # would be read as a reply.  Syslog if possible, else nothing.
         target = "syslog" if config.log_target == "syslog" or os.path.exists("/dev/log") else "none"
         setup_logging(config.log_level, target)
-        return trio.run(run_stdio, config)
+        try:
+            return trio.run(run_stdio, config)
+        except Exception:  # a traceback on stderr would land in Postfix's socket
+            log.critical("stdio mode failed", exc_info=True)
+            return 2
     if args.check is not None:
         setup_logging("warning" if config.log_level == "info" else config.log_level, "stderr")
         return trio.run(run_check, config, args.check, args.server_address)
