@@ -71,18 +71,22 @@ async def handle_connection(stream: trio.abc.Stream, service: PolicyService, pee
                 request_deadline = math.inf
                 if request is CLOSED:
                     return
-                metrics.requests_in_flight += 1
-                try:
-                    # The answer bounds itself (its deadline, fail-open); the
-                    # reply must then be taken within request_timeout, so a
-                    # peer that sends but never reads cannot hold us forever.
-                    config = service.config
-                    phase = "reply"
+                # The answer bounds itself (its deadline, fail-open); the
+                # reply must then be taken within request_timeout, so a peer
+                # that sends but never reads cannot hold us forever.
+                config = service.config
+                phase = "reply"
+                answer = service.answer_now(request)
+                if answer is None:
                     scope.deadline = trio.current_time() + config.deadline + config.request_timeout
-                    answer = await service.answer(request)
-                    await stream.send_all(answer.reply)
-                finally:
-                    metrics.requests_in_flight -= 1
+                    metrics.requests_in_flight += 1
+                    try:
+                        answer = await service.answer(request)
+                    finally:
+                        metrics.requests_in_flight -= 1
+                else:
+                    scope.deadline = trio.current_time() + config.request_timeout
+                await stream.send_all(answer.reply)
         if scope.cancelled_caught:
             config = service.config
             metrics.protocol_errors["timeout"] += 1
