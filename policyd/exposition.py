@@ -84,6 +84,9 @@ def make_registry(service: PolicyService) -> object:
             yield CounterMetricFamily("smtpdcheck_dns_failures", "DNS queries that failed or timed out", value=service.resolver.failures)
             yield GaugeMetricFamily("smtpdcheck_connections_open", "Postfix connections open", value=m.connections_open)
             yield CounterMetricFamily("smtpdcheck_connections", "Postfix connections accepted", value=m.connections_total)
+            yield CounterMetricFamily(
+                "smtpdcheck_accept_errors", "accept() failures for lack of resources (EMFILE, ...)", value=m.accept_errors
+            )
             errors = CounterMetricFamily("smtpdcheck_protocol_errors", "Connections closed for protocol errors", labels=["reason"])
             for reason, value in sorted(m.protocol_errors.items()):
                 errors.add_metric([reason], value)

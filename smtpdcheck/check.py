@@ -57,10 +57,6 @@ class CheckResult:
     valid_until: float = math.inf  # for a result from caches: when the first input expires
 
     @property
-    def probed(self) -> list[ServerReport]:
-        return [r for r in self.reports if r.eligible]
-
-    @property
     def from_cache(self) -> bool:
         """True when no lookup or probe had to go to the network."""
         return all(r.cached for r in self.reports if r.eligible is not False)

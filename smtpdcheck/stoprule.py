@@ -32,9 +32,6 @@ class StopSet:
     def build(cls, names: Iterable[str] = (), addresses: Iterable[IPAddress] = ()) -> StopSet:
         return cls(frozenset(normalize_hostname(n) for n in names), frozenset(addresses))
 
-    def union(self, other: StopSet) -> StopSet:
-        return StopSet(self.names | other.names, self.addresses | other.addresses)
-
     def with_address(self, text: str) -> StopSet:
         """Add an address given as text; ignore text that is not an address."""
         address = parse_address(text)
