@@ -226,6 +226,8 @@ async def test_metrics_scrape(nursery: trio.Nursery, world: tuple[list[str], Far
     assert 'smtpdcheck_cache_hits_total{cache="probe"}' in text
     assert "smtpdcheck_policy_decision_seconds_count 3.0" in text
     assert "smtpdcheck_connections_open 1.0" in text
+    assert "smtpdcheck_accept_errors_total 0.0" in text
+    assert 'smtpdcheck_cache_entries{cache="answer"}' in text
 
 
 async def test_spawn_mode_stdio(nursery: trio.Nursery, world: tuple[list[str], Farm]) -> None:
