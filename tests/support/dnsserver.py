@@ -255,15 +255,8 @@ class FakeDNSServer:
                 pass  # The client is gone; nothing to do for a test server.
 
     async def _accept_tcp(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
-        while True:
-            try:
-                stream = await listener.accept()
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS):
-                    await trio.sleep(0.1)
-                    continue
-                raise
-            nursery.start_soon(self._serve_tcp, stream)
+        # serve_listeners retries accept() on EMFILE and friends.
+        await trio.serve_listeners(self._serve_tcp, [listener], handler_nursery=nursery)
 
     async def _serve_tcp(self, stream: trio.SocketStream) -> None:
         """Answer length-prefixed queries until the client closes.

@@ -15,7 +15,6 @@ says ``QUIT`` when done.
 from __future__ import annotations
 
 import enum
-import errno
 import os
 import socket
 import struct
@@ -195,15 +194,8 @@ class Greeter:
         self.port = sock.getsockname()[1]
         async with trio.SocketListener(sock) as listener, trio.open_nursery() as nursery:
             task_status.started(self.port)
-            while True:
-                try:
-                    stream = await listener.accept()
-                except OSError as exc:
-                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS):
-                        await trio.sleep(0.1)
-                        continue
-                    raise
-                nursery.start_soon(self._handle, stream)
+            # serve_listeners retries accept() on EMFILE and friends.
+            await trio.serve_listeners(self._handle, [listener], handler_nursery=nursery)
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         index = self.connections
