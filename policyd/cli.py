@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument(
         "--check", metavar="ADDRESS",
         help="decide one RCPT for ADDRESS with this configuration, print the reply and exit "
-        "(1 = would defer, 0 = would not, 2 = error)",
+        "(1 = would defer, 0 = would not, 2 = could not decide: DNS failure, deadline, error)",
     )
     parser.add_argument(
         "--server-address", metavar="IP", default="",
@@ -161,6 +161,9 @@ async def run_check(config: cfg.Config, address: str, server_address: str) -> in
         explanation = await service.explain(address, server_address)
         print(explanation.text, end="")
         nursery.cancel_scope.cancel()
+    if explanation.failure is not None:
+        print(f"smtpdcheck-policyd: --check {address}: {explanation.failure}", file=sys.stderr)
+        return 2
     return 1 if explanation.defers else 0
 
 

@@ -54,10 +54,15 @@ class Answer:
     verdict: Verdict | None = field(default=None, compare=False, repr=False)
 
 
+#: Answer kinds that mean "could not decide", as opposed to a decision.
+FAILURE_KINDS = frozenset({"dns failure", "deadline", "internal error"})
+
+
 @dataclass(frozen=True, slots=True)
 class Explanation:
     text: str
     defers: bool
+    failure: str | None = None  # why no real decision could be made (DNS, deadline, bug)
 
 
 class PolicyService:
@@ -264,4 +269,5 @@ class PolicyService:
         else:
             lines = [f"verdict: {outcome.action} ({outcome.reason})"]
         lines.append(outcome.reply.decode("ascii").rstrip("\n"))
-        return Explanation("\n".join(lines) + "\n", outcome.action != "DUNNO")
+        failed = outcome.reason if outcome.kind in FAILURE_KINDS else None
+        return Explanation("\n".join(lines) + "\n", outcome.action != "DUNNO" and failed is None, failed)

@@ -288,3 +288,18 @@ async def test_start_up_errors_exit_2(tmp_path: Path, world: tuple[list[str], Fa
         assert result.returncode == 2, (extra, result.stderr)
         assert result.stderr.strip(), extra
     assert regular.read_text() == "x"
+
+
+async def test_check_exits_2_when_it_cannot_decide(world: tuple[list[str], Farm], dns_server: FakeDNSServer) -> None:
+    from tests.support.dnsserver import Behavior
+
+    base, _ = world
+    dns_server.zone[("broken.example", "MX")] = Behavior.SERVFAIL
+    with trio.fail_after(15):
+        result = await trio.run_process(
+            [PYTHON, "-m", "policyd.cli", *base, "--check", "user@broken.example"],
+            capture_stdout=True, capture_stderr=True, check=False,
+        )
+    assert result.returncode == 2
+    assert result.stdout.decode().splitlines()[-1] == "action=DUNNO"
+    assert result.stderr.decode().strip() == "smtpdcheck-policyd: --check user@broken.example: dns failure: SERVFAIL"
