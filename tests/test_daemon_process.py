@@ -303,3 +303,17 @@ async def test_check_exits_2_when_it_cannot_decide(world: tuple[list[str], Farm]
     assert result.returncode == 2
     assert result.stdout.decode().splitlines()[-1] == "action=DUNNO"
     assert result.stderr.decode().strip() == "smtpdcheck-policyd: --check user@broken.example: dns failure: SERVFAIL"
+
+
+async def test_sigint_stops_cleanly(nursery: trio.Nursery, world: tuple[list[str], Farm]) -> None:
+    base, _ = world
+    daemon = await start_daemon(nursery, base)
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream("127.0.0.1", daemon.port)
+        async with stream:
+            assert (await daemon.ask(rcpt("a@up.example"), stream))[0] == "DEFER_IF_PERMIT"
+            daemon.process.send_signal(signal.SIGINT)
+            assert await stream.receive_some(10) == b""
+        assert await daemon.process.wait() == 0
+    await daemon.wait_log("stopping on SIGINT")
+    assert not any("Traceback" in line for line in daemon.stderr_lines)
