@@ -68,9 +68,14 @@ def parse_address(text: str) -> IPAddress | None:
     if candidate.lower().startswith("ipv6:"):
         candidate = candidate[5:]
     try:
-        return ipaddress.ip_address(candidate)
+        address = ipaddress.ip_address(candidate)
     except ValueError:
         return None
+    # An IPv4-mapped IPv6 address (::ffff:192.0.2.1, as a dual-stack socket
+    # may report a v4 peer) is that IPv4 address: compare it as one.
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
 def parse_server(word: str) -> Server:

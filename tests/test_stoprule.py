@@ -99,3 +99,9 @@ def test_partial_knowledge_never_contradicts_final() -> None:
             partial = [f if k else None for f, k in zip(final, known)]
             for early, late in zip(eligibility(servers, partial), full):
                 assert early is None or early == late
+
+
+def test_ipv4_mapped_server_address_matches_the_ipv4_stop() -> None:
+    stop = StopSet().with_address("::ffff:192.0.2.25")
+    servers = parse_servers(["10:mx1", "20:192.0.2.25"])
+    assert [stop.matches_name(s) for s in servers] == [False, True]
