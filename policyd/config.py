@@ -217,7 +217,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option("max_probes", _count, "SMTP probes connecting at once, process-wide", "N"),
     Option("max_dns_queries", _count, "DNS queries in flight at once, process-wide", "N"),
     Option("max_connections", _count, "Postfix connections served at once; more wait in the listen queue", "N"),
-    Option("request_timeout", _positive_seconds, "a request that has started must arrive completely within this time", "SECONDS"),
+    Option("request_timeout", _positive_seconds, "a request that has started must arrive completely, and each reply be taken by Postfix, within this time", "SECONDS"),
     Option("idle_timeout", _seconds, "close a connection idle this long (0 = never; Postfix closes idle ones itself)", "SECONDS"),
     Option("log_level", _choice("debug", "info", "warning", "error"), "log level; decisions are logged at info", "LEVEL"),
     Option("log_target", _choice("stderr", "syslog"), "where logs go: stderr (journald-friendly) or syslog (facility mail)", "TARGET"),
