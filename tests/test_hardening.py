@@ -321,3 +321,28 @@ def test_fd_exhaustion_is_survived() -> None:
         _, err = process.communicate(timeout=15)
     assert process.returncode == 0
     assert b"accept failed: EMFILE" in err
+
+
+async def test_peer_that_never_reads_replies_is_cut_off(policyd: RunningPolicyd, caplog: pytest.LogCaptureFixture) -> None:
+    """Pipelined requests and no reads: once the socket buffers are full the
+    server's send blocks, and request_timeout (1 s here) closes that connection."""
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await sock.connect(("127.0.0.1", policyd.port))
+    stream = trio.SocketStream(sock)
+    burst = rcpt("a@up.example") * 500
+    sent = 0
+    with trio.fail_after(30):
+        async with stream:
+            with trio.move_on_after(20):
+                try:
+                    while sent < 200_000:  # bounded: far more than the buffers hold
+                        await stream.send_all(burst)
+                        sent += 500
+                except trio.BrokenResourceError:
+                    pass  # the server gave up on us: what this test wants
+            # Meanwhile everyone else is served.
+            assert (await policyd.ask(rcpt("b@up.example")))[0] == "DEFER_IF_PERMIT"
+    assert sent < 200_000
+    assert policyd.service.metrics.protocol_errors["timeout"] >= 1
+    assert "reply not read within 1s" in caplog.text
