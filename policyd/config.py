@@ -139,11 +139,11 @@ def check_listen(value: object) -> str:
         host, _, port = rest.rpartition(":")
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
-        if parse_address(host) is None and not (host and is_valid_hostname(host)):
-            raise ConfigError(f"bad listen address {text!r} (want inet:HOST:PORT, inet:[IPv6]:PORT or unix:/path)")
+        if parse_address(host) is None and host != "localhost":
+            raise ConfigError(f"bad listen address {text!r} (want inet:IP:PORT, inet:[IPv6]:PORT or unix:/path)")
         _port(port)
         return text
-    raise ConfigError(f"bad listen address {text!r} (want inet:HOST:PORT, inet:[IPv6]:PORT or unix:/path)")
+    raise ConfigError(f"bad listen address {text!r} (want inet:IP:PORT, inet:[IPv6]:PORT or unix:/path)")
 
 
 def _stop_value(value: object) -> str:
@@ -179,7 +179,7 @@ def _defer_text(value: object) -> str:
 def _metrics(value: object) -> str:
     text = str(value)
     if text and not text.startswith("inet:"):
-        raise ConfigError(f"want inet:HOST:PORT: {text!r}")
+        raise ConfigError(f"want inet:IP:PORT: {text!r}")
     return check_listen(text) if text else text
 
 
@@ -197,7 +197,7 @@ class Option:
 
 
 OPTIONS: Final[tuple[Option, ...]] = (
-    Option("listen", check_listen, "where to accept Postfix's connections: inet:HOST:PORT, inet:[IPv6]:PORT or unix:/path (repeatable)", "ENDPOINT", True),
+    Option("listen", check_listen, "where to accept Postfix's connections: inet:IP:PORT, inet:[IPv6]:PORT or unix:/path (repeatable)", "ENDPOINT", True),
     Option("socket_mode", _mode_bits, "file mode of unix sockets, octal", "MODE"),
     Option("stop", _stop_value, "this host's names and addresses besides the request's server_address (repeatable); names are resolved at start-up", "NAME|IP", True),
     Option("timeout", _positive_seconds, "per-probe budget: connect plus first greeting line", "SECONDS"),
@@ -221,7 +221,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option("idle_timeout", _seconds, "close a connection idle this long (0 = never; Postfix closes idle ones itself)", "SECONDS"),
     Option("log_level", _choice("debug", "info", "warning", "error"), "log level; decisions are logged at info", "LEVEL"),
     Option("log_target", _choice("stderr", "syslog"), "where logs go: stderr (journald-friendly) or syslog (facility mail)", "TARGET"),
-    Option("metrics", _metrics, "serve Prometheus metrics at inet:HOST:PORT (empty = off)", "ENDPOINT"),
+    Option("metrics", _metrics, "serve Prometheus metrics at inet:IP:PORT (empty = off)", "ENDPOINT"),
 )
 
 _BY_NAME: Final = {o.name: o for o in OPTIONS}

@@ -15,7 +15,6 @@ import stat
 
 import trio
 
-from smtpdcheck.servers import parse_address
 
 
 class ListenError(OSError):
@@ -23,7 +22,7 @@ class ListenError(OSError):
 
 
 def split_inet(endpoint: str) -> tuple[str, int]:
-    """``inet:HOST:PORT`` or ``inet:[IPv6]:PORT`` to ``(host, port)``."""
+    """``inet:IP:PORT`` or ``inet:[IPv6]:PORT`` to ``(host, port)``."""
     rest = endpoint.partition(":")[2]
     host, _, port = rest.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
@@ -79,9 +78,7 @@ async def open_listeners(endpoints: tuple[str, ...], *, socket_mode: int) -> lis
             if endpoint.startswith("unix:"):
                 opened.append(await open_unix_listener(endpoint[5:], socket_mode))
                 continue
-            host, port = split_inet(endpoint)
-            if parse_address(host) is None and host != "localhost":
-                raise ListenError(errno.EINVAL, f"{endpoint}: listen on an IP address")
+            host, port = split_inet(endpoint)  # validated by policyd.config
             try:
                 opened.extend(await trio.open_tcp_listeners(port, host=host))
             except OSError as exc:

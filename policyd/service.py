@@ -54,6 +54,11 @@ class Answer:
     verdict: Verdict | None = field(default=None, compare=False, repr=False)
 
 
+def _memo_key(request: PolicyRequest) -> tuple[str, str]:
+    """Answers depend only on the recipient's domain part and the server address."""
+    return (request.recipient.rpartition("@")[2], request.server_address)
+
+
 #: Answer kinds that mean "could not decide", as opposed to a decision.
 FAILURE_KINDS = frozenset({"dns failure", "deadline", "internal error"})
 
@@ -184,10 +189,9 @@ class PolicyService:
     async def _decide(self, request: PolicyRequest) -> Answer:
         if request.request != "smtpd_access_policy" or request.protocol_state != "RCPT":
             return Answer(DUNNO_REPLY, "DUNNO", "not rcpt", f"state {request.protocol_state or '?'}", checked=False)
-        memo = self._answer_from_memo(request)
-        if memo is not None:
-            return memo
-        key = (request.recipient.rpartition("@")[2], request.server_address)
+        # The memo was already consulted by answer_now(); looking again here
+        # would only count a second miss.
+        key = _memo_key(request)
         try:
             domain = recipient_domain(request.recipient)
         except DomainError as exc:
@@ -223,7 +227,7 @@ class PolicyService:
     def _answer_from_memo(self, request: PolicyRequest) -> Answer | None:
         if request.request != "smtpd_access_policy" or request.protocol_state != "RCPT":
             return None
-        return self.answers.get((request.recipient.rpartition("@")[2], request.server_address))
+        return self.answers.get(_memo_key(request))
 
     def _decide_from_cache(self, request: PolicyRequest, domain: str) -> tuple[Answer, float] | None:
         """The answer when everything it needs is cached: no task, no await.

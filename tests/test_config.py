@@ -54,6 +54,7 @@ def test_file_then_flags_override(tmp_path: Path) -> None:
         ('listen = "inet:127.0.0.1:10040"\n', "listen: must be a list"),
         ('listen = ["tcp:1.2.3.4:5"]\n', "listen: bad listen address"),
         ('listen = ["unix:relative.sock"]\n', "must be absolute"),
+        ('listen = ["inet:mx.example.com:10040"]\n', "want inet:IP:PORT"),
         ("listen = []\n", "at least one endpoint"),
         ('mode = "loud"\n', "mode: must be one of enforce, warn"),
         ('defer_text = "primary {host} is up"\n', "unknown placeholder {host}"),

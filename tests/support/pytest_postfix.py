@@ -10,6 +10,7 @@ import os
 import pathlib
 import shutil
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import pytest
 import trio
@@ -72,21 +73,10 @@ class PostfixFactory:
         self._instances.append(instance)
         return instance
 
-    async def start(
-        self,
-        *,
-        policy_endpoint: str,
-        relay_domains: Sequence[str] = ("example.com",),
-        extra_restrictions_before: Sequence[str] = (),
-        policy_options: str = "timeout=10s, try_limit=1, default_action=DUNNO",
-    ) -> PostfixInstance:
-        """Create and start an instance in a worker thread, so the trio loop keeps running."""
-        instance = self(
-            policy_endpoint=policy_endpoint,
-            relay_domains=relay_domains,
-            extra_restrictions_before=extra_restrictions_before,
-            policy_options=policy_options,
-        )
+    async def start(self, **kwargs: Any) -> PostfixInstance:
+        """Create (same arguments as calling the factory) and start an instance in a
+        worker thread, so the trio loop keeps running."""
+        instance = self(**kwargs)
         await trio.to_thread.run_sync(instance.start)
         return instance
 
