@@ -738,3 +738,48 @@ def test_format_reply_always_well_formed(text: str) -> None:
     reply = format_reply("DEFER_IF_PERMIT", text)
     assert _REPLY_RE.match(reply)
     assert parse_reply(reply) == ("DEFER_IF_PERMIT", sanitize_text(text))
+
+
+_ACCESSORS = ("request", "protocol_state", "recipient", "sender", "queue_id", "server_address", "client_address", "instance")
+
+
+def _lookups(req: PolicyRequest, names: Iterable[str]) -> dict[str, str]:
+    found = {name: getattr(req, name) for name in _ACCESSORS}
+    found.update({f"get:{name}": req.get(name, "<missing>") for name in names})
+    return found
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=_WIRE_BYTES, extra=st.lists(_NAMES | st.sampled_from(["a", "a=", "x\n", ""]), max_size=4))
+def test_attribute_lookups_agree_with_the_mapping(data: bytes, extra: list[str]) -> None:
+    """A request parsed in one piece answers lookups from its lines without
+    building the mapping; every lookup must give what the mapping gives,
+    first value winning, for present, empty and absent names alike."""
+    lazy = PolicyParser()
+    eager = PolicyParser()
+    try:
+        lazy_reqs = requests_of(feed_all(lazy, [data], eof=True))
+    except ProtocolError:
+        return
+    eager_reqs = requests_of(feed_all(eager, [data], eof=True))
+    assert len(lazy_reqs) == len(eager_reqs)
+    for lazy_req, eager_req in zip(lazy_reqs, eager_reqs):
+        mapping = dict(eager_req.attrs)
+        names = [*mapping, *extra, *_ACCESSORS]
+        expected = {name: mapping.get(name, "") for name in _ACCESSORS}
+        expected["protocol_state"] = expected["protocol_state"].upper()
+        expected.update({f"get:{name}": mapping.get(name, "<missing>") for name in names})
+        assert _lookups(lazy_req, names) == expected  # before the mapping exists
+        assert dict(lazy_req.attrs) == mapping
+        assert _lookups(lazy_req, names) == expected  # and after
+
+
+def test_request_built_from_a_mapping_answers_the_same() -> None:
+    attrs = {"request": "smtpd_access_policy", "recipient": "a@b", "x": "1=2"}
+    req = PolicyRequest(attrs, 7)
+    assert req.recipient == "a@b" and req.get("x") == "1=2" and req.get("missing", "-") == "-"
+    assert req.get("x=") == "" and req.size_bytes == 7
+    wire = encode_request(attrs)
+    assert req == PolicyRequest(parse_one(wire).attrs, 7) and req != parse_one(wire)  # size counts too
+    attrs["recipient"] = "changed"  # the request keeps its own copy
+    assert req.recipient == "a@b"
