@@ -21,7 +21,7 @@ from . import systemd
 from .exposition import MetricsUnavailable, make_registry, serve_metrics
 from .listeners import ListenError, endpoint_of, open_listeners, unix_paths
 from .logsetup import setup_logging
-from .server import PolicyServer, handle_connection
+from .server import PolicyServer, handle_connection, watched_connections
 from .service import PolicyService
 
 log = logging.getLogger("smtpdcheck.policyd")
@@ -143,7 +143,8 @@ async def run_stdio(config: cfg.Config) -> int:
             log.critical("%s", exc)
             nursery.cancel_scope.cancel()
             return 2
-        await handle_connection(stream, service, " on stdin")
+        async with watched_connections(service) as watchdog:
+            await handle_connection(stream, service, watchdog, " on stdin")
         nursery.cancel_scope.cancel()
     return 0
 

@@ -16,12 +16,16 @@ from __future__ import annotations
 import errno
 import logging
 import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import trio
 
+from .config import Config
 from .metrics import Metrics
 from .protocol import CLOSED, NEED_DATA, PolicyParser, ProtocolError
 from .service import PolicyService
+from .watchdog import Watchdog, tick_for
 
 log = logging.getLogger("smtpdcheck.policyd")
 
@@ -32,13 +36,14 @@ _ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, e
 ACCEPT_RETRY_S = 0.1
 
 
-async def handle_connection(stream: trio.abc.Stream, service: PolicyService, peer: str = "") -> None:
+async def handle_connection(
+    stream: trio.abc.Stream, service: PolicyService, watchdog: Watchdog, peer: str = ""
+) -> None:
     """Serve one Postfix connection until it closes; never raises.
 
-    One cancel scope covers the whole connection and its deadline is moved
-    for each phase (waiting for a request, answering, sending), instead of
-    a scope per phase: this loop runs for every RCPT of the mail server,
-    and when a deadline fires the connection is closed anyway.
+    One deadline covers the whole connection and is moved for each phase
+    (waiting for a request, answering, sending); ``watchdog`` enforces it.
+    When it passes, the connection is closed whatever the phase.
     """
     metrics: Metrics = service.metrics
     parser = PolicyParser()
@@ -46,8 +51,9 @@ async def handle_connection(stream: trio.abc.Stream, service: PolicyService, pee
     metrics.connections_total += 1
     request_deadline = math.inf
     phase = "idle"
+    now = trio.current_time()
     try:
-        with trio.CancelScope() as scope:
+        with watchdog.deadline() as deadline:
             while True:
                 request = parser.next_request()
                 if request is NEED_DATA:
@@ -59,12 +65,14 @@ async def handle_connection(stream: trio.abc.Stream, service: PolicyService, pee
                     if parser.buffered_bytes:
                         if request_deadline == math.inf:
                             request_deadline = trio.current_time() + config.request_timeout
-                        scope.deadline = request_deadline
+                        deadline.at = request_deadline
                         phase = "request"
                     else:
+                        # ``now`` is when the last reply was sent, a few
+                        # microseconds ago: close enough for an idle timer.
                         request_deadline = math.inf
                         idle = config.idle_timeout
-                        scope.deadline = trio.current_time() + idle if idle > 0 else math.inf
+                        deadline.at = now + idle if idle > 0 else math.inf
                         phase = "idle"
                     parser.receive_data(await stream.receive_some(RECEIVE_BYTES))
                     continue
@@ -78,16 +86,16 @@ async def handle_connection(stream: trio.abc.Stream, service: PolicyService, pee
                 phase = "reply"
                 answer = service.answer_now(request)
                 if answer is None:
-                    scope.deadline = trio.current_time() + config.deadline + config.request_timeout
+                    deadline.at = trio.current_time() + config.deadline + config.request_timeout
                     metrics.requests_in_flight += 1
                     try:
                         answer = await service.answer(request)
                     finally:
                         metrics.requests_in_flight -= 1
-                else:
-                    scope.deadline = trio.current_time() + config.request_timeout
+                now = trio.current_time()
+                deadline.at = now + config.request_timeout
                 await stream.send_all(answer.reply)
-        if scope.cancelled_caught:
+        if deadline.expired:
             config = service.config
             metrics.protocol_errors["timeout"] += 1
             if phase == "request":
@@ -110,6 +118,23 @@ async def handle_connection(stream: trio.abc.Stream, service: PolicyService, pee
         await trio.aclose_forcefully(stream)
 
 
+def connection_tick(config: Config) -> float:
+    """How often the watchdog looks: often enough for the shortest timeout."""
+    return tick_for(config.request_timeout, config.idle_timeout)
+
+
+@asynccontextmanager
+async def watched_connections(service: PolicyService) -> AsyncIterator[Watchdog]:
+    """A watchdog for connections, running as long as the block."""
+    watchdog = Watchdog()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watchdog.run, lambda: connection_tick(service.config))
+        try:
+            yield watchdog
+        finally:
+            nursery.cancel_scope.cancel()
+
+
 def _peer_text(stream: trio.SocketStream) -> str:
     try:
         name = stream.socket.getpeername()
@@ -125,6 +150,7 @@ async def accept_loop(
     service: PolicyService,
     handlers: trio.Nursery,
     slots: trio.Semaphore,
+    watchdog: Watchdog,
 ) -> None:
     """Accept while under the connection limit; beyond it, peers wait in the backlog."""
     while True:
@@ -142,12 +168,14 @@ async def accept_loop(
         except BaseException:
             slots.release()
             raise
-        handlers.start_soon(_run_handler, stream, service, slots)
+        handlers.start_soon(_run_handler, stream, service, slots, watchdog)
 
 
-async def _run_handler(stream: trio.SocketStream, service: PolicyService, slots: trio.Semaphore) -> None:
+async def _run_handler(
+    stream: trio.SocketStream, service: PolicyService, slots: trio.Semaphore, watchdog: Watchdog
+) -> None:
     try:
-        await handle_connection(stream, service, _peer_text(stream))
+        await handle_connection(stream, service, watchdog, _peer_text(stream))
     finally:
         slots.release()
 
@@ -171,12 +199,14 @@ class PolicyServer:
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
-            async with trio.open_nursery() as handlers:
+            async with watched_connections(self.service) as watchdog, trio.open_nursery() as handlers:
                 self._handlers = handlers
                 with self._accepting:
                     async with trio.open_nursery() as acceptors:
                         for listener in self.listeners:
-                            acceptors.start_soon(accept_loop, listener, self.service, handlers, self.slots)
+                            acceptors.start_soon(
+                                accept_loop, listener, self.service, handlers, self.slots, watchdog
+                            )
                         task_status.started()
                 self._close_listeners()
                 # Accepting has stopped; handlers end when their peers leave
