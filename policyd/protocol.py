@@ -87,6 +87,7 @@ _EQ: Final = 0x3D
 _ALL_BUT_FRAMING: Final = bytes(b for b in range(256) if b not in (_LF, _EQ, _CR, 0))
 _EMPTY_LINE: Final = re.compile(b"\n\n")
 _EMPTY_NAME: Final = re.compile(b"\n=")
+_RCPT_HEAD: Final = "\nrequest=smtpd_access_policy\nprotocol_state=RCPT\n"
 _NOT_PRINTABLE_ASCII: Final = re.compile(r"[^\x20-\x7e]")
 _ELLIPSIS: Final = "..."
 
@@ -207,6 +208,18 @@ class PolicyRequest:
         if "=" in name or "\n" in name:
             return default  # no attribute name can hold either
         return self._find(f"\n{name}=", default)
+
+    @property
+    def is_smtpd_rcpt(self) -> bool:
+        """An smtpd access-policy request at the RCPT stage: the one kind
+        this server decides.
+
+        Postfix sends ``request`` and ``protocol_state`` as its first two
+        lines, so a request that starts that way needs no search.
+        """
+        if self._attrs is None and self._lines.startswith(_RCPT_HEAD):
+            return True
+        return self.request == "smtpd_access_policy" and self.protocol_state == "RCPT"
 
     @property
     def request(self) -> str:

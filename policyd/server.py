@@ -68,7 +68,7 @@ async def handle_connection(
                         deadline.at = request_deadline
                         phase = "request"
                     else:
-                        # ``now`` is when the last reply was sent, a few
+                        # ``now`` is when the last request was answered,
                         # microseconds ago: close enough for an idle timer.
                         request_deadline = math.inf
                         idle = config.idle_timeout
@@ -84,15 +84,16 @@ async def handle_connection(
                 # that sends but never reads cannot hold us forever.
                 config = service.config
                 phase = "reply"
-                answer = service.answer_now(request)
+                now = trio.current_time()
+                answer = service.answer_now(request, now)
                 if answer is None:
-                    deadline.at = trio.current_time() + config.deadline + config.request_timeout
+                    deadline.at = now + config.deadline + config.request_timeout
                     metrics.requests_in_flight += 1
                     try:
                         answer = await service.answer(request)
                     finally:
                         metrics.requests_in_flight -= 1
-                now = trio.current_time()
+                    now = trio.current_time()
                 deadline.at = now + config.request_timeout
                 await stream.send_all(answer.reply)
         if deadline.expired:

@@ -44,11 +44,12 @@ class TTLCache(Generic[K, V]):
     def __len__(self) -> int:
         return len(self._data)
 
-    def get(self, key: K) -> V | None:
+    def get(self, key: K, now: float | None = None) -> V | None:
+        """A fresh value, or None; ``now`` saves a clock read if the caller has one."""
         item = self._data.get(key)
         if item is not None:
             expires, value = item
-            if expires > self._clock():
+            if expires > (self._clock() if now is None else now):
                 self._data.move_to_end(key)
                 self.hits += 1
                 return value

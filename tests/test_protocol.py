@@ -745,6 +745,7 @@ _ACCESSORS = ("request", "protocol_state", "recipient", "sender", "queue_id", "s
 
 def _lookups(req: PolicyRequest, names: Iterable[str]) -> dict[str, str]:
     found = {name: getattr(req, name) for name in _ACCESSORS}
+    found["is_smtpd_rcpt"] = str(req.is_smtpd_rcpt)
     found.update({f"get:{name}": req.get(name, "<missing>") for name in names})
     return found
 
@@ -768,6 +769,9 @@ def test_attribute_lookups_agree_with_the_mapping(data: bytes, extra: list[str])
         names = [*mapping, *extra, *_ACCESSORS]
         expected = {name: mapping.get(name, "") for name in _ACCESSORS}
         expected["protocol_state"] = expected["protocol_state"].upper()
+        expected["is_smtpd_rcpt"] = str(
+            expected["request"] == "smtpd_access_policy" and expected["protocol_state"] == "RCPT"
+        )
         expected.update({f"get:{name}": mapping.get(name, "<missing>") for name in names})
         assert _lookups(lazy_req, names) == expected  # before the mapping exists
         assert dict(lazy_req.attrs) == mapping
@@ -783,3 +787,20 @@ def test_request_built_from_a_mapping_answers_the_same() -> None:
     assert req == PolicyRequest(parse_one(wire).attrs, 7) and req != parse_one(wire)  # size counts too
     attrs["recipient"] = "changed"  # the request keeps its own copy
     assert req.recipient == "a@b"
+
+
+@pytest.mark.parametrize(
+    ("wire", "rcpt"),
+    [
+        (b"request=smtpd_access_policy\nprotocol_state=RCPT\nrecipient=a@b\n\n", True),
+        (b"request=smtpd_access_policy\nprotocol_state=RCPT\nprotocol_state=DATA\n\n", True),  # first wins
+        (b"protocol_state=rcpt\nrecipient=a@b\nrequest=smtpd_access_policy\n\n", True),  # any order, any case
+        (b"request=smtpd_access_policy\nprotocol_state=DATA\n\n", False),
+        (b"request=smtpd_access_policy\nprotocol_state=RCPTX\n\n", False),
+        (b"request=junk\nprotocol_state=RCPT\n\n", False),
+        (b"protocol_state=RCPT\n\n", False),
+    ],
+)
+def test_is_smtpd_rcpt(wire: bytes, rcpt: bool) -> None:
+    assert parse_one(wire).is_smtpd_rcpt is rcpt
+    assert PolicyRequest(parse_one(wire).attrs).is_smtpd_rcpt is rcpt
