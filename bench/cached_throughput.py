@@ -15,6 +15,11 @@ with one request each.  Latency is measured by the load generator, so it
 includes queueing behind the other C-1 connections.  Server CPU time per
 request (from /proc) is given as well: unlike throughput, it does not
 depend on whether the load generator or the server saturated first.
+
+A shared two-core machine drifts in speed by tens of percent between two
+runs a few seconds apart, so each point is measured in three rounds of
+ceiling and daemon, the order alternating, and the round with the median
+ratio is reported (all rounds' ratios are listed in a note).
 """
 
 from __future__ import annotations
@@ -32,6 +37,12 @@ CONNECTIONS = (1, 10, 50, 100)
 TARGET_C = 50
 TARGET_RATIO = 0.60
 TARGET_P99_MS = 5.0
+#: Ceiling/policyd pairs per point (the table shows the median one).
+ROUNDS = 3
+
+
+def _ratio(pol: dict[str, Any], ceil: dict[str, Any]) -> float:
+    return float(pol["rps"]) / float(ceil["rps"]) if ceil["rps"] else 0.0
 
 
 def _cpu_us(run: dict[str, Any]) -> float:
@@ -39,16 +50,18 @@ def _cpu_us(run: dict[str, Any]) -> float:
 
 
 async def run(quick: bool) -> BenchResult:
-    duration = 1.0 if quick else 3.0
+    duration = 1.0 if quick else 1.5
     warmup = 0.2 if quick else 0.3
+    rounds = 1 if quick else ROUNDS
     result = BenchResult(
         NAME,
         f"smtpdcheck-policyd (subprocess) with warm caches vs a do-nothing trio server (the ceiling); "
-        f"{DOMAINS} recipient domains, full 29-attribute RCPT requests, one outstanding per connection, "
-        f"{duration:g} s measured per point after {warmup:g} s unmeasured.",
+        f"{DOMAINS} recipient domains, full 29-attribute RCPT requests, one outstanding per connection; "
+        f"per point {rounds} round(s) of ceiling and policyd, in alternating order, each "
+        f"{duration:g} s measured after {warmup:g} s unmeasured; tables show the round with the median ratio.",
     )
     runs: list[dict[str, Any]] = []
-    lifetime = 60.0 + len(CONNECTIONS) * 2 * (duration + warmup + 5)
+    lifetime = 60.0 + len(CONNECTIONS) * rounds * 2 * (duration + warmup + 5)
     async with policy_env(lifetime=lifetime) as env:
         ceiling, ceiling_port = await start_ceiling(lifetime=lifetime)
         try:
@@ -60,11 +73,20 @@ async def run(quick: bool) -> BenchResult:
             for c in CONNECTIONS:
                 common = dict(connections=c, mode="duration", duration=duration, warmup=warmup,
                               domain_count=DOMAINS, time_limit=duration + warmup + 30.0)
-                ceil = await run_loadgen({
-                    "host": LOOPBACK, "port": ceiling_port, "server_pid": ceiling.pid, "expect": "DUNNO", **common,
-                })
-                pol = await run_loadgen(env.job(expect="DEFER_IF_PERMIT", **common))
-                runs.append({"connections": c, "ceiling": ceil, "policyd": pol})
+                jobs = {
+                    "ceiling": {"host": LOOPBACK, "port": ceiling_port, "server_pid": ceiling.pid, "expect": "DUNNO", **common},
+                    "policyd": env.job(expect="DEFER_IF_PERMIT", **common),
+                }
+                pairs: list[dict[str, dict[str, Any]]] = []
+                for k in range(rounds):
+                    # Alternate who goes first, so a drift in the machine's
+                    # speed during a point favours neither side.
+                    order = ("ceiling", "policyd") if k % 2 == 0 else ("policyd", "ceiling")
+                    pairs.append({who: await run_loadgen(jobs[who]) for who in order})
+                pairs.sort(key=lambda pair: _ratio(pair["policyd"], pair["ceiling"]))
+                median = pairs[len(pairs) // 2]
+                runs.append({"connections": c, "ceiling": median["ceiling"], "policyd": median["policyd"],
+                             "rounds": pairs})
             probes_after = env.greeter.connections - probes_warm
             queries_after = sum(env.dns.queries.values()) - queries_warm
         finally:
@@ -81,7 +103,7 @@ async def run(quick: bool) -> BenchResult:
     for r in runs:
         c, ceil, pol = r["connections"], r["ceiling"], r["policyd"]
         errors = ceil["error_total"] + pol["error_total"]
-        total_errors += errors
+        total_errors += sum(p["ceiling"]["error_total"] + p["policyd"]["error_total"] for p in r["rounds"])
         # Load generator CPU share during the policyd run: near 100% would
         # mean the client, not the server, was the limit.
         thr.add(
@@ -109,14 +131,19 @@ async def run(quick: bool) -> BenchResult:
            "columns are the more robust comparison" if noise > 15 else "")
     )
 
+    if any(len(r["rounds"]) > 1 for r in runs):
+        result.notes.append("policyd/ceiling throughput in each round: " + "; ".join(
+            f"C={r['connections']}: " + ", ".join(f"{_ratio(p['policyd'], p['ceiling']):.2f}x" for p in r["rounds"])
+            for r in runs))
     at = next((r for r in runs if r["connections"] == TARGET_C), None)
     if at is not None:
         pol, ceil = at["policyd"], at["ceiling"]
-        share = pol["rps"] / ceil["rps"] if ceil["rps"] else 0.0
-        result.checks.append(Check(f"C={TARGET_C}: policyd >= {TARGET_RATIO:.0%} of the ceiling's throughput",
+        share = _ratio(pol, ceil)
+        result.checks.append(Check(f"C={TARGET_C}: policyd >= {TARGET_RATIO:.0%} of the ceiling's throughput (median round)",
                                    share >= TARGET_RATIO, f"{share:.1%}: {pol['rps']:,.0f} vs {ceil['rps']:,.0f} req/s"))
-        result.checks.append(Check(f"C={TARGET_C}: policyd p99 <= {TARGET_P99_MS:g} ms",
-                                   pol["p99_ms"] <= TARGET_P99_MS, f"p99 {pol['p99_ms']:.2f} ms"))
+        worst_p99 = max(p["policyd"]["p99_ms"] for p in at["rounds"])
+        result.checks.append(Check(f"C={TARGET_C}: policyd p99 <= {TARGET_P99_MS:g} ms (every round)",
+                                   worst_p99 <= TARGET_P99_MS, f"worst p99 {worst_p99:.2f} ms"))
     result.checks.append(Check("zero errors (transport, protocol, unexpected answers) in all runs",
                                total_errors == 0, f"{total_errors} errors"))
     result.checks.append(Check("the measured runs were served from cache (no probe, no DNS query)",

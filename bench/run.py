@@ -34,7 +34,7 @@ BENCHMARKS: Final[dict[str, Bench]] = {
 
 #: Hard wall-clock cap per benchmark (full, quick): whatever goes wrong, the
 #: run ends.  Well above the expected durations on two cores (full: about
-#: 17, 28, 2-6 and 85-110 s; quick: about 7, 11, 1-2 and 12-17 s).
+#: 17, 45, 2-6 and 85-110 s; quick: about 7, 11, 1-2 and 12-17 s).
 TIME_CAPS_S: Final[dict[str, tuple[float, float]]] = {
     concurrent_vs_sequential.NAME: (90.0, 45.0),
     cached_throughput.NAME: (120.0, 60.0),
