@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final, NoReturn, final
 
@@ -267,7 +266,7 @@ class PolicyRequest:
             return NotImplemented
         return self._size == other._size and dict(self.attrs) == dict(other.attrs)
 
-    __hash__ = None  # type: ignore[assignment]  # mutable-looking, compared by content
+    __hash__ = None  # type: ignore[assignment]  # compared by content, which is a mapping
 
     def __repr__(self) -> str:
         return f"PolicyRequest({dict(self.attrs)!r}, size_bytes={self._size})"

@@ -7,7 +7,6 @@ the offending connection, and serves the next request.
 
 from __future__ import annotations
 
-import os
 import re
 import resource
 import signal

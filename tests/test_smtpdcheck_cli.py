@@ -313,7 +313,7 @@ async def test_verbose_with_a_winner_keeps_stdout_to_the_name(farm: Callable[...
     run = await smtpdcheck(*ns, *port(f), "--verbose", "10:MX1.example.com")
     assert (run.code, run.stdout) == (1, "MX1.example.com\n")
     [line] = run.stderr.splitlines()
-    assert re.fullmatch(rf"smtpdcheck: 10:MX1\.example\.com \[127\.0\.0\.2\] available [\d.]+ ms", line), line
+    assert re.fullmatch(r"smtpdcheck: 10:MX1\.example\.com \[127\.0\.0\.2\] available [\d.]+ ms", line), line
 
 
 # ------------------------------------------------------------------- --mx
