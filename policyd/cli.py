@@ -13,7 +13,8 @@ from typing import NoReturn
 
 import trio
 
-from smtpdcheck.stophost import StopHostError, resolve_stop
+from smtpdcheck.core import open_core
+from smtpdcheck.stophost import StopHostError
 from smtpdcheck.stoprule import StopSet
 
 from . import config as cfg
@@ -22,7 +23,7 @@ from .exposition import MetricsUnavailable, make_registry, serve_metrics
 from .listeners import ListenError, endpoint_of, open_listeners, unix_paths
 from .logsetup import setup_logging
 from .server import PolicyServer, handle_connection, watched_connections
-from .service import PolicyService
+from .service import PolicyService, core_settings
 
 log = logging.getLogger("smtpdcheck.policyd")
 
@@ -85,45 +86,40 @@ def load(args: argparse.Namespace) -> cfg.Config:
 
 
 async def _resolve_stop(config: cfg.Config, service: PolicyService) -> StopSet:
-    return await resolve_stop(list(config.stop), service.resolver, system_fallback=not config.nameserver)
+    return await service.core.resolve_stop(config.stop, system_fallback=not config.nameserver)
 
 
 async def run_daemon(config: cfg.Config, args: argparse.Namespace) -> int:
     inherited = systemd.inherited_sockets()
-    async with trio.open_nursery() as nursery:
-        service = PolicyService(config, StopSet(), nursery)
-        try:
-            service.stop = await _resolve_stop(config, service)
-            if inherited:
-                listeners = systemd.listeners_from(inherited)
-            else:
-                listeners = await open_listeners(config.listen, socket_mode=config.socket_mode)
-            if config.metrics:
-                registry = make_registry(service)
-                metric_listeners = await open_listeners((config.metrics,), socket_mode=0o600)
-        except (StopHostError, ListenError, MetricsUnavailable) as exc:
-            log.critical("%s", exc)
-            nursery.cancel_scope.cancel()
-            return 2
-        if config.metrics:
-            await nursery.start(serve_metrics, metric_listeners, registry)
-            log.info("metrics on %s", ", ".join(endpoint_of(l) for l in metric_listeners))
-        server = PolicyServer(listeners, service, max_connections=config.max_connections)
-        await nursery.start(server.serve)
-        how = " (socket activation)" if inherited else ""
-        log.info("listening on %s%s", ", ".join(endpoint_of(l) for l in listeners), how)
-        systemd.notify("READY=1")
-        with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                if signum == signal.SIGHUP:
-                    await _reload(service, args, config)
-                    config = service.config
-                    continue
-                log.info("stopping on %s", signal.Signals(signum).name)
-                systemd.notify("STOPPING=1")
-                await server.shutdown(SHUTDOWN_GRACE_S)
-                break
-        nursery.cancel_scope.cancel()
+    try:
+        async with open_core(core_settings(config)) as core:
+            service = PolicyService(config, core)
+            try:
+                if inherited:
+                    listeners = systemd.listeners_from(inherited)
+                else:
+                    listeners = await open_listeners(config.listen, socket_mode=config.socket_mode)
+                if config.metrics:
+                    registry = make_registry(service)
+                    metric_listeners = await open_listeners((config.metrics,), socket_mode=0o600)
+            except (ListenError, MetricsUnavailable) as exc:
+                log.critical("%s", exc)
+                return 2
+            async with trio.open_nursery() as nursery:
+                if config.metrics:
+                    await nursery.start(serve_metrics, metric_listeners, registry)
+                    log.info("metrics on %s", ", ".join(endpoint_of(l) for l in metric_listeners))
+                server = PolicyServer(listeners, service, max_connections=config.max_connections)
+                await nursery.start(server.serve)
+                how = " (socket activation)" if inherited else ""
+                log.info("listening on %s%s", ", ".join(endpoint_of(l) for l in listeners), how)
+                systemd.notify("READY=1")
+                await _serve_signals(service, server, args)
+                config = service.config
+                nursery.cancel_scope.cancel()
+    except StopHostError as exc:
+        log.critical("%s", exc)
+        return 2
     for path in [] if inherited else unix_paths(config.listen):
         try:
             os.unlink(path)
@@ -132,36 +128,43 @@ async def run_daemon(config: cfg.Config, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _serve_signals(service: PolicyService, server: PolicyServer, args: argparse.Namespace) -> None:
+    """SIGHUP reloads; SIGTERM and SIGINT drain and return."""
+    with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                await _reload(service, args, service.config)
+                continue
+            log.info("stopping on %s", signal.Signals(signum).name)
+            systemd.notify("STOPPING=1")
+            await server.shutdown(SHUTDOWN_GRACE_S)
+            return
+
+
 async def run_stdio(config: cfg.Config) -> int:
     """One connection on stdin/stdout, as Postfix's spawn(8) runs us."""
     stream = trio.StapledStream(trio.lowlevel.FdStream(os.dup(1)), trio.lowlevel.FdStream(os.dup(0)))
-    async with trio.open_nursery() as nursery:
-        service = PolicyService(config, StopSet(), nursery)
-        try:
-            service.stop = await _resolve_stop(config, service)
-        except StopHostError as exc:
-            log.critical("%s", exc)
-            nursery.cancel_scope.cancel()
-            return 2
-        async with watched_connections(service) as watchdog:
-            await handle_connection(stream, service, watchdog, " on stdin")
-        nursery.cancel_scope.cancel()
+    try:
+        async with open_core(core_settings(config)) as core:
+            service = PolicyService(config, core)
+            async with watched_connections(service) as watchdog:
+                await handle_connection(stream, service, watchdog, " on stdin")
+    except StopHostError as exc:
+        log.critical("%s", exc)
+        return 2
     return 0
 
 
 async def run_check(config: cfg.Config, address: str, server_address: str) -> int:
     """Explain one decision: the MX list, each probe, and the reply."""
-    async with trio.open_nursery() as nursery:
-        service = PolicyService(config, StopSet(), nursery)
-        try:
-            service.stop = await _resolve_stop(config, service)
-        except StopHostError as exc:
-            print(f"smtpdcheck-policyd: {exc}", file=sys.stderr)
-            nursery.cancel_scope.cancel()
-            return 2
-        explanation = await service.explain(address, server_address)
-        print(explanation.text, end="")
-        nursery.cancel_scope.cancel()
+    try:
+        async with open_core(core_settings(config)) as core:
+            explanation = await PolicyService(config, core).explain(address, server_address)
+            print(explanation.text, end="", flush=True)
+            await core.let_probes_finish()
+    except StopHostError as exc:
+        print(f"smtpdcheck-policyd: {exc}", file=sys.stderr)
+        return 2
     if explanation.failure is not None:
         print(f"smtpdcheck-policyd: --check {address}: {explanation.failure}", file=sys.stderr)
         return 2

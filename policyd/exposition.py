@@ -63,7 +63,7 @@ def make_registry(service: PolicyService) -> object:
                 buckets=buckets, sum_value=m.latency_sum,
             )
             probes = CounterMetricFamily("smtpdcheck_probes", "SMTP greeting probes made, by outcome", labels=["outcome"])
-            for outcome, value in service.prober.outcomes.items():
+            for outcome, value in service.core.prober.outcomes.items():
                 probes.add_metric([outcome.value], value)
             yield probes
             hits = CounterMetricFamily("smtpdcheck_cache_hits", "Cache hits", labels=["cache"])
@@ -71,9 +71,9 @@ def make_registry(service: PolicyService) -> object:
             size = GaugeMetricFamily("smtpdcheck_cache_entries", "Entries in each cache", labels=["cache"])
             for name, cache in (
                 ("answer", service.answers),
-                ("probe", service.prober.flights.cache),
-                ("mx", service.resolver.mx_flights.cache),
-                ("address", service.resolver.address_flights.cache),
+                ("probe", service.core.prober.flights.cache),
+                ("mx", service.core.resolver.mx_flights.cache),
+                ("address", service.core.resolver.address_flights.cache),
             ):
                 hits.add_metric([name], cache.hits)
                 misses.add_metric([name], cache.misses)
@@ -81,7 +81,7 @@ def make_registry(service: PolicyService) -> object:
             yield hits
             yield misses
             yield size
-            yield CounterMetricFamily("smtpdcheck_dns_failures", "DNS queries that failed or timed out", value=service.resolver.failures)
+            yield CounterMetricFamily("smtpdcheck_dns_failures", "DNS queries that failed or timed out", value=service.core.resolver.failures)
             yield GaugeMetricFamily("smtpdcheck_connections_open", "Postfix connections open", value=m.connections_open)
             yield CounterMetricFamily("smtpdcheck_connections", "Postfix connections accepted", value=m.connections_total)
             yield CounterMetricFamily(

@@ -64,6 +64,13 @@ class TTLCache(Generic[K, V]):
             return item[1]
         return None
 
+    def entry(self, key: K) -> tuple[V, float] | None:
+        """A fresh value and when it expires, without touching recency or statistics."""
+        item = self._data.get(key)
+        if item is not None and item[0] > self._clock():
+            return item[1], item[0]
+        return None
+
     def expires(self, key: K) -> float:
         """When ``key``'s value stops being fresh (-inf if it is not cached)."""
         item = self._data.get(key)
@@ -121,6 +128,7 @@ class SingleFlight(Generic[K, V]):
         self.started = 0
         self.joined = 0
         self._running = 0
+        self._flight_ended: trio.Event | None = None
 
     @property
     def inflight(self) -> int:
@@ -131,6 +139,12 @@ class SingleFlight(Generic[K, V]):
     def lingering(self) -> int:
         """Flights that delivered but are still finishing (a probe saying QUIT)."""
         return self._running - len(self._inflight)
+
+    async def wait_lingering(self) -> None:
+        """Return once no delivered flight is still finishing (bound it with a cancel scope)."""
+        while self.lingering > 0:
+            event = self._flight_ended = trio.Event()
+            await event.wait()
 
     async def get(self, key: K, produce: Producer[V]) -> tuple[V, bool]:
         """Return ``(value, from_cache)``; waits for a flight if needed."""
@@ -174,3 +188,6 @@ class SingleFlight(Generic[K, V]):
                 flight.done.set()
                 if self._inflight.get(key) is flight:
                     del self._inflight[key]
+            if self._flight_ended is not None:
+                self._flight_ended.set()
+                self._flight_ended = None

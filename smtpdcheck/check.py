@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import trio
 
 from .probe import Outcome, Prober, ProbeResult
-from .resolver import Resolver
+from .resolver import Lookups
 from .servers import IPAddress, Server
 from .stoprule import StopSet, eligibility
 
@@ -95,7 +95,7 @@ class Checker:
     hung lookup must be given up on while there is still time to probe.
     """
 
-    def __init__(self, resolver: Resolver, prober: Prober, *, port: int = 25, timeout: float = 10.0) -> None:
+    def __init__(self, resolver: Lookups, prober: Prober, *, port: int = 25, timeout: float = 10.0) -> None:
         self.resolver = resolver
         self.prober = prober
         self.port = port
@@ -138,8 +138,6 @@ class Checker:
         task gives the same result the concurrent check would (cached values
         arrive first there too, and the earliest available server wins).
         """
-        addr_cache = self.resolver.address_flights.cache
-        probe_cache = self.prober.flights.cache
         reports = [ServerReport(s) for s in servers]
         matches: list[bool | None] = []
         lookups_used = probes_used = 0
@@ -153,12 +151,13 @@ class Checker:
                 report.addresses = (server.address,)
                 matches.append(False)
                 continue
-            lookup = addr_cache.peek(server.host)
-            if lookup is None:
+            entry = self.resolver.cached_addresses(server.host)
+            if entry is None:
                 matches.append(None)
                 continue
+            lookup, expires = entry
             lookups_used += 1
-            valid_until = min(valid_until, addr_cache.expires(server.host))
+            valid_until = min(valid_until, expires)
             report.addresses = lookup.addresses
             report.lookup_error = lookup.error
             matches.append(stop.matches(server, lookup.addresses))
@@ -173,12 +172,13 @@ class Checker:
             if not decided[i] or winner is not None:
                 continue
             for address in report.addresses:
-                result = probe_cache.peek((str(address), self.port))
-                if result is None:
+                cached = self.prober.cached(address, self.port)
+                if cached is None:
                     complete = False
                     continue
+                result, expires = cached
                 probes_used += 1
-                valid_until = min(valid_until, probe_cache.expires((str(address), self.port)))
+                valid_until = min(valid_until, expires)
                 report.probes.append(result)
                 if result.available:
                     report.available = True
@@ -186,11 +186,24 @@ class Checker:
                 winner = report.server
         if winner is None and not complete:
             return None
-        addr_cache.count_hits(lookups_used)  # statistics as if each had been a get()
-        probe_cache.count_hits(probes_used)
+        self.resolver.count_cache_hits(addresses=lookups_used)  # as if each had been a get()
+        self.prober.count_cache_hits(probes_used)
         return CheckResult(winner, reports, 0.0, valid_until)
 
     async def check(self, servers: Sequence[Server], stop: StopSet, *, sequential: bool = False) -> CheckResult:
+        """Which server of ``servers`` (in list order) is available, if any.
+
+        The contract: the stop rule decides which servers are probed (none
+        that is this host, after it, or of its preference); each of those
+        gets at most ``timeout`` for lookup and probes together, all at once;
+        the first server to answer 220 ends the run and is the winner (of
+        several that answer in the same instant, or are already known up
+        from the cache, the earliest in the list), or None once every probed
+        server failed or ran out of time.  ``sequential`` walks the list one
+        server at a time instead, as Mail Avenger did.  Never raises for DNS or network trouble:
+        each report says what happened.  A result taken wholly from caches
+        costs no task and says until when it stays valid (``valid_until``).
+        """
         start = trio.current_time()
         if not sequential:
             cached = self.check_cached(servers, stop)

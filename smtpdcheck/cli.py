@@ -15,14 +15,12 @@ from typing import Final, NoReturn, TextIO
 
 import trio
 
-from .check import Checker, CheckResult
-from .decision import DomainError, mx_servers, recipient_domain, verdict_for_check, verdict_for_mx
-from .explain import explain_lines
-from .probe import Prober
-from .resolver import DNSConfigError, Resolver, parse_nameserver
+from .check import CheckResult
+from .core import Core, CoreSettings, open_core
+from .policy import Kind, Policy
+from .resolver import DNSConfigError, parse_nameserver
 from .servers import Server, ServerSyntaxError, parse_servers
-from .stophost import StopHostError, resolve_stop
-from .stoprule import StopSet
+from .stophost import StopHostError
 
 EXIT_NONE: Final = 0
 EXIT_AVAILABLE: Final = 1
@@ -116,8 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="report each server's outcome on stderr")
     parser.add_argument(
         "--mx", metavar="DOMAIN",
-        help="instead of a server list, look up DOMAIN's MX hosts and explain the policy server's decision "
-        "for it: the MX list, what was probed, each outcome, the verdict (exit 1 = a more-preferred MX is up)",
+        help="instead of a server list, look up DOMAIN's MX hosts and explain the decision the policy "
+        "server's algorithm makes for it: the MX list, what was probed, each outcome, the verdict "
+        "(exit 1 = a more-preferred MX is up, 2 = DNS failure).  Unlike the daemon, only --stop says "
+        "which MX is this host (there is no server_address), and this command's --timeout applies",
     )
     return parser
 
@@ -132,71 +132,61 @@ def format_report(result: CheckResult, out: TextIO) -> None:
         print(f"smtpdcheck: {label} [{addrs}] {report.summary()}{cache} {ms:.1f} ms", file=out)
 
 
+def core_settings(args: argparse.Namespace) -> CoreSettings:
+    # The per-server timeout bounds lookup plus probe together, as the man
+    # page says; lookups get half of it so a hung nameserver leaves time to
+    # probe the servers that did resolve.
+    dns_timeout = min(DNS_TIMEOUT_S, args.timeout / 2) if args.timeout > 0 else DNS_TIMEOUT_S
+    return CoreSettings(
+        nameservers=[parse_nameserver(n) for n in args.nameserver],
+        dns_timeout=dns_timeout,
+        probe_timeout=args.timeout,
+        check_timeout=args.timeout,
+        smtp_port=args.smtp_port,
+        stop=args.stop,
+    )
+
+
 async def _run(args: argparse.Namespace, servers: list[Server]) -> int:
-    nameservers = [parse_nameserver(n) for n in args.nameserver]
-    async with trio.open_nursery() as nursery:
-        # The per-server deadline bounds lookup plus probe together, as the
-        # man page says; lookups get half of it so a hung nameserver leaves
-        # time to probe the servers that did resolve.
-        dns_timeout = min(DNS_TIMEOUT_S, args.timeout / 2) if args.timeout > 0 else DNS_TIMEOUT_S
-        resolver = Resolver(nursery, nameservers=nameservers or None, timeout=dns_timeout)
-        prober = Prober(nursery, timeout=args.timeout)
-        try:
-            stop = await resolve_stop(args.stop, resolver, system_fallback=not nameservers)
-        except StopHostError as exc:
-            print(f"smtpdcheck: {exc}", file=sys.stderr)
-            nursery.cancel_scope.cancel()
-            return EXIT_ERROR
-        checker = Checker(resolver, prober, port=args.smtp_port, timeout=args.timeout)
-        if args.mx is not None:
-            code = await _explain_mx(args.mx, resolver, checker, stop, args.sequential)
-            await _let_probes_finish(prober)
-            nursery.cancel_scope.cancel()
-            return code
-        result = await checker.check(servers, stop, sequential=args.sequential)
-        if result.winner is not None:
-            print(result.winner.name, flush=True)
-        if args.verbose:
-            format_report(result, sys.stderr)
-        await _let_probes_finish(prober)
-        nursery.cancel_scope.cancel()
-    return EXIT_AVAILABLE if result.winner is not None else EXIT_NONE
-
-
-async def _let_probes_finish(prober: Prober) -> None:
-    """Probes that have their verdict and are still saying QUIT get a moment.
-
-    They bound themselves (quit grace); probes still waiting for a greeting
-    are of no use now and are abandoned.
-    """
-    sys.stdout.flush()
-    with trio.move_on_after(prober.quit_grace):
-        while prober.flights.lingering:
-            await trio.sleep(0.01)
-
-
-async def _explain_mx(recipient: str, resolver: Resolver, checker: Checker, stop: StopSet, sequential: bool) -> int:
-    """``--mx``: the policy server's decision for a domain, step by step."""
     try:
-        domain = recipient_domain(recipient if "@" in recipient else "@" + recipient)
-    except DomainError as exc:
-        print(f"smtpdcheck: --mx {recipient!r}: {exc}", file=sys.stderr)
+        async with open_core(core_settings(args)) as core:
+            if args.mx is not None:
+                code = await _explain_mx(args.mx, core, args.sequential)
+            else:
+                result = await core.checker.check(servers, core.stop, sequential=args.sequential)
+                if result.winner is not None:
+                    print(result.winner.name, flush=True)
+                if args.verbose:
+                    format_report(result, sys.stderr)
+                code = EXIT_AVAILABLE if result.winner is not None else EXIT_NONE
+            sys.stdout.flush()
+            await core.let_probes_finish()
+    except StopHostError as exc:
+        print(f"smtpdcheck: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    if domain is None:
-        print(f"smtpdcheck: --mx {recipient!r}: no domain to look up", file=sys.stderr)
+    return code
+
+
+async def _explain_mx(recipient: str, core: Core, sequential: bool) -> int:
+    """``--mx``: the policy's decision for a domain, step by step.
+
+    The same :class:`~smtpdcheck.policy.Policy` the daemon runs, with this
+    command's timeouts, no deadline beyond them and no ``server_address``:
+    only ``--stop`` says which MX is this host.
+    """
+    policy = Policy(core.resolver, core.checker, core.stop, sequential=sequential)
+    decision = await policy.decide_recipient(recipient if "@" in recipient else "@" + recipient)
+    kind = decision.verdict.kind
+    if kind in (Kind.BAD_DOMAIN, Kind.NO_DOMAIN):
+        reason = decision.verdict.reason if kind is Kind.BAD_DOMAIN else "no domain to look up"
+        print(f"smtpdcheck: --mx {recipient!r}: {reason}", file=sys.stderr)
         return EXIT_ERROR
-    mx, _ = await resolver.mx(domain)
-    verdict = verdict_for_mx(mx)
-    result = None
-    if verdict is None:
-        result = await checker.check(mx_servers(mx), stop, sequential=sequential)
-        verdict = verdict_for_check(result)
-    for line in explain_lines(mx, result, verdict):
+    for line in decision.explain():
         print(line)
-    if verdict.kind == "dns failure":
-        print(f"smtpdcheck: --mx {domain}: {verdict.reason}", file=sys.stderr)
+    if kind.failed:
+        print(f"smtpdcheck: --mx {decision.domain}: {decision.verdict.reason}", file=sys.stderr)
         return EXIT_ERROR
-    return EXIT_AVAILABLE if verdict.defers else EXIT_NONE
+    return EXIT_AVAILABLE if decision.verdict.defers else EXIT_NONE
 
 
 def _unwrapped(args: argparse.Namespace, servers: list[Server]) -> int:

@@ -62,7 +62,7 @@ class GreetingReader:
         self.complete = False
         self.eof = False
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         """Add bytes; ``b""`` means the peer closed.  May raise GreetingError."""
         if not data:
             self.eof = True

@@ -12,9 +12,9 @@ from __future__ import annotations
 import enum
 import errno
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeAlias
 
 import trio
 
@@ -25,10 +25,14 @@ from .servers import IPAddress
 QUIT_GRACE_S: Final = 2.0
 RECEIVE_CHUNK: Final = 1024
 
+#: How a probe opens its connection: ``trio.open_tcp_stream`` on the wire,
+#: an in-memory stream pair in tests that run on virtual time.
+Connect: TypeAlias = Callable[[str, int], Awaitable[trio.abc.Stream]]
+
 
 class Outcome(enum.Enum):
     AVAILABLE = "available"
-    REFUSED = "refused"  # greeted with a code other than 220
+    DECLINED = "declined"  # greeted, but with a code other than 220 (421, 554, ...)
     CONNECT_FAILED = "connect failed"
     TIMEOUT = "timeout"
     CLOSED = "closed"  # EOF or reset before a greeting line
@@ -89,8 +93,13 @@ async def probe_greeting(
     deliver: Callable[[ProbeResult], None],
     *,
     quit_grace: float = QUIT_GRACE_S,
+    connect: Connect = trio.open_tcp_stream,
+    deadline: float = math.inf,
 ) -> None:
     """Connect, read the first greeting line, deliver the verdict, then leave politely.
+
+    The greeting must arrive within ``timeout`` (0 = no limit) and before
+    ``deadline`` (absolute trio time), whichever comes first.
 
     The verdict is delivered as soon as the first line is read; the task then
     goes on (bounded by ``quit_grace`` and ``timeout``) to read the rest of a
@@ -107,9 +116,11 @@ async def probe_greeting(
             delivered = True
             deliver(ProbeResult(outcome, host, port, detail, trio.current_time() - start))
 
-    with trio.move_on_after(timeout if timeout > 0 else math.inf):
+    if timeout > 0:
+        deadline = min(deadline, start + timeout)
+    with trio.move_on_at(deadline):
         try:
-            stream = await trio.open_tcp_stream(host, port)
+            stream = await connect(host, port)
         except OSError as exc:
             finish(Outcome.CONNECT_FAILED, _os_error_text(exc))
             return
@@ -130,13 +141,13 @@ async def probe_greeting(
                 return
             first = reader.first
             line = printable(f"{first.code}{'-' if first.continues else ' '}{first.text}")
-            finish(Outcome.AVAILABLE if first.available else Outcome.REFUSED, line)
+            finish(Outcome.AVAILABLE if first.available else Outcome.DECLINED, line)
             with trio.move_on_after(quit_grace):
                 await _say_quit(stream, reader)
     finish(Outcome.TIMEOUT, f"no greeting within {timeout:g}s")
 
 
-async def _say_quit(stream: trio.SocketStream, reader: GreetingReader) -> None:
+async def _say_quit(stream: trio.abc.Stream, reader: GreetingReader) -> None:
     """Finish reading the greeting, send QUIT and wait for its reply.
 
     Waiting for the reply before closing avoids a reset (closing with unread
@@ -164,9 +175,13 @@ class Prober:
 
     Args:
         nursery: where probe flights run; it must outlive every caller.
-        timeout: per-probe budget for connect plus first greeting line.
+        timeout: the whole budget of one probe: waiting for a slot under
+            ``max_concurrent``, connecting, and reading the first greeting
+            line.  A probe that could not get a slot in time is "not
+            probed" (our limit, not the server's fault) and is not cached.
         up_ttl / down_ttl: how long "available" / "not available" is believed.
         max_concurrent: probes connecting at once, process-wide.
+        connect: opens the connection (a seam for tests on virtual time).
     """
 
     def __init__(
@@ -179,11 +194,13 @@ class Prober:
         max_entries: int = 10_000,
         max_concurrent: int = 200,
         quit_grace: float = QUIT_GRACE_S,
+        connect: Connect = trio.open_tcp_stream,
     ) -> None:
         self.timeout = timeout
         self.up_ttl = up_ttl
         self.down_ttl = down_ttl
         self.quit_grace = quit_grace
+        self._connect = connect
         self.limiter = trio.CapacityLimiter(max_concurrent)
         self.outcomes: dict[Outcome, int] = dict.fromkeys(Outcome, 0)
         self.flights: SingleFlight[tuple[str, int], ProbeResult] = SingleFlight(
@@ -201,6 +218,13 @@ class Prober:
             return 0.0
         return self.down_ttl
 
+    def cached(self, address: IPAddress, port: int) -> tuple[ProbeResult, float] | None:
+        """A fresh cached result and when it expires, without any I/O."""
+        return self.flights.cache.entry((str(address), port))
+
+    def count_cache_hits(self, n: int) -> None:
+        self.flights.cache.count_hits(n)
+
     async def probe(self, address: IPAddress, port: int) -> tuple[ProbeResult, bool]:
         """Return ``(result, from_cache)`` for one address."""
 
@@ -209,16 +233,22 @@ class Prober:
                 self.outcomes[result.outcome] += 1
                 deliver(result)
 
-            # Only the wait for a slot is bounded here; the probe bounds itself.
+            timeout = self.timeout
+            deadline = trio.current_time() + timeout if timeout > 0 else math.inf
             acquired = False
-            with trio.move_on_after(self.timeout if self.timeout > 0 else math.inf):
+            with trio.move_on_at(deadline):
                 await self.limiter.acquire()
                 acquired = True
             if not acquired:
                 counted(ProbeResult(Outcome.OVERLOADED, str(address), port, "probe limit reached"))
                 return
             try:
-                await probe_greeting(address, port, self.timeout, counted, quit_grace=self.quit_grace)
+                # The slot wait came out of the same budget: --timeout bounds
+                # the whole probe as the caller sees it.
+                await probe_greeting(
+                    address, port, timeout, counted, quit_grace=self.quit_grace, connect=self._connect,
+                    deadline=deadline,
+                )
             finally:
                 self.limiter.release()
 

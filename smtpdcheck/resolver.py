@@ -20,7 +20,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Protocol
 
 import dns.asyncbackend
 import dns.asyncresolver
@@ -117,6 +117,24 @@ def _failure_text(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+class Lookups(Protocol):
+    """What the checker and the policy need from DNS.
+
+    :class:`Resolver` is the real one; tests that run on virtual time give a
+    replacement whose answers take exactly as long as the test says.
+    """
+
+    async def addresses(self, host: str) -> tuple[AddressLookup, bool]: ...
+
+    async def mx(self, domain: str) -> tuple[MXLookup, bool]: ...
+
+    def cached_addresses(self, host: str) -> tuple[AddressLookup, float] | None: ...
+
+    def cached_mx(self, domain: str) -> tuple[MXLookup, float] | None: ...
+
+    def count_cache_hits(self, *, mx: int = 0, addresses: int = 0) -> None: ...
+
+
 class Resolver:
     """Address and MX lookups for the checker and the policy server.
 
@@ -179,6 +197,21 @@ class Resolver:
 
     def _mx_ttl(self, value: MXLookup) -> float:
         return self.failure_ttl if value.kind is MXKind.FAILURE else value.ttl
+
+    # -- cache-only answers -------------------------------------------------
+
+    def cached_addresses(self, host: str) -> tuple[AddressLookup, float] | None:
+        """A fresh cached lookup and when it expires, without any I/O."""
+        return self.address_flights.cache.entry(normalize_hostname(host))
+
+    def cached_mx(self, domain: str) -> tuple[MXLookup, float] | None:
+        """A fresh cached MX list and when it expires, without any I/O."""
+        return self.mx_flights.cache.entry(normalize_hostname(domain))
+
+    def count_cache_hits(self, *, mx: int = 0, addresses: int = 0) -> None:
+        """Statistics for answers taken with ``cached_*``, as if each had been a get()."""
+        self.mx_flights.cache.count_hits(mx)
+        self.address_flights.cache.count_hits(addresses)
 
     # -- raw queries --------------------------------------------------------
 

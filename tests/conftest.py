@@ -17,9 +17,7 @@ from dataclasses import dataclass
 import pytest
 import trio
 
-from smtpdcheck.check import Checker
-from smtpdcheck.probe import Prober
-from smtpdcheck.resolver import Resolver
+from smtpdcheck.core import Core, CoreSettings, build_core
 from tests.support.dnsserver import FakeDNSServer, Zone
 from tests.support.greeters import Greeter, Mode, unused_port
 from tests.support.pytest_postfix import postfix_factory as _postfix_factory
@@ -72,19 +70,13 @@ async def dns_server(nursery: trio.Nursery) -> AsyncIterator[FakeDNSServer]:
     yield server
 
 
-@dataclass
-class Core:
-    resolver: Resolver
-    prober: Prober
-    checker: Checker
-
-
 @pytest.fixture
 def make_core(nursery: trio.Nursery, dns_server: FakeDNSServer) -> Callable[..., Core]:
-    def make(port: int = 25, *, timeout: float = 2.0, dns_timeout: float = 2.0, **prober_kw: object) -> Core:
-        resolver = Resolver(nursery, nameservers=[dns_server.address], timeout=dns_timeout)
-        prober = Prober(nursery, timeout=timeout, quit_grace=0.5, **prober_kw)  # type: ignore[arg-type]
-        return Core(resolver, prober, Checker(resolver, prober, port=port, timeout=timeout))
+    def make(port: int = 25, *, timeout: float = 2.0, dns_timeout: float = 2.0, **settings: object) -> Core:
+        return build_core(nursery, CoreSettings(
+            nameservers=[dns_server.address], dns_timeout=dns_timeout, probe_timeout=timeout,
+            check_timeout=timeout, smtp_port=port, quit_grace=0.5, **settings,  # type: ignore[arg-type]
+        ))
 
     return make
 

@@ -11,7 +11,8 @@ from policyd.config import Config
 from policyd.listeners import endpoint_of, open_listeners, split_inet
 from policyd.protocol import encode_request, parse_reply
 from policyd.server import PolicyServer
-from policyd.service import PolicyService
+from policyd.service import PolicyService, core_settings
+from smtpdcheck.core import build_core
 from smtpdcheck.stoprule import StopSet
 
 # The request Postfix 3.7 sends at RCPT, less the attributes we vary.
@@ -94,7 +95,9 @@ async def start_policyd(
     *,
     stop: StopSet = StopSet(),
 ) -> RunningPolicyd:
-    service = PolicyService(config, stop, nursery)
+    core = build_core(nursery, core_settings(config))
+    core.stop = stop
+    service = PolicyService(config, core)
     listen = tuple(e if not e.startswith("inet:") else e for e in config.listen)
     listeners = await open_listeners(listen, socket_mode=config.socket_mode)
     server = PolicyServer(listeners, service, max_connections=config.max_connections)

@@ -23,9 +23,9 @@ STOP_NONE = StopSet()
     [
         (Mode.OK, True, Outcome.AVAILABLE),
         (Mode.MULTILINE, True, Outcome.AVAILABLE),
-        (Mode.CODE_421, False, Outcome.REFUSED),
-        (Mode.CODE_554, False, Outcome.REFUSED),
-        (Mode.CODE_450, False, Outcome.REFUSED),
+        (Mode.CODE_421, False, Outcome.DECLINED),
+        (Mode.CODE_554, False, Outcome.DECLINED),
+        (Mode.CODE_450, False, Outcome.DECLINED),
         (Mode.CLOSE, False, Outcome.CLOSED),
         (Mode.RESET, False, Outcome.CLOSED),
         (Mode.GARBAGE, False, Outcome.BAD_GREETING),
@@ -208,7 +208,7 @@ async def test_global_probe_limit(farm: Callable[..., Farm], make_core: Callable
     """Never more probes at once than the limit; a probe that cannot start
     in time is 'not probed' and not cached as 'down'."""
     f = await farm(Mode.SILENT, Mode.SILENT, Mode.SILENT)
-    core = make_core(f.port, timeout=0.3, max_concurrent=1)
+    core = make_core(f.port, timeout=0.3, max_probes=1)
     most = 0
 
     async def watch() -> None:

@@ -222,7 +222,7 @@ async def test_metrics_scrape(nursery: trio.Nursery, world: tuple[list[str], Far
     assert 'smtpdcheck_policy_requests_total{action="DEFER_IF_PERMIT",reason="primary live"} 2.0' in text
     assert 'smtpdcheck_policy_requests_total{action="DUNNO",reason="all down"} 1.0' in text
     assert 'smtpdcheck_probes_total{outcome="available"} 1.0' in text
-    assert 'smtpdcheck_probes_total{outcome="refused"} 1.0' in text
+    assert 'smtpdcheck_probes_total{outcome="declined"} 1.0' in text
     assert 'smtpdcheck_cache_hits_total{cache="probe"}' in text
     assert "smtpdcheck_policy_decision_seconds_count 3.0" in text
     assert "smtpdcheck_connections_open 1.0" in text

@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from smtpdcheck.check import Checker, CheckResult
-from smtpdcheck.decision import mx_servers
+from smtpdcheck.policy import mx_servers
 from smtpdcheck.greeting import MAX_GREETING_BYTES
 from smtpdcheck.probe import RECEIVE_CHUNK, Outcome, Prober
 from smtpdcheck.resolver import MAX_MX_HOSTS, MXKind, Resolver

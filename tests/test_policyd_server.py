@@ -343,5 +343,5 @@ async def test_answer_memo_lives_exactly_as_long_as_its_inputs(
             assert (await running.ask(rcpt("late@up.example"), stream))[0] == "DEFER_IF_PERMIT"
             assert f.greeters[0].connections == 2
             # A reload's new policy applies at once, memo or not.
-            running.service.reconfigure(replace(running.service.config, mode="warn"), running.service.stop)
+            running.service.reconfigure(replace(running.service.config, mode="warn"), running.service.core.stop)
             assert (await running.ask(rcpt("after@up.example"), stream))[0] == "WARN"

@@ -298,7 +298,7 @@ async def test_verbose_reports_each_server_on_stderr(farm: Callable[..., Farm], 
     assert len(lines) == 3, run.stderr
     p = f.port
     assert re.fullmatch(
-        rf"smtpdcheck: 10:127\.0\.0\.2 \[127\.0\.0\.2\] 127\.0\.0\.2:{p} refused \(421 4\.3\.2 Service shutting down\) [\d.]+ ms",
+        rf"smtpdcheck: 10:127\.0\.0\.2 \[127\.0\.0\.2\] 127\.0\.0\.2:{p} declined \(421 4\.3\.2 Service shutting down\) [\d.]+ ms",
         lines[0],
     ), lines[0]
     assert re.fullmatch(
@@ -353,7 +353,7 @@ async def test_mx_explains_a_dead_primary(mx_domain: Farm, ns: list[str]) -> Non
     lines = run.stdout.splitlines()
     assert lines[0] == "domain d.example: mx"
     assert re.fullmatch(
-        rf"\s+10 mx1\.d\.example\s+\[127\.0\.0\.2\] probed: down: 127\.0\.0\.2:{mx_domain.port} refused "
+        rf"\s+10 mx1\.d\.example\s+\[127\.0\.0\.2\] probed: down: 127\.0\.0\.2:{mx_domain.port} declined "
         rf"\(421 4\.3\.2 Service shutting down\) [\d.]+ ms",
         lines[1],
     ), lines[1]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from smtpdcheck.decision import (
+from smtpdcheck.policy import (
     Action,
     DomainError,
     mx_servers,
@@ -67,7 +67,7 @@ def test_mx_outcomes_that_decide_alone(lookup: MXLookup, kind: str) -> None:
     verdict = verdict_for_mx(lookup)
     assert verdict is not None
     assert verdict.action is Action.DUNNO
-    assert verdict.kind == kind
+    assert verdict.kind.value == kind
 
 
 def test_dns_failure_is_never_no_records() -> None:
@@ -122,7 +122,7 @@ def test_decision_table(
     mx: list[tuple[int, str]], this_host: set[str], up: set[str], action: Action, kind: str, mx_named: str | None
 ) -> None:
     verdict = verdict_for_check(_result(mx, this_host, up))
-    assert (verdict.action, verdict.kind, verdict.mx) == (action, kind, mx_named)
+    assert (verdict.action, verdict.kind.value, verdict.mx) == (action, kind, mx_named)
 
 
 def test_warn_mode_uses_warn() -> None:

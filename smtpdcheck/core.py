@@ -1,0 +1,124 @@
+"""Building the core: resolver, prober and checker in one nursery, and this host.
+
+Both commands, ``--check``, ``--stdio``, the tests and the benchmarks build
+the core here and nowhere else, so a new part or a new setting is wired in
+once.  The nursery is where lookups and probes run as shared flights: it
+outlives every request, so a requester that gives up does not cancel an
+answer others are waiting for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import trio
+
+from .check import Checker
+from .probe import QUIT_GRACE_S, Connect, Prober
+from .resolver import DEFAULT_DNS_TIMEOUT_S, Resolver
+from .stophost import StopHostError, resolve_stop
+from .stoprule import StopSet
+
+
+@dataclass(frozen=True, slots=True)
+class CoreSettings:
+    """Everything the core is built from; the commands map their options onto it.
+
+    ``check_timeout`` bounds one server's whole check (lookup, slot, connect,
+    greeting); ``probe_timeout`` one probe.  ``stop`` values are names or
+    addresses; names are resolved when the core is opened, falling back to
+    the system resolver (``/etc/hosts``) when no nameserver is configured.
+    """
+
+    nameservers: Sequence[tuple[str, int]] = ()
+    dns_timeout: float = DEFAULT_DNS_TIMEOUT_S
+    probe_timeout: float = 10.0
+    check_timeout: float = 10.0
+    smtp_port: int = 25
+    up_ttl: float = 120.0
+    down_ttl: float = 60.0
+    dns_max_ttl: float = 3600.0
+    dns_negative_ttl: float = 300.0
+    dns_failure_ttl: float = 10.0
+    cache_size: int = 10_000
+    max_probes: int = 200
+    max_dns_queries: int = 100
+    quit_grace: float = QUIT_GRACE_S
+    stop: Sequence[str] = field(default=())
+
+
+@dataclass(eq=False)
+class Core:
+    """The built core.  ``stop`` is this host as configured (without any request's address)."""
+
+    resolver: Resolver
+    prober: Prober
+    checker: Checker
+    stop: StopSet = field(default_factory=StopSet)
+
+    async def resolve_stop(self, values: Sequence[str], *, system_fallback: bool) -> StopSet:
+        """Resolve ``--stop`` values with this core's resolver (at start-up and on reload)."""
+        return await resolve_stop(list(values), self.resolver, system_fallback=system_fallback)
+
+    async def let_probes_finish(self) -> None:
+        """Give probes that have their verdict and are saying QUIT a moment to finish.
+
+        A one-shot command calls this before it exits, so primaries do not
+        log lost connections.  They bound themselves (quit grace); probes
+        still waiting for a greeting are of no use any more and are abandoned.
+        """
+        with trio.move_on_after(self.prober.quit_grace):
+            await self.prober.flights.wait_lingering()
+
+
+def build_core(nursery: trio.Nursery, settings: CoreSettings, *, connect: Connect = trio.open_tcp_stream) -> Core:
+    """The parts, wired, with flights in ``nursery``; ``stop`` is left unresolved."""
+    resolver = Resolver(
+        nursery,
+        nameservers=list(settings.nameservers) or None,
+        timeout=settings.dns_timeout,
+        max_ttl=settings.dns_max_ttl,
+        negative_ttl=settings.dns_negative_ttl,
+        failure_ttl=settings.dns_failure_ttl,
+        max_entries=settings.cache_size,
+        max_concurrent=settings.max_dns_queries,
+    )
+    prober = Prober(
+        nursery,
+        timeout=settings.probe_timeout,
+        up_ttl=settings.up_ttl,
+        down_ttl=settings.down_ttl,
+        max_entries=settings.cache_size,
+        max_concurrent=settings.max_probes,
+        quit_grace=settings.quit_grace,
+        connect=connect,
+    )
+    checker = Checker(resolver, prober, port=settings.smtp_port, timeout=settings.check_timeout)
+    return Core(resolver, prober, checker)
+
+
+@asynccontextmanager
+async def open_core(settings: CoreSettings, *, connect: Connect = trio.open_tcp_stream) -> AsyncIterator[Core]:
+    """The core for as long as the block runs, with ``stop`` resolved.
+
+    Raises:
+        StopHostError: a ``--stop`` value does not resolve; nothing is left running.
+    """
+    failed: StopHostError | None = None
+    async with trio.open_nursery() as nursery:
+        core = build_core(nursery, settings, connect=connect)
+        try:
+            core.stop = await core.resolve_stop(settings.stop, system_fallback=not settings.nameservers)
+        except StopHostError as exc:
+            failed = exc
+            nursery.cancel_scope.cancel()
+        else:
+            try:
+                yield core
+            finally:
+                nursery.cancel_scope.cancel()
+    if failed is not None:
+        raise failed
+
