@@ -108,12 +108,23 @@ def _port(value: object) -> int:
 
 
 def _mode_bits(value: object) -> int:
-    text = str(value)
-    try:
-        bits = int(text, 8)
-    except ValueError:
-        raise ConfigError(f"not an octal file mode: {value!r}") from None
-    if not 0 <= bits <= 0o777:
+    """A file mode: a TOML integer is the bits as written, text is octal.
+
+    TOML hands ``0o660`` over as the integer 432, so an integer must never
+    be read again as octal digits: that turned 0o660 into mode 0432.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 0 <= value <= 0o777:
+            hint = f" (write 0o{value} or \"0{value}\")" if set(str(value)) <= set("01234567") else ""
+            raise ConfigError(f"not a file mode: {value}{hint}")
+        return value
+    if not isinstance(value, str):
+        raise ConfigError('must be a TOML integer such as 0o660 or a string such as "0660"')
+    digits = value.removeprefix("0o")
+    if not digits or not set(digits) <= set("01234567"):
+        raise ConfigError(f"not an octal file mode: {value!r}")
+    bits = int(digits, 8)
+    if bits > 0o777:
         raise ConfigError(f"not a file mode: {value!r}")
     return bits
 

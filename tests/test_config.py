@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from pathlib import Path
 
 import pytest
 
 from policyd import config as cfg
 from policyd.cli import build_parser
+from policyd.listeners import open_listeners
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "etc" / "smtpdcheck-policyd.toml"
@@ -107,3 +110,58 @@ def test_help_mentions_every_flag() -> None:
     text = build_parser().format_help()
     for option in cfg.OPTIONS:
         assert option.flag in text
+
+
+# -- socket_mode: the bits written, whichever way they are written ----------
+
+
+@pytest.mark.parametrize(
+    ("toml", "bits"),
+    [
+        ("socket_mode = 0o660\n", 0o660),
+        ("socket_mode = 0o640\n", 0o640),
+        ("socket_mode = 0o666\n", 0o666),
+        ("socket_mode = 0o600\n", 0o600),
+        ("socket_mode = 432\n", 0o660),  # a TOML integer is the bits, however it is spelled
+        ('socket_mode = "0660"\n', 0o660),
+        ('socket_mode = "660"\n', 0o660),
+        ('socket_mode = "0640"\n', 0o640),
+    ],
+)
+def test_socket_mode_from_file_is_the_mode_written(tmp_path: Path, toml: str, bits: int) -> None:
+    assert parse([], tmp_path, toml).socket_mode == bits
+
+
+def test_socket_mode_flag_is_octal_text() -> None:
+    assert parse(["--socket-mode", "0660"]).socket_mode == 0o660
+    assert parse(["--socket-mode", "640"]).socket_mode == 0o640
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("socket_mode = 660\n", "socket_mode: not a file mode: 660 (write 0o660 or \"0660\")"),
+        ("socket_mode = -1\n", "socket_mode: not a file mode"),
+        ("socket_mode = 6.6\n", "socket_mode: must be a TOML integer such as 0o660 or a string such as \"0660\""),
+        ("socket_mode = true\n", "socket_mode: must be a TOML integer"),
+        ('socket_mode = "0o999"\n', "socket_mode: not an octal file mode"),
+        ('socket_mode = "rw-rw----"\n', "socket_mode: not an octal file mode"),
+        ('socket_mode = "01777"\n', "socket_mode: not a file mode"),
+        ('socket_mode = ""\n', "socket_mode: not an octal file mode"),
+    ],
+)
+def test_socket_mode_that_is_not_a_mode_is_refused(tmp_path: Path, toml: str, message: str) -> None:
+    with pytest.raises(cfg.ConfigError) as info:
+        parse([], tmp_path, toml)
+    assert message in str(info.value)
+
+
+async def test_unix_socket_from_file_has_the_configured_mode_on_disk(tmp_path: Path) -> None:
+    path = tmp_path / "p.sock"
+    config = parse([], tmp_path, f'listen = ["unix:{path}"]\nsocket_mode = 0o660\n')
+    listeners = await open_listeners(config.listen, socket_mode=config.socket_mode)
+    try:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+    finally:
+        for listener in listeners:
+            await listener.aclose()
