@@ -11,19 +11,27 @@ the request path.
 from __future__ import annotations
 
 import argparse
-import math
 import string
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal, TypeVar, get_args
 
+from smtpdcheck import values
 from smtpdcheck.resolver import DNSConfigError, parse_nameserver
 from smtpdcheck.servers import is_valid_hostname, parse_address
 
 DEFAULT_LISTEN: Final = "inet:127.0.0.1:10040"
 DEFAULT_DEFER_TEXT: Final = "this is a backup MX and primary MX {mx} is up; please deliver there"
+
+
+# The choices of the options that take one of a few words; the validators
+# and the documentation read them from here (typing.get_args).
+Mode = Literal["enforce", "warn"]
+FailureAction = Literal["DUNNO", "DEFER_IF_PERMIT"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogTarget = Literal["stderr", "syslog"]
 
 
 class ConfigError(ValueError):
@@ -40,9 +48,9 @@ class Config:
     deadline: float = 8.0
     smtp_port: int = 25
     nameserver: tuple[str, ...] = ()
-    mode: str = "enforce"
+    mode: Mode = "enforce"
     defer_text: str = DEFAULT_DEFER_TEXT
-    failure_action: str = "DUNNO"
+    failure_action: FailureAction = "DUNNO"
     cache_up_ttl: float = 120.0
     cache_down_ttl: float = 60.0
     dns_max_ttl: float = 3600.0
@@ -54,8 +62,8 @@ class Config:
     max_connections: int = 1000
     request_timeout: float = 10.0
     idle_timeout: float = 3600.0
-    log_level: str = "info"
-    log_target: str = "stderr"
+    log_level: LogLevel = "info"
+    log_target: LogTarget = "stderr"
     metrics: str = ""
 
     @property
@@ -65,27 +73,41 @@ class Config:
     def defer_message(self, mx: str, domain: str) -> str:
         return self.defer_text.format(mx=mx, domain=domain)
 
+    def reloaded(self, new: Config) -> tuple[Config, tuple[str, ...]]:
+        """What a reload to ``new`` runs with, and the changes that must wait.
+
+        Options that need a restart keep their running values: the parts
+        built from them (sockets, resolver, caches, limits) cannot change
+        under a running process, and a configuration that took such an
+        option only halfway (say the checker's budget, not the resolver's)
+        would be one nobody wrote.  The names returned are the restart-only
+        options whose new value is being held back.
+        """
+        waiting = tuple(name for name in RESTART_ONLY if getattr(new, name) != getattr(self, name))
+        return replace(new, **{name: getattr(self, name) for name in RESTART_ONLY}), waiting
+
 
 # -- validators -------------------------------------------------------------
 
 
-def _seconds(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ConfigError("must be a number of seconds")
-    try:
-        number = float(value)
-    except ValueError:
-        raise ConfigError(f"not a number: {value!r}") from None
-    if number < 0 or not math.isfinite(number):
-        raise ConfigError(f"must be 0 or more: {value!r}")
-    return number
+_T = TypeVar("_T")
 
 
-def _positive_seconds(value: object) -> float:
-    number = _seconds(value)
-    if number <= 0:
-        raise ConfigError(f"must be more than 0: {value!r}")
-    return number
+def _core(check: Callable[[object], _T]) -> Callable[[object], _T]:
+    """A validator shared with the ``smtpdcheck`` command, raising ConfigError."""
+
+    def convert(value: object) -> _T:
+        try:
+            return check(value)
+        except values.BadValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    return convert
+
+
+_seconds = _core(values.seconds)
+_positive_seconds = _core(values.positive_seconds)
+_port = _core(values.port)
 
 
 def _count(value: object) -> int:
@@ -97,13 +119,6 @@ def _count(value: object) -> int:
         raise ConfigError(f"not a whole number: {value!r}") from None
     if number < 1:
         raise ConfigError(f"must be 1 or more: {value!r}")
-    return number
-
-
-def _port(value: object) -> int:
-    number = _count(value)
-    if number > 65535:
-        raise ConfigError(f"not a TCP port: {value!r}")
     return number
 
 
@@ -129,7 +144,14 @@ def _mode_bits(value: object) -> int:
     return bits
 
 
-def _choice(*allowed: str) -> Callable[[object], str]:
+def _choice(choices: object) -> Callable[[object], str]:
+    """A validator for one of the words of a ``Literal`` type.
+
+    Upper-case choices (Postfix actions) are matched in upper case, the
+    others in lower case, so ``Warn`` and ``dunno`` are understood.
+    """
+    allowed: tuple[str, ...] = get_args(choices)
+
     def check(value: object) -> str:
         text = str(value).lower() if allowed[0].islower() else str(value).upper()
         if text not in allowed:
@@ -201,6 +223,9 @@ class Option:
     help: str
     metavar: str = "VALUE"
     repeatable: bool = False
+    # A SIGHUP reload keeps the running value: what is built from it
+    # (sockets, the resolver, cache sizes, limits) lives as long as the process.
+    restart: bool = field(default=False, kw_only=True)
 
     @property
     def flag(self) -> str:
@@ -208,34 +233,35 @@ class Option:
 
 
 OPTIONS: Final[tuple[Option, ...]] = (
-    Option("listen", check_listen, "where to accept Postfix's connections: inet:IP:PORT, inet:[IPv6]:PORT or unix:/path (repeatable)", "ENDPOINT", True),
-    Option("socket_mode", _mode_bits, "file mode of unix sockets, octal", "MODE"),
+    Option("listen", check_listen, "where to accept Postfix's connections: inet:IP:PORT, inet:[IPv6]:PORT or unix:/path (repeatable)", "ENDPOINT", True, restart=True),
+    Option("socket_mode", _mode_bits, "file mode of unix sockets, octal: 0660 on the command line; 0o660 or \"0660\" in the file", "MODE", restart=True),
     Option("stop", _stop_value, "this host's names and addresses besides the request's server_address (repeatable); names are resolved at start-up", "NAME|IP", True),
     Option("timeout", _positive_seconds, "per-probe budget: connect plus first greeting line", "SECONDS"),
-    Option("dns_timeout", _positive_seconds, "budget for one DNS lookup", "SECONDS"),
+    Option("dns_timeout", _positive_seconds, "budget for one DNS lookup", "SECONDS", restart=True),
     Option("deadline", _positive_seconds, "every request is answered within this time; keep it below Postfix's policy timeout", "SECONDS"),
     Option("smtp_port", _port, "port probed on the MX hosts", "PORT"),
-    Option("nameserver", _nameserver, "DNS server to ask, IP[:PORT] (repeatable; default: /etc/resolv.conf)", "IP[:PORT]", True),
-    Option("mode", _choice("enforce", "warn"), "enforce: answer DEFER_IF_PERMIT; warn: answer WARN with the same text (Postfix logs and accepts)", "MODE"),
+    Option("nameserver", _nameserver, "DNS server to ask, IP[:PORT] (repeatable; default: /etc/resolv.conf)", "IP[:PORT]", True, restart=True),
+    Option("mode", _choice(Mode), "enforce: answer DEFER_IF_PERMIT; warn: answer WARN with the same text (Postfix logs and accepts)", "MODE"),
     Option("defer_text", _defer_text, "reply text when deferring; {mx} is the live MX, {domain} the recipient domain", "TEMPLATE"),
-    Option("failure_action", _choice("DUNNO", "DEFER_IF_PERMIT"), "answer when DNS fails, the deadline passes or anything breaks (fail-open DUNNO by default)", "ACTION"),
+    Option("failure_action", _choice(FailureAction), "answer when DNS fails, the deadline passes or anything breaks (fail-open DUNNO by default)", "ACTION"),
     Option("cache_up_ttl", _seconds, "how long an MX address that greeted with 220 is believed up", "SECONDS"),
     Option("cache_down_ttl", _seconds, "how long an MX address that failed is believed down", "SECONDS"),
-    Option("dns_max_ttl", _seconds, "cap on how long a DNS answer is reused (its own TTL otherwise)", "SECONDS"),
-    Option("dns_negative_ttl", _seconds, "cap on how long NXDOMAIN / no-records answers are reused", "SECONDS"),
-    Option("dns_failure_ttl", _seconds, "how long a failed lookup (SERVFAIL, timeout) is reused before asking again", "SECONDS"),
-    Option("cache_size", _count, "entries per cache (probe results, MX lists, host addresses)", "N"),
-    Option("max_probes", _count, "SMTP probes connecting at once, process-wide", "N"),
-    Option("max_dns_queries", _count, "DNS queries in flight at once, process-wide", "N"),
-    Option("max_connections", _count, "Postfix connections served at once; more wait in the listen queue", "N"),
+    Option("dns_max_ttl", _seconds, "cap on how long a DNS answer is reused (its own TTL otherwise)", "SECONDS", restart=True),
+    Option("dns_negative_ttl", _seconds, "cap on how long NXDOMAIN / no-records answers are reused", "SECONDS", restart=True),
+    Option("dns_failure_ttl", _seconds, "how long a failed lookup (SERVFAIL, timeout) is reused before asking again", "SECONDS", restart=True),
+    Option("cache_size", _count, "entries per cache (probe results, MX lists, host addresses)", "N", restart=True),
+    Option("max_probes", _count, "SMTP probes connecting at once, process-wide", "N", restart=True),
+    Option("max_dns_queries", _count, "DNS queries in flight at once, process-wide", "N", restart=True),
+    Option("max_connections", _count, "Postfix connections served at once; more wait in the listen queue", "N", restart=True),
     Option("request_timeout", _positive_seconds, "a request that has started must arrive completely, and each reply be taken by Postfix, within this time", "SECONDS"),
     Option("idle_timeout", _seconds, "close a connection idle this long (0 = never; Postfix closes idle ones itself)", "SECONDS"),
-    Option("log_level", _choice("debug", "info", "warning", "error"), "log level; decisions are logged at info", "LEVEL"),
-    Option("log_target", _choice("stderr", "syslog"), "where logs go: stderr (journald-friendly) or syslog (facility mail)", "TARGET"),
-    Option("metrics", _metrics, "serve Prometheus metrics at inet:IP:PORT (empty = off)", "ENDPOINT"),
+    Option("log_level", _choice(LogLevel), "log level; decisions are logged at info", "LEVEL"),
+    Option("log_target", _choice(LogTarget), "where logs go: stderr (journald-friendly) or syslog (facility mail)", "TARGET"),
+    Option("metrics", _metrics, "serve Prometheus metrics at inet:IP:PORT (empty = off)", "ENDPOINT", restart=True),
 )
 
 _BY_NAME: Final = {o.name: o for o in OPTIONS}
+RESTART_ONLY: Final[tuple[str, ...]] = tuple(o.name for o in OPTIONS if o.restart)
 assert set(_BY_NAME) == {f.name for f in fields(Config)}
 
 

@@ -6,6 +6,7 @@ import os
 import re
 import stat
 from pathlib import Path
+from typing import get_args, get_type_hints
 
 import pytest
 
@@ -165,3 +166,45 @@ async def test_unix_socket_from_file_has_the_configured_mode_on_disk(tmp_path: P
     finally:
         for listener in listeners:
             await listener.aclose()
+
+
+# -- reload: restart-only options keep their running values ----------------
+
+
+def test_restart_only_options_are_those_whose_parts_live_as_long_as_the_process() -> None:
+    assert set(cfg.RESTART_ONLY) == {
+        "listen", "socket_mode", "nameserver", "dns_timeout", "dns_max_ttl", "dns_negative_ttl",
+        "dns_failure_ttl", "cache_size", "max_probes", "max_dns_queries", "max_connections", "metrics",
+    }
+    assert cfg.RESTART_ONLY == tuple(o.name for o in cfg.OPTIONS if o.restart)
+
+
+def test_reloaded_keeps_running_values_of_restart_only_options() -> None:
+    running = cfg.Config(listen=("inet:127.0.0.1:10041",), dns_timeout=2.0)
+    loaded = cfg.Config(listen=("inet:127.0.0.1:10042",), dns_timeout=7.0, timeout=3.0, mode="warn", cache_size=5)
+    config, waiting = running.reloaded(loaded)
+    assert waiting == ("listen", "dns_timeout", "cache_size")  # in table order
+    assert config == cfg.Config(listen=("inet:127.0.0.1:10041",), dns_timeout=2.0, timeout=3.0, mode="warn")
+
+
+def test_reloaded_with_nothing_restart_only_changed_is_the_new_config() -> None:
+    running = cfg.Config(dns_timeout=3.0)
+    loaded = cfg.Config(dns_timeout=3.0, deadline=6.0, stop=("192.0.2.25",), log_level="debug")
+    assert running.reloaded(loaded) == (loaded, ())
+    # A file put back as it was leaves nothing waiting.
+    assert running.reloaded(running) == (running, ())
+
+
+# -- choices: written once, as Literal types --------------------------------
+
+
+@pytest.mark.parametrize("name", ["mode", "failure_action", "log_level", "log_target"])
+def test_choice_options_accept_exactly_their_literal_words(name: str) -> None:
+    allowed = get_args(get_type_hints(cfg.Config)[name])
+    assert allowed and getattr(cfg.Config(), name) in allowed
+    convert = next(o.convert for o in cfg.OPTIONS if o.name == name)
+    for word in allowed:
+        assert convert(word) == word
+        assert convert(word.swapcase()) == word  # case does not matter
+    with pytest.raises(cfg.ConfigError, match="must be one of " + ", ".join(allowed)):
+        convert("nonsense")
