@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from smtpdcheck import values
+from smtpdcheck.resolver import DNSConfigError, parse_nameserver
 
 
 @pytest.mark.parametrize(("value", "expected"), [(0, 0.0), ("0", 0.0), (2, 2.0), ("2.5", 2.5), (0.25, 0.25), (" 3 ", 3.0)])
@@ -65,3 +66,12 @@ def test_port_refuses_with_the_value_quoted(value: object, message: str) -> None
     with pytest.raises(values.BadValueError) as info:
         values.port(value)
     assert str(info.value) == message
+
+
+def test_nameserver_ports_are_checked_by_the_same_validator() -> None:
+    assert parse_nameserver("127.0.0.1:5353") == ("127.0.0.1", 5353)
+    assert parse_nameserver("[::1]:65535") == ("::1", 65535)
+    assert parse_nameserver("192.0.2.1") == ("192.0.2.1", 53)
+    for text in ("127.0.0.1:0", "[::1]:65536", "127.0.0.1:\u00b2", "127.0.0.1:"):
+        with pytest.raises(DNSConfigError, match=r"^bad port in .*: not a TCP port"):
+            parse_nameserver(text)
