@@ -11,7 +11,10 @@ the request path.
 from __future__ import annotations
 
 import argparse
+import json
 import string
+import sys
+import textwrap
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -352,12 +355,69 @@ def build(args: argparse.Namespace, config_path: Path | None) -> Config:
 
 def reference_markdown() -> str:
     """The configuration reference table, as in README.md."""
-    lines = ["| flag | file key | default | meaning |", "|---|---|---|---|"]
+    lines = ["| flag | file key | default | SIGHUP | meaning |", "|---|---|---|---|---|"]
     for option in OPTIONS:
         default = default_text(option).replace("|", "\\|")
-        lines.append(f"| `{option.flag} {option.metavar}` | `{option.name}` | `{default}` | {option.help} |")
+        reload = "restart" if option.restart else "applies"
+        lines.append(f"| `{option.flag} {option.metavar}` | `{option.name}` | `{default}` | {reload} | {option.help} |")
     return "\n".join(lines)
+
+
+_EXAMPLE_HEADER: Final = """\
+# smtpdcheck-policyd configuration (TOML).
+#
+# Every key is the long command-line flag with '_' for '-'; flags given on
+# the command line override this file.  Unknown keys, wrong types and
+# impossible values stop start-up (or a SIGHUP reload, which then keeps the
+# running configuration) with a message naming the key.  A reload applies
+# every option except those marked "Needs a restart": they keep their
+# running value, and the reload logs which of them changed.
+#
+# Every value below is the built-in default: uncomment and change what you need.
+# (This file is generated: python -m policyd.config --example-toml)
+"""
+
+
+def _toml_value(option: Option) -> str:
+    """The default as TOML would write it, so uncommenting it changes nothing."""
+    value = getattr(Config(), option.name)
+    if option.name == "socket_mode":
+        return f"0o{value:o}"
+    if isinstance(value, tuple):
+        return "[" + ", ".join(json.dumps(v) for v in value) + "]"
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a TOML basic string
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def example_toml() -> str:
+    """The commented example configuration, as in etc/smtpdcheck-policyd.toml."""
+    parts = [_EXAMPLE_HEADER]
+    for option in OPTIONS:
+        comment = textwrap.fill(option.help, width=78, initial_indent="# ", subsequent_indent="# ",
+                                break_long_words=False, break_on_hyphens=False)
+        if option.restart:
+            comment += "\n# Needs a restart: a reload keeps the running value."
+        parts.append(f"\n{comment}\n#{option.name} = {_toml_value(option)}\n")
+    return "".join(parts)
 
 
 def option_names() -> Sequence[str]:
     return [o.name for o in OPTIONS]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print the generated documents, to regenerate the committed copies."""
+    parser = argparse.ArgumentParser(prog="python -m policyd.config", description=main.__doc__)
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--example-toml", action="store_true", help="the example file, etc/smtpdcheck-policyd.toml")
+    what.add_argument("--reference-markdown", action="store_true", help="the README's configuration reference table")
+    args = parser.parse_args(argv)
+    sys.stdout.write(example_toml() if args.example_toml else reference_markdown() + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import re
 import stat
+import subprocess
+import sys
 from pathlib import Path
 from typing import get_args, get_type_hints
 
@@ -90,6 +92,19 @@ def test_missing_file(tmp_path: Path) -> None:
         cfg.build(args, args.config)
 
 
+def test_example_file_is_the_generated_one() -> None:
+    assert EXAMPLE.read_text() == cfg.example_toml(), (
+        f"{EXAMPLE.name} is stale: python -m policyd.config --example-toml > etc/{EXAMPLE.name}"
+    )
+
+
+def test_example_is_regenerated_by_the_documented_command() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "policyd.config", "--example-toml"], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert run.stdout == cfg.example_toml()
+
+
 def test_example_file_loads_and_documents_every_key(tmp_path: Path) -> None:
     text = EXAMPLE.read_text()
     assert cfg.load_file(EXAMPLE) == cfg.Config()  # everything commented: the defaults
@@ -98,8 +113,12 @@ def test_example_file_loads_and_documents_every_key(tmp_path: Path) -> None:
     path = tmp_path / "all.toml"
     path.write_text(uncommented)
     assert cfg.load_file(path) == cfg.Config()
-    for name in cfg.option_names():
-        assert re.search(rf"(?m)^#{name} = ", text), f"{name} missing from {EXAMPLE.name}"
+    for option in cfg.OPTIONS:
+        block = re.search(rf"(?ms)^((?:# [^\n]*\n)+)#{option.name} = ", text)
+        assert block, f"{option.name} missing from {EXAMPLE.name}"
+        comment = " ".join(line[2:] for line in block.group(1).splitlines())
+        assert option.help in comment
+        assert ("Needs a restart" in comment) == option.restart, option.name
 
 
 def test_readme_reference_matches_the_code() -> None:
