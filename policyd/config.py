@@ -1,9 +1,9 @@
 """Configuration of smtpdcheck-policyd: one table drives flags, file and docs.
 
 Every option is declared once in :data:`OPTIONS`.  The command line, the
-TOML configuration file (keys are the long flags with ``_`` for ``-``) and
-the README's configuration reference are all derived from it, so they
-cannot drift apart.  Validation happens here, at start-up or reload, with
+TOML configuration file (keys are the long flags with ``_`` for ``-``), the
+commented example file, the README's configuration reference and what a
+reload may change are all derived from it, so they cannot drift apart.  Validation happens here, at start-up or reload, with
 messages that name the offending key and file: a typo must never reach
 the request path.
 """
