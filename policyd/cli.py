@@ -171,21 +171,16 @@ async def run_check(config: cfg.Config, address: str, server_address: str) -> in
     return 1 if explanation.defers else 0
 
 
-_RESTART_ONLY = ("listen", "socket_mode", "nameserver", "cache_size", "max_probes", "max_dns_queries",
-                 "max_connections", "dns_max_ttl", "dns_negative_ttl", "dns_failure_ttl", "dns_timeout", "metrics")
-
-
 async def _reload(service: PolicyService, args: argparse.Namespace, old: cfg.Config) -> None:
     try:
-        new = load(args)
+        new, waiting = old.reloaded(load(args))
         stop = await _resolve_stop(new, service)
     except (cfg.ConfigError, StopHostError) as exc:
         log.error("reload failed, keeping the running configuration: %s", exc)
         return
-    ignored = [k for k in _RESTART_ONLY if getattr(new, k) != getattr(old, k)]
-    if ignored:
-        log.warning("reload: %s changed; takes effect after a restart", ", ".join(ignored))
-    setup_logging(new.log_level, "none" if args.stdio else new.log_target)
+    if waiting:
+        log.warning("reload: %s changed; takes effect after a restart", ", ".join(waiting))
+    setup_logging(new.log_level, new.log_target)
     service.reconfigure(new, stop)
     log.info("configuration reloaded")
 

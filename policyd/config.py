@@ -1,9 +1,9 @@
 """Configuration of smtpdcheck-policyd: one table drives flags, file and docs.
 
 Every option is declared once in :data:`OPTIONS`.  The command line, the
-TOML configuration file (keys are the long flags with ``_`` for ``-``) and
-the README's configuration reference are all derived from it, so they
-cannot drift apart.  Validation happens here, at start-up or reload, with
+TOML configuration file (keys are the long flags with ``_`` for ``-``), the
+commented example file, the README's configuration reference and what a
+reload may change are all derived from it, so they cannot drift apart.  Validation happens here, at start-up or reload, with
 messages that name the offending key and file: a typo must never reach
 the request path.
 """
@@ -11,19 +11,30 @@ the request path.
 from __future__ import annotations
 
 import argparse
-import math
+import json
 import string
+import sys
+import textwrap
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal, TypeVar, get_args
 
+from smtpdcheck import values
 from smtpdcheck.resolver import DNSConfigError, parse_nameserver
 from smtpdcheck.servers import is_valid_hostname, parse_address
 
 DEFAULT_LISTEN: Final = "inet:127.0.0.1:10040"
 DEFAULT_DEFER_TEXT: Final = "this is a backup MX and primary MX {mx} is up; please deliver there"
+
+
+# The choices of the options that take one of a few words; the validators
+# and the documentation read them from here (typing.get_args).
+Mode = Literal["enforce", "warn"]
+FailureAction = Literal["DUNNO", "DEFER_IF_PERMIT"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogTarget = Literal["stderr", "syslog"]
 
 
 class ConfigError(ValueError):
@@ -40,9 +51,9 @@ class Config:
     deadline: float = 8.0
     smtp_port: int = 25
     nameserver: tuple[str, ...] = ()
-    mode: str = "enforce"
+    mode: Mode = "enforce"
     defer_text: str = DEFAULT_DEFER_TEXT
-    failure_action: str = "DUNNO"
+    failure_action: FailureAction = "DUNNO"
     cache_up_ttl: float = 120.0
     cache_down_ttl: float = 60.0
     dns_max_ttl: float = 3600.0
@@ -54,8 +65,8 @@ class Config:
     max_connections: int = 1000
     request_timeout: float = 10.0
     idle_timeout: float = 3600.0
-    log_level: str = "info"
-    log_target: str = "stderr"
+    log_level: LogLevel = "info"
+    log_target: LogTarget = "stderr"
     metrics: str = ""
 
     @property
@@ -65,27 +76,41 @@ class Config:
     def defer_message(self, mx: str, domain: str) -> str:
         return self.defer_text.format(mx=mx, domain=domain)
 
+    def reloaded(self, new: Config) -> tuple[Config, tuple[str, ...]]:
+        """What a reload to ``new`` runs with, and the changes that must wait.
+
+        Options that need a restart keep their running values: the parts
+        built from them (sockets, resolver, caches, limits) cannot change
+        under a running process, and a configuration that took such an
+        option only halfway (say the checker's budget, not the resolver's)
+        would be one nobody wrote.  The names returned are the restart-only
+        options whose new value is being held back.
+        """
+        waiting = tuple(name for name in RESTART_ONLY if getattr(new, name) != getattr(self, name))
+        return replace(new, **{name: getattr(self, name) for name in RESTART_ONLY}), waiting
+
 
 # -- validators -------------------------------------------------------------
 
 
-def _seconds(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ConfigError("must be a number of seconds")
-    try:
-        number = float(value)
-    except ValueError:
-        raise ConfigError(f"not a number: {value!r}") from None
-    if number < 0 or not math.isfinite(number):
-        raise ConfigError(f"must be 0 or more: {value!r}")
-    return number
+_T = TypeVar("_T")
 
 
-def _positive_seconds(value: object) -> float:
-    number = _seconds(value)
-    if number <= 0:
-        raise ConfigError(f"must be more than 0: {value!r}")
-    return number
+def _core(check: Callable[[object], _T]) -> Callable[[object], _T]:
+    """A validator shared with the ``smtpdcheck`` command, raising ConfigError."""
+
+    def convert(value: object) -> _T:
+        try:
+            return check(value)
+        except values.BadValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    return convert
+
+
+_seconds = _core(values.seconds)
+_positive_seconds = _core(values.positive_seconds)
+_port = _core(values.port)
 
 
 def _count(value: object) -> int:
@@ -100,25 +125,36 @@ def _count(value: object) -> int:
     return number
 
 
-def _port(value: object) -> int:
-    number = _count(value)
-    if number > 65535:
-        raise ConfigError(f"not a TCP port: {value!r}")
-    return number
-
-
 def _mode_bits(value: object) -> int:
-    text = str(value)
-    try:
-        bits = int(text, 8)
-    except ValueError:
-        raise ConfigError(f"not an octal file mode: {value!r}") from None
-    if not 0 <= bits <= 0o777:
+    """A file mode: a TOML integer is the bits as written, text is octal.
+
+    TOML hands ``0o660`` over as the integer 432, so an integer must never
+    be read again as octal digits: that turned 0o660 into mode 0432.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 0 <= value <= 0o777:
+            hint = f" (write 0o{value} or \"0{value}\")" if set(str(value)) <= set("01234567") else ""
+            raise ConfigError(f"not a file mode: {value}{hint}")
+        return value
+    if not isinstance(value, str):
+        raise ConfigError('must be a TOML integer such as 0o660 or a string such as "0660"')
+    digits = value.removeprefix("0o")
+    if not digits or not set(digits) <= set("01234567"):
+        raise ConfigError(f"not an octal file mode: {value!r}")
+    bits = int(digits, 8)
+    if bits > 0o777:
         raise ConfigError(f"not a file mode: {value!r}")
     return bits
 
 
-def _choice(*allowed: str) -> Callable[[object], str]:
+def _choice(choices: object) -> Callable[[object], str]:
+    """A validator for one of the words of a ``Literal`` type.
+
+    Upper-case choices (Postfix actions) are matched in upper case, the
+    others in lower case, so ``Warn`` and ``dunno`` are understood.
+    """
+    allowed: tuple[str, ...] = get_args(choices)
+
     def check(value: object) -> str:
         text = str(value).lower() if allowed[0].islower() else str(value).upper()
         if text not in allowed:
@@ -190,6 +226,9 @@ class Option:
     help: str
     metavar: str = "VALUE"
     repeatable: bool = False
+    # A SIGHUP reload keeps the running value: what is built from it
+    # (sockets, the resolver, cache sizes, limits) lives as long as the process.
+    restart: bool = field(default=False, kw_only=True)
 
     @property
     def flag(self) -> str:
@@ -197,34 +236,35 @@ class Option:
 
 
 OPTIONS: Final[tuple[Option, ...]] = (
-    Option("listen", check_listen, "where to accept Postfix's connections: inet:IP:PORT, inet:[IPv6]:PORT or unix:/path (repeatable)", "ENDPOINT", True),
-    Option("socket_mode", _mode_bits, "file mode of unix sockets, octal", "MODE"),
+    Option("listen", check_listen, "where to accept Postfix's connections: inet:IP:PORT, inet:[IPv6]:PORT or unix:/path (repeatable)", "ENDPOINT", True, restart=True),
+    Option("socket_mode", _mode_bits, "file mode of unix sockets, octal: 0660 on the command line; 0o660 or \"0660\" in the file", "MODE", restart=True),
     Option("stop", _stop_value, "this host's names and addresses besides the request's server_address (repeatable); names are resolved at start-up", "NAME|IP", True),
     Option("timeout", _positive_seconds, "per-probe budget: connect plus first greeting line", "SECONDS"),
-    Option("dns_timeout", _positive_seconds, "budget for one DNS lookup", "SECONDS"),
+    Option("dns_timeout", _positive_seconds, "budget for one DNS lookup", "SECONDS", restart=True),
     Option("deadline", _positive_seconds, "every request is answered within this time; keep it below Postfix's policy timeout", "SECONDS"),
     Option("smtp_port", _port, "port probed on the MX hosts", "PORT"),
-    Option("nameserver", _nameserver, "DNS server to ask, IP[:PORT] (repeatable; default: /etc/resolv.conf)", "IP[:PORT]", True),
-    Option("mode", _choice("enforce", "warn"), "enforce: answer DEFER_IF_PERMIT; warn: answer WARN with the same text (Postfix logs and accepts)", "MODE"),
+    Option("nameserver", _nameserver, "DNS server to ask, IP[:PORT] (repeatable; default: /etc/resolv.conf)", "IP[:PORT]", True, restart=True),
+    Option("mode", _choice(Mode), "enforce: answer DEFER_IF_PERMIT; warn: answer WARN with the same text (Postfix logs and accepts)", "MODE"),
     Option("defer_text", _defer_text, "reply text when deferring; {mx} is the live MX, {domain} the recipient domain", "TEMPLATE"),
-    Option("failure_action", _choice("DUNNO", "DEFER_IF_PERMIT"), "answer when DNS fails, the deadline passes or anything breaks (fail-open DUNNO by default)", "ACTION"),
+    Option("failure_action", _choice(FailureAction), "answer when DNS fails, the deadline passes or anything breaks (fail-open DUNNO by default)", "ACTION"),
     Option("cache_up_ttl", _seconds, "how long an MX address that greeted with 220 is believed up", "SECONDS"),
     Option("cache_down_ttl", _seconds, "how long an MX address that failed is believed down", "SECONDS"),
-    Option("dns_max_ttl", _seconds, "cap on how long a DNS answer is reused (its own TTL otherwise)", "SECONDS"),
-    Option("dns_negative_ttl", _seconds, "cap on how long NXDOMAIN / no-records answers are reused", "SECONDS"),
-    Option("dns_failure_ttl", _seconds, "how long a failed lookup (SERVFAIL, timeout) is reused before asking again", "SECONDS"),
-    Option("cache_size", _count, "entries per cache (probe results, MX lists, host addresses)", "N"),
-    Option("max_probes", _count, "SMTP probes connecting at once, process-wide", "N"),
-    Option("max_dns_queries", _count, "DNS queries in flight at once, process-wide", "N"),
-    Option("max_connections", _count, "Postfix connections served at once; more wait in the listen queue", "N"),
+    Option("dns_max_ttl", _seconds, "cap on how long a DNS answer is reused (its own TTL otherwise)", "SECONDS", restart=True),
+    Option("dns_negative_ttl", _seconds, "cap on how long NXDOMAIN / no-records answers are reused", "SECONDS", restart=True),
+    Option("dns_failure_ttl", _seconds, "how long a failed lookup (SERVFAIL, timeout) is reused before asking again", "SECONDS", restart=True),
+    Option("cache_size", _count, "entries per cache (probe results, MX lists, host addresses)", "N", restart=True),
+    Option("max_probes", _count, "SMTP probes connecting at once, process-wide", "N", restart=True),
+    Option("max_dns_queries", _count, "DNS queries in flight at once, process-wide", "N", restart=True),
+    Option("max_connections", _count, "Postfix connections served at once; more wait in the listen queue", "N", restart=True),
     Option("request_timeout", _positive_seconds, "a request that has started must arrive completely, and each reply be taken by Postfix, within this time", "SECONDS"),
     Option("idle_timeout", _seconds, "close a connection idle this long (0 = never; Postfix closes idle ones itself)", "SECONDS"),
-    Option("log_level", _choice("debug", "info", "warning", "error"), "log level; decisions are logged at info", "LEVEL"),
-    Option("log_target", _choice("stderr", "syslog"), "where logs go: stderr (journald-friendly) or syslog (facility mail)", "TARGET"),
-    Option("metrics", _metrics, "serve Prometheus metrics at inet:IP:PORT (empty = off)", "ENDPOINT"),
+    Option("log_level", _choice(LogLevel), "log level; decisions are logged at info", "LEVEL"),
+    Option("log_target", _choice(LogTarget), "where logs go: stderr (journald-friendly) or syslog (facility mail)", "TARGET"),
+    Option("metrics", _metrics, "serve Prometheus metrics at inet:IP:PORT (empty = off)", "ENDPOINT", restart=True),
 )
 
 _BY_NAME: Final = {o.name: o for o in OPTIONS}
+RESTART_ONLY: Final[tuple[str, ...]] = tuple(o.name for o in OPTIONS if o.restart)
 assert set(_BY_NAME) == {f.name for f in fields(Config)}
 
 
@@ -315,12 +355,69 @@ def build(args: argparse.Namespace, config_path: Path | None) -> Config:
 
 def reference_markdown() -> str:
     """The configuration reference table, as in README.md."""
-    lines = ["| flag | file key | default | meaning |", "|---|---|---|---|"]
+    lines = ["| flag | file key | default | SIGHUP | meaning |", "|---|---|---|---|---|"]
     for option in OPTIONS:
         default = default_text(option).replace("|", "\\|")
-        lines.append(f"| `{option.flag} {option.metavar}` | `{option.name}` | `{default}` | {option.help} |")
+        reload = "restart" if option.restart else "applies"
+        lines.append(f"| `{option.flag} {option.metavar}` | `{option.name}` | `{default}` | {reload} | {option.help} |")
     return "\n".join(lines)
+
+
+_EXAMPLE_HEADER: Final = """\
+# smtpdcheck-policyd configuration (TOML).
+#
+# Every key is the long command-line flag with '_' for '-'; flags given on
+# the command line override this file.  Unknown keys, wrong types and
+# impossible values stop start-up (or a SIGHUP reload, which then keeps the
+# running configuration) with a message naming the key.  A reload applies
+# every option except those marked "Needs a restart": they keep their
+# running value, and the reload logs which of them changed.
+#
+# Every value below is the built-in default: uncomment and change what you need.
+# (This file is generated: python -m policyd.config --example-toml)
+"""
+
+
+def _toml_value(option: Option) -> str:
+    """The default as TOML would write it, so uncommenting it changes nothing."""
+    value = getattr(Config(), option.name)
+    if option.name == "socket_mode":
+        return f"0o{value:o}"
+    if isinstance(value, tuple):
+        return "[" + ", ".join(json.dumps(v) for v in value) + "]"
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a TOML basic string
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def example_toml() -> str:
+    """The commented example configuration, as in etc/smtpdcheck-policyd.toml."""
+    parts = [_EXAMPLE_HEADER]
+    for option in OPTIONS:
+        comment = textwrap.fill(option.help, width=78, initial_indent="# ", subsequent_indent="# ",
+                                break_long_words=False, break_on_hyphens=False)
+        if option.restart:
+            comment += "\n# Needs a restart: a reload keeps the running value."
+        parts.append(f"\n{comment}\n#{option.name} = {_toml_value(option)}\n")
+    return "".join(parts)
 
 
 def option_names() -> Sequence[str]:
     return [o.name for o in OPTIONS]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print the generated documents, to regenerate the committed copies."""
+    parser = argparse.ArgumentParser(prog="python -m policyd.config", description=main.__doc__)
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--example-toml", action="store_true", help="the example file, etc/smtpdcheck-policyd.toml")
+    what.add_argument("--reference-markdown", action="store_true", help="the README's configuration reference table")
+    args = parser.parse_args(argv)
+    sys.stdout.write(example_toml() if args.example_toml else reference_markdown() + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,19 +8,21 @@ stderr on bad usage or a system error.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-from collections.abc import Sequence
-from typing import Final, NoReturn, TextIO
+from collections.abc import Callable, Sequence
+from typing import Final, NoReturn, TextIO, TypeVar
 
 import trio
 
+from . import values
 from .check import CheckResult
 from .core import Core, CoreSettings, open_core
 from .policy import Kind, Policy
 from .resolver import DNSConfigError, parse_nameserver
 from .servers import Server, ServerSyntaxError, parse_servers
 from .stophost import StopHostError
+
+_T = TypeVar("_T")
 
 EXIT_NONE: Final = 0
 EXIT_AVAILABLE: Final = 1
@@ -69,20 +71,20 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_ERROR, f"{self.prog}: {message}\n")
 
 
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 0 or math.isnan(value) or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"must be 0 or more: {text!r}")
-    return value
+def _arg(check: Callable[[object], _T]) -> Callable[[str], _T]:
+    """A shared validator as an argparse ``type``: its message becomes the error."""
+
+    def convert(text: str) -> _T:
+        try:
+            return check(text)
+        except values.BadValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
 
 
-def _port(text: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise argparse.ArgumentTypeError(f"not a TCP port: {text!r}")
-    return int(text)
+_non_negative = _arg(values.seconds)
+_port = _arg(values.port)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,6 +32,7 @@ import dns.rdatatype
 import dns.resolver
 import trio
 
+from . import values
 from .cache import SingleFlight, TTLCache
 from .servers import IPAddress, is_valid_hostname, normalize_hostname
 
@@ -65,9 +66,10 @@ def parse_nameserver(text: str) -> tuple[str, int]:
 
 
 def _port(text: str, whole: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise DNSConfigError(f"bad port in {whole!r}")
-    return int(text)
+    try:
+        return values.port(text)
+    except values.BadValueError as exc:
+        raise DNSConfigError(f"bad port in {whole!r}: {exc}") from None
 
 
 @dataclass(frozen=True, slots=True)

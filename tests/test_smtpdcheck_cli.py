@@ -134,6 +134,25 @@ async def test_bad_usage_exits_2_with_one_line(args: list[str], mentions: str) -
     assert mentions in error_line(run)
 
 
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["--timeout", "-1"], "smtpdcheck: argument --timeout: must be 0 or more: '-1'"),
+        (["--timeout", "soon"], "smtpdcheck: argument --timeout: not a number: 'soon'"),
+        (["--timeout", "nan"], "smtpdcheck: argument --timeout: must be 0 or more: 'nan'"),
+        (["--smtp-port", "0"], "smtpdcheck: argument --smtp-port: not a TCP port (1 to 65535): '0'"),
+        (["--smtp-port", "65536"], "smtpdcheck: argument --smtp-port: not a TCP port (1 to 65535): '65536'"),
+        (["--smtp-port", "\u00b2"], "smtpdcheck: argument --smtp-port: not a TCP port: '\u00b2'"),
+        (["--nameserver", "127.0.0.1:0"], "smtpdcheck: bad port in '127.0.0.1:0': not a TCP port (1 to 65535): '0'"),
+        (["--nameserver", "[::1]:dns"], "smtpdcheck: bad port in '[::1]:dns': not a TCP port: 'dns'"),
+    ],
+)
+async def test_bad_seconds_and_ports_say_which_and_why(args: list[str], line: str) -> None:
+    """The same validators as the policy server's, with the flag named."""
+    run = await smtpdcheck(*args, "mx.example")
+    assert error_line(run) == line
+
+
 async def test_help() -> None:
     run = await smtpdcheck("--help")
     assert run.code == 0 and run.stderr == ""

@@ -1,0 +1,77 @@
+"""The seconds and port validators both commands share."""
+
+from __future__ import annotations
+
+import pytest
+
+from smtpdcheck import values
+from smtpdcheck.resolver import DNSConfigError, parse_nameserver
+
+
+@pytest.mark.parametrize(("value", "expected"), [(0, 0.0), ("0", 0.0), (2, 2.0), ("2.5", 2.5), (0.25, 0.25), (" 3 ", 3.0)])
+def test_seconds_accepts_numbers_and_their_text(value: object, expected: float) -> None:
+    assert values.seconds(value) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("soon", "not a number: 'soon'"),
+        ("", "not a number: ''"),
+        (-1, "must be 0 or more: -1"),
+        ("-0.5", "must be 0 or more: '-0.5'"),
+        ("nan", "must be 0 or more: 'nan'"),
+        ("inf", "must be 0 or more: 'inf'"),
+        (True, "must be a number of seconds"),
+        (None, "must be a number of seconds"),
+    ],
+)
+def test_seconds_refuses_with_the_value_quoted(value: object, message: str) -> None:
+    with pytest.raises(values.BadValueError) as info:
+        values.seconds(value)
+    assert str(info.value) == message
+    assert isinstance(info.value, ValueError)
+
+
+def test_positive_seconds_refuses_zero_only() -> None:
+    assert values.positive_seconds("0.001") == 0.001
+    with pytest.raises(values.BadValueError, match=r"^must be more than 0: 0$"):
+        values.positive_seconds(0)
+    with pytest.raises(values.BadValueError, match="must be 0 or more"):
+        values.positive_seconds(-1)
+
+
+@pytest.mark.parametrize(("value", "expected"), [(1, 1), ("25", 25), ("65535", 65535), (5353, 5353)])
+def test_port_accepts_1_to_65535(value: object, expected: int) -> None:
+    assert values.port(value) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (0, "not a TCP port (1 to 65535): 0"),
+        ("0", "not a TCP port (1 to 65535): '0'"),
+        (70000, "not a TCP port (1 to 65535): 70000"),
+        ("65536", "not a TCP port (1 to 65535): '65536'"),
+        ("", "not a TCP port: ''"),
+        ("-1", "not a TCP port: '-1'"),
+        ("+25", "not a TCP port: '+25'"),
+        ("25.0", "not a TCP port: '25.0'"),
+        (25.0, "not a TCP port: 25.0"),
+        ("\u00b2", "not a TCP port: '\u00b2'"),  # a digit to str.isdigit, not to int()
+        (True, "not a TCP port: True"),
+    ],
+)
+def test_port_refuses_with_the_value_quoted(value: object, message: str) -> None:
+    with pytest.raises(values.BadValueError) as info:
+        values.port(value)
+    assert str(info.value) == message
+
+
+def test_nameserver_ports_are_checked_by_the_same_validator() -> None:
+    assert parse_nameserver("127.0.0.1:5353") == ("127.0.0.1", 5353)
+    assert parse_nameserver("[::1]:65535") == ("::1", 65535)
+    assert parse_nameserver("192.0.2.1") == ("192.0.2.1", 53)
+    for text in ("127.0.0.1:0", "[::1]:65536", "127.0.0.1:\u00b2", "127.0.0.1:"):
+        with pytest.raises(DNSConfigError, match=r"^bad port in .*: not a TCP port"):
+            parse_nameserver(text)
