@@ -150,7 +150,10 @@ def verdict_for_check(result: CheckResult, *, warn_only: bool = False) -> Verdic
     """The verdict once the more-preferred MXes have been probed."""
     this_host_listed = any(r.is_stop for r in result.reports)
     if result.winner is not None:
-        where = "" if this_host_listed else " (this host is not an MX of the domain)"
+        # Only say so when it is known: a winner may end the run before
+        # every lookup is in.
+        not_listed = all(r.is_stop is False for r in result.reports)
+        where = " (this host is not an MX of the domain)" if not_listed else ""
         action = Action.WARN if warn_only else Action.DEFER_IF_PERMIT
         return Verdict(action, Kind.PRIMARY_LIVE, f"primary {result.winner.name} live{where}", result.winner.name)
     checked = [r for r in result.reports if r.eligible]

@@ -1,0 +1,142 @@
+"""DNS and SMTP peers on trio's virtual clock, for timing rules.
+
+The real-socket doubles (``dnsserver``, ``greeters``) prove the wire; these
+prove the arithmetic of time -- first live server wins, all silent costs one
+timeout, the deadline holds -- at exact virtual instants under
+``trio.testing.MockClock(autojump_threshold=0)``, where a real socket or
+dnspython's wall-clock lifetime would break the illusion.
+
+:class:`VirtualNet` plugs into the prober's ``connect`` seam, and
+:class:`VirtualDNS` replaces the resolver (it implements
+:class:`smtpdcheck.resolver.Lookups`).
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import trio
+import trio.testing
+
+from smtpdcheck.cache import TTLCache
+from smtpdcheck.resolver import AddressLookup, MXKind, MXLookup
+from smtpdcheck.servers import parse_address
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """How one SMTP address behaves: greet ``code`` after ``greet_after`` seconds.
+
+    ``greet_after=math.inf`` is a peer that accepts and never greets;
+    ``refuse=True`` refuses the connection after ``connect_after`` seconds.
+    """
+
+    greet_after: float = 0.0
+    code: int = 220
+    refuse: bool = False
+    connect_after: float = 0.0
+
+
+SILENT = Peer(greet_after=math.inf)
+REFUSING = Peer(refuse=True)
+
+
+class VirtualNet:
+    """In-memory SMTP peers; ``connect`` has the signature of ``trio.open_tcp_stream``.
+
+    Peer tasks run in ``nursery`` and end when the prober closes its side,
+    so a test's nursery can finish.  Addresses without a peer refuse.
+    """
+
+    def __init__(self, nursery: trio.Nursery, peers: dict[str, Peer] | None = None) -> None:
+        self._nursery = nursery
+        self.peers: dict[str, Peer] = dict(peers or {})
+        self.connections: Counter[str] = Counter()
+
+    async def connect(self, host: str, port: int) -> trio.abc.Stream:
+        peer = self.peers.get(host, REFUSING)
+        self.connections[host] += 1
+        await trio.sleep(peer.connect_after)
+        if peer.refuse:
+            raise OSError(errno.ECONNREFUSED, "Connection refused")
+        client, server = trio.testing.memory_stream_pair()
+        self._nursery.start_soon(self._serve, peer, server)
+        return client
+
+    @staticmethod
+    async def _serve(peer: Peer, stream: trio.abc.Stream) -> None:
+        try:
+            async with stream:
+                with trio.move_on_after(peer.greet_after):
+                    # Until the greeting is due, a closed client ends the peer.
+                    while await stream.receive_some(1024):
+                        pass
+                    return
+                await stream.send_all(f"{peer.code} virtual.test ESMTP\r\n".encode())
+                while data := await stream.receive_some(1024):
+                    if b"QUIT" in data:
+                        await stream.send_all(b"221 bye\r\n")
+                        return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+
+
+class VirtualDNS:
+    """Answers from dicts after a delay, with a TTL cache like the real resolver's.
+
+    ``mx_answers[domain]`` / ``host_answers[host]`` are ``(delay, lookup)``;
+    a delay of ``math.inf`` is a nameserver that never answers.  Names not
+    listed are NXDOMAIN at once.  Answers are cached for ``lookup.ttl``.
+    """
+
+    def __init__(self) -> None:
+        self.mx_answers: dict[str, tuple[float, MXLookup]] = {}
+        self.host_answers: dict[str, tuple[float, AddressLookup]] = {}
+        self.mx_cache: TTLCache[str, MXLookup] = TTLCache(1000)
+        self.address_cache: TTLCache[str, AddressLookup] = TTLCache(1000)
+        self.queries: Counter[str] = Counter()
+
+    def set_mx(self, domain: str, hosts: list[tuple[int, str]], *, delay: float = 0.0, ttl: float = 300.0) -> None:
+        kind = MXKind.LIST if hosts else MXKind.IMPLICIT
+        listed = tuple(hosts) if hosts else ((0, domain),)
+        self.mx_answers[domain] = (delay, MXLookup(domain, kind, hosts=listed, ttl=ttl))
+
+    def set_host(self, host: str, addresses: list[str], *, delay: float = 0.0, ttl: float = 300.0) -> None:
+        parsed = tuple(a for a in (parse_address(x) for x in addresses) if a is not None)
+        lookup = AddressLookup(host, parsed, ttl=ttl) if parsed else AddressLookup(host, error="NXDOMAIN", ttl=ttl)
+        self.host_answers[host] = (delay, lookup)
+
+    async def mx(self, domain: str) -> tuple[MXLookup, bool]:
+        cached = self.mx_cache.get(domain)
+        if cached is not None:
+            await trio.lowlevel.checkpoint()
+            return cached, True
+        self.queries[f"MX {domain}"] += 1
+        delay, lookup = self.mx_answers.get(domain, (0.0, MXLookup(domain, MXKind.NXDOMAIN, error="NXDOMAIN", ttl=60)))
+        await trio.sleep(delay)
+        self.mx_cache.put(domain, lookup, lookup.ttl)
+        return lookup, False
+
+    async def addresses(self, host: str) -> tuple[AddressLookup, bool]:
+        cached = self.address_cache.get(host)
+        if cached is not None:
+            await trio.lowlevel.checkpoint()
+            return cached, True
+        self.queries[f"A/AAAA {host}"] += 1
+        delay, lookup = self.host_answers.get(host, (0.0, AddressLookup(host, error="NXDOMAIN", ttl=60)))
+        await trio.sleep(delay)
+        self.address_cache.put(host, lookup, lookup.ttl)
+        return lookup, False
+
+    def cached_addresses(self, host: str) -> tuple[AddressLookup, float] | None:
+        return self.address_cache.entry(host)
+
+    def cached_mx(self, domain: str) -> tuple[MXLookup, float] | None:
+        return self.mx_cache.entry(domain)
+
+    def count_cache_hits(self, *, mx: int = 0, addresses: int = 0) -> None:
+        self.mx_cache.count_hits(mx)
+        self.address_cache.count_hits(addresses)

@@ -1,0 +1,235 @@
+"""The timing rules of the check and the policy, at exact virtual instants.
+
+Every test here runs on ``MockClock(autojump_threshold=0)`` (pytest-trio's
+``autojump_clock``): sleeping costs nothing and a rule like "all silent
+costs one timeout" is checked to the exact second.  The wire itself is
+proven by the real-socket tests (test_check, test_policyd_server, ...).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from smtpdcheck.core import Core, CoreSettings, build_core
+from smtpdcheck.policy import Action, Kind, Policy, mx_servers
+from smtpdcheck.probe import Outcome, ProbeResult
+from smtpdcheck.resolver import AddressLookup, MXKind, MXLookup
+from smtpdcheck.servers import parse_address, parse_servers
+from smtpdcheck.stoprule import StopSet
+from tests.support.virtual import SILENT, Peer, VirtualDNS, VirtualNet
+
+NO_STOP = StopSet()
+
+
+def virtual_core(nursery: trio.Nursery, net: VirtualNet, dns: VirtualDNS, **changes: object) -> Core:
+    """The real prober and checker on virtual peers, with the virtual DNS in front."""
+    settings = CoreSettings(probe_timeout=5.0, check_timeout=7.0, quit_grace=0.5, **changes)  # type: ignore[arg-type]
+    core = build_core(nursery, settings, connect=net.connect)
+    core.checker.resolver = dns
+    return core
+
+
+async def test_first_live_server_wins_at_its_greeting(nursery: trio.Nursery, autojump_clock: trio.testing.MockClock) -> None:
+    net = VirtualNet(nursery, {
+        "127.0.0.2": SILENT,
+        "127.0.0.3": Peer(greet_after=0.7),
+        "127.0.0.4": Peer(greet_after=0.3),
+    })
+    core = virtual_core(nursery, net, VirtualDNS())
+    start = trio.current_time()
+    result = await core.checker.check(parse_servers(["10:127.0.0.2", "20:127.0.0.3", "30:127.0.0.4"]), NO_STOP)
+    assert trio.current_time() - start == pytest.approx(0.3)
+    assert result.winner is not None and result.winner.name == "127.0.0.4"
+
+
+async def test_all_silent_costs_exactly_one_timeout(nursery: trio.Nursery, autojump_clock: trio.testing.MockClock) -> None:
+    addresses = [f"127.0.0.{i}" for i in range(2, 7)]
+    net = VirtualNet(nursery, dict.fromkeys(addresses, SILENT))
+    core = virtual_core(nursery, net, VirtualDNS())
+    start = trio.current_time()
+    result = await core.checker.check(parse_servers(addresses), NO_STOP)
+    assert trio.current_time() - start == pytest.approx(5.0)
+    assert result.winner is None
+    assert [p.outcome for r in result.reports for p in r.probes] == [Outcome.TIMEOUT] * 5
+
+
+async def test_sequential_costs_one_timeout_per_silent_server(nursery: trio.Nursery, autojump_clock: trio.testing.MockClock) -> None:
+    net = VirtualNet(nursery, {"127.0.0.2": SILENT, "127.0.0.3": SILENT, "127.0.0.4": Peer(greet_after=0.25)})
+    core = virtual_core(nursery, net, VirtualDNS())
+    start = trio.current_time()
+    result = await core.checker.check(parse_servers(["127.0.0.2", "127.0.0.3", "127.0.0.4"]), NO_STOP, sequential=True)
+    assert trio.current_time() - start == pytest.approx(5.0 + 5.0 + 0.25)
+    assert result.winner is not None and result.winner.name == "127.0.0.4"
+
+
+async def test_probe_slot_wait_comes_out_of_the_timeout(nursery: trio.Nursery, autojump_clock: trio.testing.MockClock) -> None:
+    """With one probe slot, a second silent primary is 'not probed' at the first's timeout, not twice it."""
+    net = VirtualNet(nursery, {"127.0.0.2": SILENT, "127.0.0.3": SILENT})
+    core = virtual_core(nursery, net, VirtualDNS(), max_probes=1)
+    start = trio.current_time()
+    result = await core.checker.check(parse_servers(["127.0.0.2", "127.0.0.3"]), NO_STOP)
+    assert trio.current_time() - start == pytest.approx(5.0)
+    outcomes = sorted(p.outcome.value for r in result.reports for p in r.probes)
+    assert outcomes == sorted([Outcome.TIMEOUT.value, Outcome.OVERLOADED.value])
+    assert sum(net.connections.values()) == 1
+
+
+async def test_probing_waits_for_the_lookup_that_could_make_it_this_host(nursery: trio.Nursery, autojump_clock: trio.testing.MockClock) -> None:
+    """A server is probed only once the slow lookup of one listed before it says it is not this host."""
+    dns = VirtualDNS()
+    dns.set_host("other.test", ["127.0.0.5"], delay=1.0)  # refuses connections
+    dns.set_host("mx1.test", ["127.0.0.2"])
+    net = VirtualNet(nursery, {"127.0.0.2": Peer(greet_after=0.2)})
+    core = virtual_core(nursery, net, dns)
+    stop = StopSet().with_address("192.0.2.25")
+    start = trio.current_time()
+    # Were other.test this host, mx1.test (listed after it) would not be probed at all.
+    result = await core.checker.check(parse_servers(["10:other.test", "20:mx1.test"]), stop)
+    assert trio.current_time() - start == pytest.approx(1.2)
+    assert result.winner is not None and result.winner.name == "mx1.test"
+    assert net.connections["127.0.0.5"] == 1
+
+
+def backup_world(dns: VirtualDNS, *, mx_delay: float = 0.0) -> StopSet:
+    dns.set_mx("d.test", [(10, "mx1.d.test"), (20, "backup.d.test")], delay=mx_delay, ttl=300)
+    dns.set_host("mx1.d.test", ["127.0.0.2"], ttl=200)
+    dns.set_host("backup.d.test", ["192.0.2.25"], ttl=100)
+    return StopSet().with_address("192.0.2.25")
+
+
+async def test_deadline_holds_when_dns_never_answers(nursery: trio.Nursery, autojump_clock: trio.testing.MockClock) -> None:
+    dns = VirtualDNS()
+    stop = backup_world(dns, mx_delay=math.inf)
+    core = virtual_core(nursery, VirtualNet(nursery), dns)
+    policy = Policy(dns, core.checker, stop, deadline=8.0)
+    start = trio.current_time()
+    decision = await policy.decide("d.test", stop)
+    assert trio.current_time() - start == pytest.approx(8.0)
+    assert decision.verdict.kind is Kind.DEADLINE and decision.verdict.action is Action.DUNNO
+    assert decision.verdict.reason == "deadline of 8s exceeded"
+
+
+async def test_deadline_cuts_a_silent_primary_short_and_answers_the_failure_action(nursery: trio.Nursery, autojump_clock: trio.testing.MockClock) -> None:
+    dns = VirtualDNS()
+    stop = backup_world(dns)
+    core = virtual_core(nursery, VirtualNet(nursery, {"127.0.0.2": SILENT}), dns)
+    policy = Policy(dns, core.checker, stop, deadline=2.0, failure_action=Action.DEFER_IF_PERMIT)
+    start = trio.current_time()
+    decision = await policy.decide("d.test", stop)
+    assert trio.current_time() - start == pytest.approx(2.0)
+    assert decision.verdict.kind is Kind.DEADLINE and decision.verdict.action is Action.DEFER_IF_PERMIT
+
+
+async def test_cached_decision_is_valid_until_its_first_input_expires(nursery: trio.Nursery, autojump_clock: trio.testing.MockClock) -> None:
+    dns = VirtualDNS()
+    stop = backup_world(dns)
+    core = virtual_core(nursery, VirtualNet(nursery, {"127.0.0.2": Peer(greet_after=0.5)}), dns, up_ttl=120.0)
+    policy = Policy(dns, core.checker, stop, deadline=8.0)
+    start = trio.current_time()
+    full = await policy.decide("d.test", stop)
+    assert full.verdict.kind is Kind.PRIMARY_LIVE and trio.current_time() - start == pytest.approx(0.5)
+    cached = policy.decide_cached("d.test", stop)
+    assert cached is not None and cached.verdict == full.verdict
+    # Inputs: MX list (TTL 300 from 0), addresses (200 and 100 from 0), the probe (120 from 0.5).
+    assert cached.valid_until - start == pytest.approx(100.0)
+    await trio.sleep(100.0)
+    # The backup's addresses are gone, but the primary is listed before it
+    # and known up: still decided from caches, now until the probe expires.
+    later = policy.decide_cached("d.test", stop)
+    assert later is not None and later.verdict.kind is Kind.PRIMARY_LIVE
+    assert later.valid_until - start == pytest.approx(120.5)
+    assert later.verdict.reason == "primary mx1.d.test live"  # this host's place is unknown now: no claim
+    await trio.sleep(20.5)
+    assert policy.decide_cached("d.test", stop) is None
+
+
+# -- the cache-only decision agrees with the full one -------------------------
+
+POOL = [f"127.0.0.{i}" for i in range(2, 8)]
+NAMES = ["a.test", "b.test", "c.test", "d.test", "e.test"]
+OUTCOMES = [Outcome.AVAILABLE, Outcome.DECLINED, Outcome.TIMEOUT, Outcome.CONNECT_FAILED]
+
+
+@st.composite
+def worlds(draw: st.DrawFn) -> dict[str, object]:
+    names = draw(st.lists(st.sampled_from(NAMES), min_size=1, max_size=4, unique=True))
+    mx = sorted((draw(st.sampled_from([0, 10, 20, 30])), n) for n in names)
+    hosts = {n: draw(st.lists(st.sampled_from(POOL), max_size=2, unique=True)) for n in names}
+    probes = {a: draw(st.sampled_from(OUTCOMES)) for a in POOL}
+    stop_names = draw(st.lists(st.sampled_from(NAMES), max_size=1))
+    server_address = draw(st.sampled_from(["", *POOL]))
+    cached_hosts = draw(st.sets(st.sampled_from(names)))
+    cached_probes = draw(st.sets(st.sampled_from(POOL)))
+    everything = draw(st.booleans())
+    return {
+        "mx": mx, "hosts": hosts, "probes": probes, "stop_names": stop_names,
+        "server_address": server_address,
+        "cached_hosts": set(names) if everything else cached_hosts,
+        "cached_probes": set(POOL) if everything else cached_probes,
+        "everything": everything,
+    }
+
+
+PEERS = {
+    Outcome.AVAILABLE: Peer(greet_after=0.1),
+    Outcome.DECLINED: Peer(greet_after=0.1, code=421),
+    Outcome.TIMEOUT: SILENT,
+    Outcome.CONNECT_FAILED: Peer(refuse=True, connect_after=0.1),
+}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(worlds())
+def test_cache_only_decision_agrees_with_the_full_decision(world: dict[str, object]) -> None:
+    """On pre-filled caches the hot path answers exactly what the full path does.
+
+    Caches are filled with the same truth the virtual network and DNS
+    answer with, in part or in full.  Whenever the cache-only decision is
+    made, the full one must match it; with everything cached it must be made
+    and the full path must not touch the network.
+    """
+    mx: list[tuple[int, str]] = world["mx"]  # type: ignore[assignment]
+    hosts: dict[str, list[str]] = world["hosts"]  # type: ignore[assignment]
+    probes: dict[str, Outcome] = world["probes"]  # type: ignore[assignment]
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            dns = VirtualDNS()
+            dns.set_mx("x.test", mx)
+            for name, addrs in hosts.items():
+                dns.set_host(name, addrs)
+            net = VirtualNet(nursery, {a: PEERS[o] for a, o in probes.items()})
+            core = virtual_core(nursery, net, dns)
+            lookup = MXLookup("x.test", MXKind.LIST, hosts=tuple(mx), ttl=300)
+            dns.mx_cache.put("x.test", lookup, 300)
+            for name in world["cached_hosts"]:  # type: ignore[attr-defined]
+                parsed = tuple(a for a in (parse_address(x) for x in hosts[name]) if a is not None)
+                value = AddressLookup(name, parsed, ttl=300) if parsed else AddressLookup(name, error="NXDOMAIN", ttl=300)
+                dns.address_cache.put(name, value, 300)
+            for address in world["cached_probes"]:  # type: ignore[attr-defined]
+                core.prober.flights.cache.put((address, 25), ProbeResult(probes[address], address, 25), 300)
+            stop = StopSet.build(world["stop_names"], [])  # type: ignore[arg-type]
+            policy = Policy(dns, core.checker, stop, deadline=30.0)
+            request_stop = policy.stop_for(world["server_address"])  # type: ignore[arg-type]
+            cached = policy.decide_cached("x.test", request_stop)
+            if world["everything"]:
+                assert cached is not None
+            full = await policy.decide("x.test", request_stop)
+            if cached is not None:
+                assert cached.verdict == full.verdict, (cached.verdict, full.verdict)
+            if world["everything"]:
+                assert sum(net.connections.values()) == 0 and not dns.queries
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_mx_servers_keeps_order_and_preference() -> None:
+    lookup = MXLookup("x.test", MXKind.LIST, hosts=((10, "a.test"), (20, "b.test")))
+    assert [(s.prio, s.host) for s in mx_servers(lookup)] == [(10, "a.test"), (20, "b.test")]
