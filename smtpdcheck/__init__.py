@@ -1,19 +1,19 @@
 """smtpdcheck: is a more-preferred mail server up?
 
-The core shared by the ``smtpdcheck`` command and ``smtpdcheck-policyd``:
-server lists, the stop rule, DNS, greeting probes, caches.
+The core shared by the ``smtpdcheck`` command and ``smtpdcheck-policyd``,
+one module per concept; import from them directly:
+
+* :mod:`smtpdcheck.policy`: the decision for a recipient domain, in full or
+  from caches, and its explanation;
+* :mod:`smtpdcheck.core`: building resolver, prober and checker, and this host;
+* :mod:`smtpdcheck.check`: the stop rule, lookups and probes for a server list;
+* :mod:`smtpdcheck.resolver`, :mod:`smtpdcheck.probe`, :mod:`smtpdcheck.greeting`:
+  DNS, greeting probes and the sans-IO greeting reader;
+* :mod:`smtpdcheck.servers`, :mod:`smtpdcheck.stoprule`, :mod:`smtpdcheck.stophost`:
+  server lists, the stop rule and this host's identity;
+* :mod:`smtpdcheck.cache`: TTL caches with single-flight;
+* :mod:`smtpdcheck.values`: option values shared by both commands.
+
+The version is the distribution's (``importlib.metadata.version("smtpdcheck")``),
+set once in ``pyproject.toml``.
 """
-
-from .check import Checker as Checker, CheckResult as CheckResult, ServerReport as ServerReport
-from .probe import Outcome as Outcome, Prober as Prober, ProbeResult as ProbeResult
-from .resolver import MXKind as MXKind, MXLookup as MXLookup, Resolver as Resolver
-from .servers import Server as Server, ServerSyntaxError as ServerSyntaxError, parse_server as parse_server
-from .stoprule import StopSet as StopSet, eligibility as eligibility, eligible as eligible
-
-__version__ = "0.1.0"
-
-__all__ = [
-    "CheckResult", "Checker", "MXKind", "MXLookup", "Outcome", "Prober", "ProbeResult",
-    "Resolver", "Server", "ServerReport", "ServerSyntaxError", "StopSet", "eligibility",
-    "eligible", "parse_server",
-]
