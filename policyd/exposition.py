@@ -87,6 +87,9 @@ def make_registry(service: PolicyService) -> object:
             yield CounterMetricFamily(
                 "smtpdcheck_accept_errors", "accept() failures for lack of resources (EMFILE, ...)", value=m.accept_errors
             )
+            yield CounterMetricFamily(
+                "smtpdcheck_idle_closes", "Postfix connections closed after --idle-timeout of silence", value=m.idle_closes
+            )
             errors = CounterMetricFamily("smtpdcheck_protocol_errors", "Connections closed for protocol errors", labels=["reason"])
             for reason, value in sorted(m.protocol_errors.items()):
                 errors.add_metric([reason], value)
