@@ -3,7 +3,7 @@
 The request is the full 29-attribute one a Debian 12 Postfix (3.7.11)
 sends, because parse cost grows with the attribute count and a benchmark
 with a three-line request would flatter the parser.  It is encoded once with
-the project's own :func:`policyd.protocol.encode_request` and then only the
+the project's own :func:`policyd.client.encode_request` and then only the
 recipient is spliced in, so a hundred thousand distinct requests cost the
 load generator next to nothing.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Final
 
-from policyd.protocol import encode_request
+from policyd.client import encode_request
 
 _MARK: Final = "\x01RCPT\x01"
 

@@ -9,7 +9,7 @@ import trio
 
 from policyd.config import Config
 from policyd.listeners import endpoint_of, open_listeners, split_inet
-from policyd.protocol import encode_request, parse_reply
+from policyd.client import encode_request, parse_reply
 from policyd.server import PolicyServer
 from policyd.service import PolicyService
 from smtpdcheck.stoprule import StopSet

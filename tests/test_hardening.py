@@ -22,7 +22,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from policyd.protocol import encode_request, parse_reply
+from policyd.client import encode_request, parse_reply
 from tests.conftest import Farm, start_farm
 from tests.policyd_helpers import BASE_REQUEST, RunningPolicyd, policyd_config, rcpt, read_replies, start_policyd
 from tests.support.dnsserver import FakeDNSServer

@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from policyd.listeners import ListenError, open_listeners
-from policyd.protocol import parse_reply
+from policyd.client import parse_reply
 from tests.conftest import Farm, zone_with_hosts
 from tests.policyd_helpers import RunningPolicyd, policyd_config, rcpt, read_replies, start_policyd
 from tests.support.dnsserver import Behavior, FakeDNSServer, Slow

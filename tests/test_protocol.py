@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from policyd.client import encode_request, parse_reply
 from policyd.protocol import (
     ALLOWED_ACTIONS,
     CLOSED,
@@ -27,9 +28,7 @@ from policyd.protocol import (
     PolicyParser,
     PolicyRequest,
     ProtocolError,
-    encode_request,
     format_reply,
-    parse_reply,
     sanitize_text,
 )
 
@@ -495,29 +494,21 @@ def test_format_reply_exact_bytes() -> None:
         format_reply("DEFER_IF_PERMIT", "4.7.1 Try the primary MX for example.com")
         == b"action=DEFER_IF_PERMIT 4.7.1 Try the primary MX for example.com\n\n"
     )
-    assert format_reply("REJECT", "   ") == b"action=REJECT\n\n"
-    assert format_reply("PREPEND", "X-Test: 1") == b"action=PREPEND X-Test: 1\n\n"
+    assert format_reply("WARN", "   ") == b"action=WARN\n\n"
 
 
-@pytest.mark.parametrize("action", sorted(ALLOWED_ACTIONS - {"PREPEND"}))
+@pytest.mark.parametrize("action", sorted(ALLOWED_ACTIONS))
 def test_every_allowed_action_without_text(action: str) -> None:
     assert format_reply(action) == b"action=" + action.encode() + b"\n\n"
     assert parse_reply(format_reply(action)) == (action, "")
 
 
 @pytest.mark.parametrize(
-    "action", ["", " ", "dunno", "PERMIT", "FROBNICATE", "DUNNO ", "REJECT\n", "450"]
+    "action", ["", " ", "dunno", "PERMIT", "FROBNICATE", "DUNNO ", "REJECT", "OK", "PREPEND", "WARN\n", "450"]
 )
 def test_format_reply_refuses_other_actions(action: str) -> None:
     with pytest.raises(ValueError):
         format_reply(action, "text")
-
-
-def test_prepend_needs_text() -> None:
-    with pytest.raises(ValueError):
-        format_reply("PREPEND")
-    with pytest.raises(ValueError):
-        format_reply("PREPEND", "   ")  # nothing left after sanitising
 
 
 @pytest.mark.parametrize(
@@ -753,11 +744,13 @@ def _lookups(req: PolicyRequest, names: Iterable[str]) -> dict[str, str]:
 @settings(max_examples=300, deadline=None)
 @given(data=_WIRE_BYTES, extra=st.lists(_NAMES | st.sampled_from(["a", "a=", "x\n", ""]), max_size=4))
 def test_attribute_lookups_agree_with_the_mapping(data: bytes, extra: list[str]) -> None:
-    """A request parsed in one piece answers lookups from its lines without
-    building the mapping; every lookup must give what the line-by-line
-    parser's mapping gives (fed one byte at a time, it never takes the
-    whole-request path), first value winning, for present, empty and absent
-    names alike."""
+    """A request parsed in one piece (the whole-request path) answers
+    lookups by searching its lines; every lookup must give what the mapping
+    of the line-by-line parser's request gives (fed one byte at a time, it
+    never takes the whole-request path, and its mapping is built by
+    splitting lines, not by searching), first value winning, for present,
+    empty and absent names alike.  The line-by-line request's own lookups
+    must agree too."""
     try:
         lazy_reqs = requests_of(feed_all(PolicyParser(), [data], eof=True))
     except ProtocolError:
@@ -776,6 +769,24 @@ def test_attribute_lookups_agree_with_the_mapping(data: bytes, extra: list[str])
         assert _lookups(lazy_req, names) == expected  # before the mapping exists
         assert dict(lazy_req.attrs) == mapping
         assert _lookups(lazy_req, names) == expected  # and after
+        assert _lookups(eager_req, names) == expected
+        assert lazy_req == eager_req
+
+
+@pytest.mark.parametrize(
+    "pairs",
+    [[("", "v")], [("a=b", "v")], [("a\nb", "v")], [("a\x00", "v")], [("a", "x\ny")], [("a", "x\x00")], [("a", "x\r")]],
+)
+def test_request_from_attributes_refuses_what_cannot_be_on_the_wire(pairs: list[tuple[str, str]]) -> None:
+    with pytest.raises(ValueError):
+        PolicyRequest(pairs)
+
+
+def test_request_from_pairs_keeps_the_first_value() -> None:
+    req = PolicyRequest([("recipient", "a@b"), ("recipient", "c@d"), ("empty", "")])
+    assert req.recipient == "a@b" and dict(req.attrs) == {"recipient": "a@b", "empty": ""}
+    assert req.get("empty", "-") == "" and req.get("absent", "-") == "-"
+    assert PolicyRequest({}).attrs == {} and PolicyRequest({}).recipient == ""
 
 
 def test_request_built_from_a_mapping_answers_the_same() -> None:
