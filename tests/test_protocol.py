@@ -1,8 +1,8 @@
 """The policy protocol without I/O: framing, limits, replies.
 
-The request below is the one a Debian 12 Postfix 3.7.11 sent for one RCPT
-(reference notes, section 1.2); everything else is derived from it or from
-the protocol grammar in ``attr_scan_plain.c``.
+The real request is the one a Debian 12 Postfix 3.7.11 sent for one RCPT
+(``tests/support/postfix_request.py``); everything else is derived from it
+or from the protocol grammar in Postfix's ``attr_scan_plain.c``.
 """
 
 from __future__ import annotations
@@ -31,39 +31,8 @@ from policyd.protocol import (
     format_reply,
     sanitize_text,
 )
+from tests.support.postfix_request import POSTFIX_37_RCPT as POSTFIX_37_REQUEST
 
-POSTFIX_37_REQUEST = (
-    b"request=smtpd_access_policy\n"
-    b"protocol_state=RCPT\n"
-    b"protocol_name=ESMTP\n"
-    b"client_address=127.0.0.1\n"
-    b"client_name=unknown\n"
-    b"client_port=43350\n"
-    b"reverse_client_name=unknown\n"
-    b"server_address=127.0.0.1\n"
-    b"server_port=2525\n"
-    b"helo_name=client.test\n"
-    b"sender=sender@sender.test\n"
-    b"recipient=user@example.com\n"
-    b"recipient_count=0\n"
-    b"queue_id=\n"
-    b"instance=267f.6b06f7a0.dbbc.0\n"
-    b"size=0\n"
-    b"etrn_domain=\n"
-    b"stress=\n"
-    b"sasl_method=\n"
-    b"sasl_username=\n"
-    b"sasl_sender=\n"
-    b"ccert_subject=\n"
-    b"ccert_issuer=\n"
-    b"ccert_fingerprint=\n"
-    b"ccert_pubkey_fingerprint=\n"
-    b"encryption_protocol=\n"
-    b"encryption_cipher=\n"
-    b"encryption_keysize=0\n"
-    b"policy_context=\n"
-    b"\n"
-)
 
 Event = PolicyRequest | type[NEED_DATA] | type[CLOSED]
 
