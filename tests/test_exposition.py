@@ -7,16 +7,13 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import trio
+from prometheus_client.core import CollectorRegistry, CounterMetricFamily
 
 from policyd.exposition import make_registry, serve_metrics
 from tests.conftest import Farm
 from tests.policyd_helpers import policyd_config, start_policyd
 from tests.support.dnsserver import FakeDNSServer
 from tests.support.greeters import Mode
-
-pytest.importorskip("prometheus_client")
-
-from prometheus_client.core import CollectorRegistry, CounterMetricFamily  # noqa: E402
 
 
 class Flaky:
