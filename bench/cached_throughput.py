@@ -69,7 +69,7 @@ async def run(quick: bool) -> BenchResult:
                 mode="count", connections=10, count=DOMAINS, domain_count=DOMAINS, expect="DEFER_IF_PERMIT", time_limit=30.0,
             ))
             probes_warm = env.greeter.connections
-            queries_warm = sum(env.dns.queries.values())
+            queries_warm = sum(env.dns.queries_by_type.values())
             for c in CONNECTIONS:
                 common = dict(connections=c, mode="duration", duration=duration, warmup=warmup,
                               domain_count=DOMAINS, time_limit=duration + warmup + 30.0)
@@ -88,7 +88,7 @@ async def run(quick: bool) -> BenchResult:
                 runs.append({"connections": c, "ceiling": median["ceiling"], "policyd": median["policyd"],
                              "rounds": pairs})
             probes_after = env.greeter.connections - probes_warm
-            queries_after = sum(env.dns.queries.values()) - queries_warm
+            queries_after = sum(env.dns.queries_by_type.values()) - queries_warm
         finally:
             await ceiling.stop()
             ceiling.close()

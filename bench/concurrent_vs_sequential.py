@@ -34,14 +34,26 @@ from smtpdcheck.resolver import Resolver
 from smtpdcheck.servers import Server, parse_server
 from smtpdcheck.stoprule import StopSet
 
-from .fakes import LOOPBACK, FakeDNS, GreetMode, Greeter, loopback_address, open_greeters
+from tests.support.dnsserver import FakeDNSServer
+from tests.support.greeters import Farm, Greeter, Mode, start_farm
+
+from .procs import LOOPBACK
 from .report import BenchResult, Check, Table, fmt_ms, fmt_ratio
 
 NAME = "concurrent_vs_sequential"
-LIVE_HOST = 2
-FIRST_SILENT_HOST = 3
 SILENT_COUNTS = (0, 1, 3, 5)
 ALL_SILENT = 5
+
+
+async def serve_fakes(lifetime: float, *, task_status: trio.TaskStatus[tuple[Farm, FakeDNSServer]]) -> None:
+    """The live greeter (127.0.0.2), the silent ones after it, and an empty
+    DNS server, until cancelled or ``lifetime`` passes."""
+    with trio.move_on_after(lifetime):
+        async with trio.open_nursery() as fakes:
+            farm = await start_farm(fakes, [Mode.OK] + [Mode.SILENT] * max(SILENT_COUNTS[-1], ALL_SILENT))
+            dns = FakeDNSServer({})  # empty: nothing here should ever be asked
+            await fakes.start(dns.serve)
+            task_status.started((farm, dns))
 
 
 @dataclass
@@ -67,8 +79,6 @@ async def run(quick: bool) -> BenchResult:
     timeout = 0.4 if quick else 1.0
     repeats_fast = 5  # live-server rows: cheap, take a median
     repeats_slow = 1 if quick else 2  # all-silent concurrent: one timeout each
-    live = loopback_address(LIVE_HOST)
-    silent = [loopback_address(FIRST_SILENT_HOST + i) for i in range(max(SILENT_COUNTS[-1], ALL_SILENT))]
     result = BenchResult(
         NAME,
         "smtpdcheck core: one live server listed LAST behind N silent ones, and all silent; "
@@ -79,15 +89,11 @@ async def run(quick: bool) -> BenchResult:
     lifetime = 60.0 + 20 * timeout * sum(SILENT_COUNTS)
 
     async with trio.open_nursery() as nursery:
-        dns = FakeDNS()  # empty: nothing here should ever be asked
-        dns_port = dns.bind()
-        nursery.start_soon(dns.serve, lifetime)
-        port, greeters = open_greeters(
-            [(live, GreetMode.GREET)] + [(h, GreetMode.SILENT) for h in silent], hold_limit=10 * timeout + 5
-        )
-        for g in greeters:
-            nursery.start_soon(g.serve, lifetime)
-        by_host: dict[str, Greeter] = {g.host: g for g in greeters}
+        farm, dns = await nursery.start(serve_fakes, lifetime)
+        dns_port, port = dns.port, farm.port
+        live = farm.host(0)
+        silent = [g.host for g in farm.greeters[1:]]
+        by_host: dict[str, Greeter] = {g.host: g for g in farm.greeters}
 
         async def med(servers: list[Server], sequential: bool, repeats: int) -> Measurement:
             runs = [await measure(servers, port, timeout, dns_port, sequential=sequential) for _ in range(repeats)]
@@ -149,10 +155,10 @@ async def run(quick: bool) -> BenchResult:
         ))
         result.tables.append(table)
         result.data.update(
-            baseline_live_s=base_live.seconds, baseline_silent_s=base_silent.seconds, dns_queries=sum(dns.queries.values())
+            baseline_live_s=base_live.seconds, baseline_silent_s=base_silent.seconds, dns_queries=len(dns.queries)
         )
         if dns.queries:
-            result.notes.append(f"unexpected DNS queries for IP literals: {dict(dns.queries)}")
+            result.notes.append(f"unexpected DNS queries for IP literals: {dns.queries}")
         result.notes.append(
             "'vs baseline' is concurrent time over the one-server baseline: ~1x means extra silent servers cost "
             "nothing; 'seq/conc' is how many times longer the Mail Avenger order takes."

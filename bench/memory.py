@@ -65,7 +65,7 @@ async def run(quick: bool) -> BenchResult:
             expect="DEFER_IF_PERMIT", rss_every=every, time_limit=time_limit,
         ))
         peak_kb = read_status_kb(env.daemon.pid, "VmHWM")
-        queries = dict(env.dns.queries)
+        queries = dict(env.dns.queries_by_type)
         probes = env.greeter.connections
 
     samples: list[tuple[int, int]] = [(0, idle_kb)]

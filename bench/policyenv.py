@@ -3,9 +3,11 @@
 The daemon is the real ``smtpdcheck-policyd`` command in its own process,
 configured only through its command line (``--nameserver`` pointing at the
 fake DNS, ``--smtp-port`` at the greeter's port), so what is measured is
-what an administrator would run.  The fakes live in the benchmark process,
-whose trio loop keeps serving them while the load generator (a third
-process) runs.
+what an administrator would run.  The fakes are the test suite's own
+(``tests/support``), the DNS server in its fast mode; they live in the
+benchmark process, whose trio loop keeps serving them while the load
+generator (a third process) runs, and they stop with ``lifetime`` at the
+latest.
 """
 
 from __future__ import annotations
@@ -17,13 +19,18 @@ from typing import Any
 
 import trio
 
-from .fakes import PRIMARY_HOST_N, FakeDNS, GreetMode, Greeter, backup_mx_zone, loopback_address, open_greeters
+from tests.support.dnsserver import FakeDNSServer, backup_mx_zone
+from tests.support.greeters import Farm, Greeter, Mode, start_farm
+
 from .procs import LOOPBACK, Child, start_daemon
+
+#: Zone TTL: long enough that nothing expires during a benchmark.
+DNS_TTL = 3600
 
 
 @dataclass
 class PolicyEnv:
-    dns: FakeDNS
+    dns: FakeDNSServer
     greeter: Greeter
     daemon: Child
     port: int
@@ -38,6 +45,21 @@ class PolicyEnv:
         return base
 
 
+async def _serve_fakes(
+    lifetime: float, zone: dict[str, Any], *, task_status: trio.TaskStatus[tuple[Farm, FakeDNSServer]]
+) -> None:
+    """The primary's greeter and the DNS server, until cancelled or ``lifetime`` passes."""
+    with trio.move_on_after(lifetime):
+        async with trio.open_nursery() as fakes:
+            farm = await start_farm(fakes, [Mode.OK])
+            primary = farm.greeters[0].host
+            dns = FakeDNSServer(
+                wildcard=backup_mx_zone(primary, backup_address=LOOPBACK, **zone), ttl=DNS_TTL, fast=True
+            )
+            await fakes.start(dns.serve)
+            task_status.started((farm, dns))
+
+
 @asynccontextmanager
 async def policy_env(
     *, lifetime: float, zone: dict[str, Any] | None = None, daemon_args: list[str] | None = None
@@ -50,13 +72,9 @@ async def policy_env(
     complains is not a pass.
     """
     async with trio.open_nursery() as nursery:
-        dns = FakeDNS(wildcard=backup_mx_zone(**(zone or {})))
-        dns.bind()
-        nursery.start_soon(dns.serve, lifetime)
-        smtp_port, (greeter,) = open_greeters([(loopback_address(PRIMARY_HOST_N), GreetMode.GREET)])
-        nursery.start_soon(greeter.serve, lifetime)
-        daemon, port = await start_daemon(dns.port, smtp_port, daemon_args, lifetime=lifetime)
-        env = PolicyEnv(dns, greeter, daemon, port)
+        farm, dns = await nursery.start(_serve_fakes, lifetime, zone or {})
+        daemon, port = await start_daemon(dns.port, farm.port, daemon_args, lifetime=lifetime)
+        env = PolicyEnv(dns, farm.greeters[0], daemon, port)
         try:
             yield env
         finally:

@@ -36,12 +36,12 @@ async def run(quick: bool) -> BenchResult:
     async with policy_env(lifetime=2 * time_limit + 60.0) as env:
         for label in ("cold", "warm"):
             conns0 = env.greeter.connections
-            queries0 = dict(env.dns.queries)
+            queries0 = dict(env.dns.queries_by_type)
             run_ = await run_loadgen(env.job(
                 mode="count", connections=CONNECTIONS, count=requests, domain_start=0, domain_count=1,
                 expect="DEFER_IF_PERMIT", time_limit=time_limit,
             ))
-            queries = {t: n - queries0.get(t, 0) for t, n in env.dns.queries.items()}
+            queries = {t: n - queries0.get(t, 0) for t, n in env.dns.queries_by_type.items()}
             bursts.append((label, run_, env.greeter.connections - conns0, queries))
 
     warm = bursts[1][1]

@@ -104,6 +104,9 @@ def make_registry(service: PolicyService) -> object:
             yield CounterMetricFamily(
                 "smtpdcheck_accept_errors", "accept() failures for lack of resources (EMFILE, ...)", value=m.accept_errors
             )
+            yield CounterMetricFamily(
+                "smtpdcheck_idle_closes", "Postfix connections closed after --idle-timeout of silence", value=m.idle_closes
+            )
             errors = CounterMetricFamily("smtpdcheck_protocol_errors", "Connections closed for protocol errors", labels=["reason"])
             for reason, value in sorted(m.protocol_errors.items()):
                 errors.add_metric([reason], value)
@@ -132,8 +135,13 @@ async def _serve_one(stream: trio.SocketStream, registry: object) -> None:
         line = request.split(b"\r\n", 1)[0].split(b"\n", 1)[0]
         parts = line.split()
         if len(parts) >= 2 and parts[0] == b"GET" and parts[1].split(b"?")[0] in (b"/metrics", b"/"):
-            body = render(registry)
-            head = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
+            try:
+                body = render(registry)
+                head = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
+            except Exception as exc:  # a bug in a collector must not stop the daemon; the scraper sees 500
+                log.exception("rendering /metrics failed (%s); answered 500", type(exc).__name__)
+                body = b"metrics unavailable\n"
+                head = b"HTTP/1.0 500 Internal Server Error\r\nContent-Type: text/plain\r\n"
         else:
             body = b"not found\n"
             head = b"HTTP/1.0 404 Not Found\r\nContent-Type: text/plain\r\n"

@@ -25,6 +25,8 @@ class Metrics:
     requests_in_flight: int = 0
     connections_total: int = 0
     protocol_errors: Counter[str] = field(default_factory=Counter)
+    # Connections closed by --idle-timeout: routine, so not a protocol error.
+    idle_closes: int = 0
     accept_errors: int = 0
 
     def observe_request(self, action: str, kind: str, seconds: float) -> None:

@@ -3,12 +3,15 @@
 Postfix (``check_policy_service``) sends a request as ``name=value`` lines
 separated by a bare LF and ended by an empty line; the server answers with
 one ``action=...`` line, also ended by an empty line, on the same persistent
-connection.  This module turns bytes into :class:`PolicyRequest` objects and
-replies into bytes.  It knows nothing about sockets, trio or clocks, so the
-framing rules can be tested exhaustively with plain function calls, in the
-style of h11: the caller feeds whatever it read with
+connection.  This module turns bytes into :class:`PolicyRequest` objects
+(defined in :mod:`policyd.request`) and replies into bytes.  It knows
+nothing about sockets, trio or clocks, so the framing rules can be tested
+exhaustively with plain function calls, in the style of h11: the caller feeds whatever it read with
 :meth:`PolicyParser.receive_data` and pulls requests out with
 :meth:`PolicyParser.next_request` until it says :data:`NEED_DATA`.
+
+This is the server's side only; the client's (encoding requests, reading
+replies, as tests, benchmarks and tooling need) is :mod:`policyd.client`.
 
 Reading is tolerant and writing is strict.  Postfix never sends CR, NUL or
 non-UTF-8 attribute names, but values are raw bytes from the SMTP dialogue
@@ -23,9 +26,11 @@ timeout.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Final, NoReturn, final
+
+from .request import PolicyRequest
 
 __all__ = [
     "ALLOWED_ACTIONS",
@@ -39,9 +44,7 @@ __all__ = [
     "PolicyParser",
     "PolicyRequest",
     "ProtocolError",
-    "encode_request",
     "format_reply",
-    "parse_reply",
     "sanitize_text",
 ]
 
@@ -55,17 +58,16 @@ MAX_REQUEST_BYTES: Final = 64 * 1024
 #: Attribute lines per request, duplicates included.  Postfix 3.7 sends 29,
 #: the 3.12 snapshot 32.
 MAX_ATTRIBUTES: Final = 256
+
 #: Reply text cap.  Postfix itself truncates and sanitises the SMTP reply,
 #: but a short text survives its ``<rcpt>: Recipient address rejected:``
 #: prefix intact.
 MAX_REPLY_TEXT_CHARS: Final = 400
 
-#: The access(5) words this project may send.  Anything else is refused by
+#: The access(5) words this server sends.  Anything else is refused by
 #: :func:`format_reply`, because Postfix treats an empty action as PERMIT and
 #: an unknown one as a configuration error that tempfails the recipient.
-ALLOWED_ACTIONS: Final[frozenset[str]] = frozenset(
-    {"DUNNO", "DEFER_IF_PERMIT", "WARN", "DEFER", "REJECT", "PREPEND", "INFO", "OK"}
-)
+ALLOWED_ACTIONS: Final[frozenset[str]] = frozenset({"DUNNO", "DEFER_IF_PERMIT", "WARN"})
 
 # Replies are built on every request; encode the fixed parts once.
 _ACTION_PREFIXES: Final[Mapping[str, bytes]] = MappingProxyType(
@@ -78,6 +80,9 @@ _BARE_REPLIES: Final[Mapping[str, bytes]] = MappingProxyType(
 #: restriction".
 DUNNO_REPLY: Final[bytes] = _BARE_REPLIES["DUNNO"]
 
+_NOT_PRINTABLE_ASCII: Final = re.compile(r"[^\x20-\x7e]")
+_ELLIPSIS: Final = "..."
+
 _ENCODING: Final = "utf-8"
 _ERRORS: Final = "surrogateescape"
 _LF: Final = 0x0A
@@ -86,9 +91,6 @@ _EQ: Final = 0x3D
 _ALL_BUT_FRAMING: Final = bytes(b for b in range(256) if b not in (_LF, _EQ, _CR, 0))
 _EMPTY_LINE: Final = re.compile(b"\n\n")
 _EMPTY_NAME: Final = re.compile(b"\n=")
-_RCPT_HEAD: Final = "\nrequest=smtpd_access_policy\nprotocol_state=RCPT\n"
-_NOT_PRINTABLE_ASCII: Final = re.compile(r"[^\x20-\x7e]")
-_ELLIPSIS: Final = "..."
 
 
 class ProtocolError(Exception):
@@ -98,9 +100,8 @@ class ProtocolError(Exception):
     ``str(exc)`` adds detail for humans.  Reasons raised by the parser:
     ``"line too long"``, ``"request too large"``, ``"too many attributes"``,
     ``"line without '='"``, ``"attribute name empty"``, ``"NUL byte"``,
-    ``"connection closed mid-request"``.  :func:`parse_reply` adds
-    ``"CR in reply"``, ``"incomplete reply"``, ``"trailing data after reply"``,
-    ``"missing action"`` and ``"empty action"``.
+    ``"connection closed mid-request"``.  :func:`policyd.client.parse_reply`
+    adds its own for replies.
 
     Postfix's advice for a server in trouble is to log and disconnect
     without replying; it then retries and applies its default action.
@@ -134,142 +135,6 @@ class NEED_DATA(metaclass=_Sentinel):
 @final
 class CLOSED(metaclass=_Sentinel):
     """The peer closed the connection between requests, which is normal."""
-
-
-@final
-class PolicyRequest:
-    """One request, as Postfix sent it.
-
-    ``attrs`` holds every attribute, including ones this project does not
-    know (Postfix adds attributes in new releases and the README asks
-    servers to ignore what they do not need).  Names and values are decoded
-    as UTF-8 with ``surrogateescape``, so
-    ``value.encode("utf-8", "surrogateescape")`` gives back the raw bytes.
-    When a name repeats, the *first* value is kept: Postfix's README allows
-    first or last, and first means a peer cannot override an attribute by
-    appending another line.  ``size_bytes`` is the request's length on the
-    wire, for logs.
-
-    A request the parser took in one piece keeps its lines as one string
-    and looks attributes up in it; the mapping is built only if someone asks
-    for ``attrs``.  A cached answer reads four of the 29 attributes Postfix
-    sends, and building a dict of all of them was the largest single cost
-    of answering it.  Both forms give the same values (first one wins).
-    """
-
-    __slots__ = ("_attrs", "_lines", "_size")
-
-    def __init__(self, attrs: Mapping[str, str], size_bytes: int = 0) -> None:
-        self._attrs: Mapping[str, str] | None = MappingProxyType(dict(attrs))
-        self._lines = ""
-        self._size = size_bytes
-
-    @classmethod
-    def _from_lines(cls, lines: str, size_bytes: int) -> PolicyRequest:
-        """``lines`` is LF + the request's lines + LF, and every line is
-        known to be ``name=value`` with a non-empty name (checked by the
-        parser): then ``LF name =`` can only match the start of that
-        attribute's first line."""
-        self = object.__new__(cls)
-        self._attrs = None
-        self._lines = lines
-        self._size = size_bytes
-        return self
-
-    @property
-    def attrs(self) -> Mapping[str, str]:
-        if self._attrs is None:
-            attrs: dict[str, str] = {}
-            for line in self._lines[1:-1].split("\n"):
-                name, _, value = line.partition("=")
-                if name not in attrs:
-                    attrs[name] = value
-            self._attrs = MappingProxyType(attrs)
-        return self._attrs
-
-    @property
-    def size_bytes(self) -> int:
-        return self._size
-
-    def _find(self, needle: str, default: str) -> str:
-        if self._attrs is not None:
-            return self._attrs.get(needle[1:-1], default)
-        lines = self._lines
-        at = lines.find(needle)
-        if at < 0:
-            return default
-        at += len(needle)
-        return lines[at : lines.index("\n", at)]
-
-    def get(self, name: str, default: str = "") -> str:
-        """An attribute, or ``default``: a missing attribute and an empty one
-        mean the same to Postfix ("value unavailable")."""
-        if "=" in name or "\n" in name:
-            return default  # no attribute name can hold either
-        return self._find(f"\n{name}=", default)
-
-    @property
-    def is_smtpd_rcpt(self) -> bool:
-        """An smtpd access-policy request at the RCPT stage: the one kind
-        this server decides.
-
-        Postfix sends ``request`` and ``protocol_state`` as its first two
-        lines, so a request that starts that way needs no search.
-        """
-        if self._attrs is None and self._lines.startswith(_RCPT_HEAD):
-            return True
-        return self.request == "smtpd_access_policy" and self.protocol_state == "RCPT"
-
-    @property
-    def request(self) -> str:
-        """Always ``smtpd_access_policy`` for smtpd; anything else is not ours."""
-        return self._find("\nrequest=", "")
-
-    @property
-    def protocol_state(self) -> str:
-        """The SMTP stage (``RCPT``, ``DATA``...), upper-cased so comparisons
-        need no care."""
-        return self._find("\nprotocol_state=", "").upper()
-
-    @property
-    def recipient(self) -> str:
-        """Envelope recipient in Postfix's internal form, without ``<>``."""
-        return self._find("\nrecipient=", "")
-
-    @property
-    def sender(self) -> str:
-        """Envelope sender without ``<>``; empty for the null sender."""
-        return self._find("\nsender=", "")
-
-    @property
-    def queue_id(self) -> str:
-        """Empty at the first RCPT: the queue file does not exist yet."""
-        return self._find("\nqueue_id=", "")
-
-    @property
-    def server_address(self) -> str:
-        """The local address the SMTP client connected to (Postfix 3.2+)."""
-        return self._find("\nserver_address=", "")
-
-    @property
-    def client_address(self) -> str:
-        """The SMTP client's IP address."""
-        return self._find("\nclient_address=", "")
-
-    @property
-    def instance(self) -> str:
-        """Ties together the requests for one message on one connection."""
-        return self._find("\ninstance=", "")
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, PolicyRequest):
-            return NotImplemented
-        return self._size == other._size and dict(self.attrs) == dict(other.attrs)
-
-    __hash__ = None  # type: ignore[assignment]  # compared by content, which is a mapping
-
-    def __repr__(self) -> str:
-        return f"PolicyRequest({dict(self.attrs)!r}, size_bytes={self._size})"
 
 
 class PolicyParser:
@@ -324,7 +189,7 @@ class PolicyParser:
         # yet searched for LF and NUL (always >= _line_start).
         self._line_start = 0
         self._scan_pos = 0
-        self._attrs: dict[str, str] = {}
+        self._lines: list[str] = [""]
         self._attr_count = 0
         self._request_bytes = 0
         self._bytes_scanned = 0
@@ -373,7 +238,7 @@ class PolicyParser:
             # Nothing more will be read from it: free the memory now.
             self._buf = bytearray()
             self._line_start = self._scan_pos = 0
-            self._attrs = {}
+            self._lines = [""]
             raise
 
     def _raise_if_broken(self) -> None:
@@ -441,8 +306,9 @@ class PolicyParser:
                 size = self._request_bytes + line_bytes
                 if size > self._max_request_bytes:
                     self._raise_too_large()
-                request = PolicyRequest(MappingProxyType(self._attrs), size)
-                self._attrs = {}
+                self._lines.append("")
+                request = PolicyRequest._from_lines("\n".join(self._lines), size)
+                self._lines = [""]
                 self._attr_count = 0
                 self._request_bytes = 0
                 # Amortised: copying the rest is paid for by what is dropped.
@@ -468,17 +334,14 @@ class PolicyParser:
                 raise ProtocolError(
                     "attribute name empty", f"attribute name empty: {_excerpt(buf, start, end)}"
                 )
-            name = buf[start:eq].decode(_ENCODING, _ERRORS)
-            if name not in self._attrs:
-                self._attrs[name] = buf[eq + 1 : end].decode(_ENCODING, _ERRORS)
+            self._lines.append(buf[start:end].decode(_ENCODING, _ERRORS))
 
     def _parse_whole(self) -> PolicyRequest | None:
         """Fast path: a whole, plain request already in the buffer.
 
         Postfix writes each request with one write, so it usually arrives
         whole.  Then a few whole-block checks in C and one decode replace
-        the line-by-line loop, and the request looks its attributes up in
-        the decoded lines when asked.  Anything unusual --
+        the line-by-line loop.  Anything unusual --
         a CR, a NUL, a limit that might be broken, a line without "=" -- is
         left to the careful loop, which also produces the error; the fast
         path never decides anything the loop would decide differently.
@@ -487,8 +350,7 @@ class PolicyParser:
         if self._attr_count or start != self._scan_pos:
             return None
         buf = self._buf
-        # (A compiled pattern finds a two-byte needle several times faster
-        # than bytes.find when its first byte is as common as LF is here.)
+        # A compiled pattern, not bytes.find: see bench/README.md.
         found = _EMPTY_LINE.search(buf, start, start + self._max_request_bytes)
         if found is None:
             return None
@@ -577,91 +439,12 @@ def format_reply(action: str, text: str = "") -> bytes:
 
     Only words in :data:`ALLOWED_ACTIONS`, spelled exactly, are accepted;
     the text goes through :func:`sanitize_text`, so the result has no CR and
-    exactly two LFs, both at the end.  ``PREPEND`` needs a header to prepend:
-    Postfix ignores the line (and warns) without one.
+    exactly two LFs, both at the end.
     """
     bare = _BARE_REPLIES.get(action)
     if bare is None:
         raise ValueError(f"refusing to send action {action!r}; allowed: {sorted(ALLOWED_ACTIONS)}")
     clean = sanitize_text(text) if text else ""
     if not clean:
-        if action == "PREPEND":
-            raise ValueError("PREPEND needs a header text")
         return bare
     return b"".join((_ACTION_PREFIXES[action], b" ", clean.encode("ascii"), b"\n\n"))
-
-
-def encode_request(attrs: Mapping[str, str] | Iterable[tuple[str, str]]) -> bytes:
-    """Encode a request as Postfix would send it, for tests and tooling.
-
-    Pairs are written in order, duplicates included, so tests can build
-    odd-but-legal input.  Raises ValueError for anything Postfix could not
-    send, or that would not read back unchanged: an empty request, a name
-    that is empty or holds ``=``, LF or NUL, a value holding LF or NUL, or
-    a value ending in CR (the parser would take it for a CRLF line end).
-    Strings must encode with UTF-8 plus ``surrogateescape``.
-    """
-    pairs = attrs.items() if isinstance(attrs, Mapping) else attrs
-    out = bytearray()
-    for name, value in pairs:
-        if not name:
-            raise ValueError("attribute name empty")
-        if "=" in name or "\n" in name or "\x00" in name:
-            raise ValueError(f"attribute name {name!r} contains '=', LF or NUL")
-        if "\n" in value or "\x00" in value:
-            raise ValueError(f"value of {name!r} contains LF or NUL")
-        if value.endswith("\r"):
-            raise ValueError(f"value of {name!r} ends in CR")
-        out += name.encode(_ENCODING, _ERRORS)
-        out += b"="
-        out += value.encode(_ENCODING, _ERRORS)
-        out += b"\n"
-    if not out:
-        raise ValueError("a request needs at least one attribute")
-    out += b"\n"
-    return bytes(out)
-
-
-def parse_reply(data: bytes) -> tuple[str, str]:
-    """Read one reply as Postfix would: ``(ACTION, text)``.
-
-    Like Postfix, other attributes around ``action`` are ignored, the word
-    ends at the first space or tab and is case-insensitive (returned
-    upper-cased), and leading blanks of the text are skipped.  Stricter than
-    Postfix where Postfix would misbehave: a CR anywhere (Postfix would wait
-    for its timeout), bytes after the empty line (Postfix would see them as
-    a broken connection on the next request), and an empty action (Postfix
-    would PERMIT) all raise :class:`ProtocolError`.
-    """
-    if b"\r" in data:
-        raise ProtocolError("CR in reply", "reply contains CR; Postfix needs bare LF")
-    if data.startswith(b"\n"):
-        raise ProtocolError("missing action", "reply starts with an empty line")
-    parser = PolicyParser()
-    parser.receive_data(data)
-    parser.receive_data(b"")
-    try:
-        reply = parser.next_request()
-    except ProtocolError as exc:
-        if exc.reason == "connection closed mid-request":
-            raise ProtocolError("incomplete reply", "reply not ended by an empty line") from exc
-        raise
-    if not isinstance(reply, PolicyRequest):
-        raise ProtocolError("incomplete reply", "no reply in the data")
-    if reply.size_bytes != len(data):
-        raise ProtocolError(
-            "trailing data after reply",
-            f"{len(data) - reply.size_bytes} byte(s) after the reply's empty line",
-        )
-    if "action" not in reply.attrs:
-        raise ProtocolError("missing action", "reply has no action attribute")
-    value = reply.attrs["action"]
-    word_end = len(value)
-    for sep in (" ", "\t"):
-        i = value.find(sep)
-        if 0 <= i < word_end:
-            word_end = i
-    word = value[:word_end]
-    if not word:
-        raise ProtocolError("empty action", "empty action (Postfix would PERMIT)")
-    return word.upper(), value[word_end:].lstrip(" \t")

@@ -98,12 +98,14 @@ async def handle_connection(
                 await stream.send_all(answer.reply)
         if deadline.expired:
             config = service.config
-            metrics.protocol_errors["timeout"] += 1
             if phase == "request":
+                metrics.protocol_errors["timeout"] += 1
                 log.warning("closing connection%s: request incomplete after %gs", peer, config.request_timeout)
             elif phase == "reply":
+                metrics.protocol_errors["timeout"] += 1
                 log.warning("closing connection%s: reply not read within %gs", peer, config.request_timeout)
             else:
+                metrics.idle_closes += 1
                 log.info("closing connection%s: idle for %gs", peer, config.idle_timeout)
     except ProtocolError as exc:
         metrics.protocol_errors[exc.reason] += 1

@@ -9,9 +9,8 @@ single SMTP port on every MX host, as a real backup MX probes port 25.
 
 from __future__ import annotations
 
-import errno
 import os
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import pytest
@@ -19,40 +18,12 @@ import trio
 
 from smtpdcheck.core import Core, CoreSettings, build_core
 from tests.support.dnsserver import FakeDNSServer, Zone
-from tests.support.greeters import Greeter, Mode, unused_port
+from tests.support.greeters import Farm, Mode, start_farm
 from tests.support.pytest_postfix import postfix_factory as _postfix_factory
 
 IN_CI = os.environ.get("CI") == "true"
 
 postfix_factory = pytest.fixture(_postfix_factory)
-
-
-@dataclass
-class Farm:
-    """Greeters on 127.0.0.{2,3,...} sharing one port."""
-
-    port: int
-    greeters: list[Greeter]
-
-    def host(self, i: int) -> str:
-        return self.greeters[i].host
-
-
-async def start_farm(nursery: trio.Nursery, modes: Sequence[Mode], **kwargs: object) -> Farm:
-    for _attempt in range(20):
-        port = unused_port("127.0.0.2")
-        greeters: list[Greeter] = []
-        try:
-            for i, mode in enumerate(modes):
-                greeter = Greeter(mode, host=f"127.0.0.{i + 2}", port=port, **kwargs)  # type: ignore[arg-type]
-                await nursery.start(greeter.serve)
-                greeters.append(greeter)
-        except OSError as exc:
-            if exc.errno != errno.EADDRINUSE:
-                raise
-            continue
-        return Farm(port, greeters)
-    raise RuntimeError("no common free port for the greeter farm")
 
 
 @pytest.fixture

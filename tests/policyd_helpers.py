@@ -7,46 +7,17 @@ from dataclasses import dataclass, replace
 
 import trio
 
+from policyd.client import encode_request, parse_reply
 from policyd.config import Config
 from policyd.listeners import endpoint_of, open_listeners, split_inet
-from policyd.protocol import encode_request, parse_reply
 from policyd.server import PolicyServer
 from policyd.service import PolicyService, core_settings
 from smtpdcheck.core import build_core
 from smtpdcheck.stoprule import StopSet
+from tests.support.postfix_request import POSTFIX_37_RCPT_ATTRS
 
-# The request Postfix 3.7 sends at RCPT, less the attributes we vary.
-BASE_REQUEST: Mapping[str, str] = {
-    "request": "smtpd_access_policy",
-    "protocol_state": "RCPT",
-    "protocol_name": "ESMTP",
-    "client_address": "192.0.2.50",
-    "client_name": "unknown",
-    "client_port": "43350",
-    "reverse_client_name": "unknown",
-    "server_address": "127.0.0.1",
-    "server_port": "25",
-    "helo_name": "client.test",
-    "sender": "sender@sender.test",
-    "recipient": "user@example.com",
-    "recipient_count": "0",
-    "queue_id": "",
-    "instance": "267f.6b06f7a0.dbbc.0",
-    "size": "0",
-    "etrn_domain": "",
-    "stress": "",
-    "sasl_method": "",
-    "sasl_username": "",
-    "sasl_sender": "",
-    "ccert_subject": "",
-    "ccert_issuer": "",
-    "ccert_fingerprint": "",
-    "ccert_pubkey_fingerprint": "",
-    "encryption_protocol": "",
-    "encryption_cipher": "",
-    "encryption_keysize": "0",
-    "policy_context": "",
-}
+#: The request Postfix 3.7 sends at RCPT; tests vary the recipient and more.
+BASE_REQUEST: Mapping[str, str] = POSTFIX_37_RCPT_ATTRS
 
 
 def rcpt(recipient: str, **extra: str) -> bytes:
@@ -98,8 +69,7 @@ async def start_policyd(
     core = build_core(nursery, core_settings(config))
     core.stop = stop
     service = PolicyService(config, core)
-    listen = tuple(e if not e.startswith("inet:") else e for e in config.listen)
-    listeners = await open_listeners(listen, socket_mode=config.socket_mode)
+    listeners = await open_listeners(config.listen, socket_mode=config.socket_mode)
     server = PolicyServer(listeners, service, max_connections=config.max_connections)
     await nursery.start(server.serve)
     return RunningPolicyd(service, server, [endpoint_of(l) for l in listeners])

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from policyd.protocol import parse_reply
+from policyd.client import parse_reply
 from tests.conftest import Farm
 from tests.policyd_helpers import rcpt, read_replies
 from tests.support.dnsserver import FakeDNSServer, nameserver_arg

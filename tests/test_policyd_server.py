@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from policyd.listeners import ListenError, open_listeners
-from policyd.protocol import parse_reply
+from policyd.client import parse_reply
 from tests.conftest import Farm, zone_with_hosts
 from tests.policyd_helpers import RunningPolicyd, policyd_config, rcpt, read_replies, start_policyd
 from tests.support.dnsserver import Behavior, FakeDNSServer, Slow
@@ -345,3 +345,34 @@ async def test_answer_memo_lives_exactly_as_long_as_its_inputs(
             # A reload's new policy applies at once, memo or not.
             running.service.reconfigure(replace(running.service.config, mode="warn"), running.service.core.stop)
             assert (await running.ask(rcpt("after@up.example"), stream))[0] == "WARN"
+
+
+async def test_idle_close_is_not_a_protocol_error(
+    nursery: trio.Nursery, dns_server: FakeDNSServer, farm: Callable[..., Farm], caplog: pytest.LogCaptureFixture
+) -> None:
+    """--idle-timeout closing a silent connection is routine: counted as an
+    idle close, not as a protocol error, and logged at info."""
+    f = await farm(Mode.OK)
+    running = await start_policyd(nursery, policyd_config(dns_server.port, f.port, idle_timeout=0.3, request_timeout=5.0))
+    metrics = running.service.metrics
+    caplog.set_level(logging.INFO, logger="smtpdcheck.policyd")
+    with trio.fail_after(10):
+        stream = await running.connect()
+        async with stream:
+            assert await stream.receive_some(100) == b""  # closed by the server
+    assert metrics.idle_closes == 1
+    assert metrics.protocol_errors["timeout"] == 0
+    assert [r.levelno for r in caplog.records if "idle for" in r.getMessage()] == [logging.INFO]
+
+
+async def test_incomplete_request_still_counts_as_a_timeout(nursery: trio.Nursery, dns_server: FakeDNSServer, farm: Callable[..., Farm]) -> None:
+    f = await farm(Mode.OK)
+    running = await start_policyd(nursery, policyd_config(dns_server.port, f.port, idle_timeout=60.0, request_timeout=0.3))
+    metrics = running.service.metrics
+    with trio.fail_after(10):
+        stream = await running.connect()
+        async with stream:
+            await stream.send_all(b"request=smtpd_access_policy\nprotocol_st")  # half a request
+            assert await stream.receive_some(100) == b""
+    assert metrics.protocol_errors["timeout"] == 1
+    assert metrics.idle_closes == 0

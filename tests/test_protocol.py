@@ -1,8 +1,8 @@
 """The policy protocol without I/O: framing, limits, replies.
 
-The request below is the one a Debian 12 Postfix 3.7.11 sent for one RCPT
-(reference notes, section 1.2); everything else is derived from it or from
-the protocol grammar in ``attr_scan_plain.c``.
+The real request is the one a Debian 12 Postfix 3.7.11 sent for one RCPT
+(``tests/support/postfix_request.py``); everything else is derived from it
+or from the protocol grammar in Postfix's ``attr_scan_plain.c``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from policyd.client import encode_request, parse_reply
 from policyd.protocol import (
     ALLOWED_ACTIONS,
     CLOSED,
@@ -27,44 +28,11 @@ from policyd.protocol import (
     PolicyParser,
     PolicyRequest,
     ProtocolError,
-    encode_request,
     format_reply,
-    parse_reply,
     sanitize_text,
 )
+from tests.support.postfix_request import POSTFIX_37_RCPT as POSTFIX_37_REQUEST
 
-POSTFIX_37_REQUEST = (
-    b"request=smtpd_access_policy\n"
-    b"protocol_state=RCPT\n"
-    b"protocol_name=ESMTP\n"
-    b"client_address=127.0.0.1\n"
-    b"client_name=unknown\n"
-    b"client_port=43350\n"
-    b"reverse_client_name=unknown\n"
-    b"server_address=127.0.0.1\n"
-    b"server_port=2525\n"
-    b"helo_name=client.test\n"
-    b"sender=sender@sender.test\n"
-    b"recipient=user@example.com\n"
-    b"recipient_count=0\n"
-    b"queue_id=\n"
-    b"instance=267f.6b06f7a0.dbbc.0\n"
-    b"size=0\n"
-    b"etrn_domain=\n"
-    b"stress=\n"
-    b"sasl_method=\n"
-    b"sasl_username=\n"
-    b"sasl_sender=\n"
-    b"ccert_subject=\n"
-    b"ccert_issuer=\n"
-    b"ccert_fingerprint=\n"
-    b"ccert_pubkey_fingerprint=\n"
-    b"encryption_protocol=\n"
-    b"encryption_cipher=\n"
-    b"encryption_keysize=0\n"
-    b"policy_context=\n"
-    b"\n"
-)
 
 Event = PolicyRequest | type[NEED_DATA] | type[CLOSED]
 
@@ -495,29 +463,21 @@ def test_format_reply_exact_bytes() -> None:
         format_reply("DEFER_IF_PERMIT", "4.7.1 Try the primary MX for example.com")
         == b"action=DEFER_IF_PERMIT 4.7.1 Try the primary MX for example.com\n\n"
     )
-    assert format_reply("REJECT", "   ") == b"action=REJECT\n\n"
-    assert format_reply("PREPEND", "X-Test: 1") == b"action=PREPEND X-Test: 1\n\n"
+    assert format_reply("WARN", "   ") == b"action=WARN\n\n"
 
 
-@pytest.mark.parametrize("action", sorted(ALLOWED_ACTIONS - {"PREPEND"}))
+@pytest.mark.parametrize("action", sorted(ALLOWED_ACTIONS))
 def test_every_allowed_action_without_text(action: str) -> None:
     assert format_reply(action) == b"action=" + action.encode() + b"\n\n"
     assert parse_reply(format_reply(action)) == (action, "")
 
 
 @pytest.mark.parametrize(
-    "action", ["", " ", "dunno", "PERMIT", "FROBNICATE", "DUNNO ", "REJECT\n", "450"]
+    "action", ["", " ", "dunno", "PERMIT", "FROBNICATE", "DUNNO ", "REJECT", "OK", "PREPEND", "WARN\n", "450"]
 )
 def test_format_reply_refuses_other_actions(action: str) -> None:
     with pytest.raises(ValueError):
         format_reply(action, "text")
-
-
-def test_prepend_needs_text() -> None:
-    with pytest.raises(ValueError):
-        format_reply("PREPEND")
-    with pytest.raises(ValueError):
-        format_reply("PREPEND", "   ")  # nothing left after sanitising
 
 
 @pytest.mark.parametrize(
@@ -753,11 +713,13 @@ def _lookups(req: PolicyRequest, names: Iterable[str]) -> dict[str, str]:
 @settings(max_examples=300, deadline=None)
 @given(data=_WIRE_BYTES, extra=st.lists(_NAMES | st.sampled_from(["a", "a=", "x\n", ""]), max_size=4))
 def test_attribute_lookups_agree_with_the_mapping(data: bytes, extra: list[str]) -> None:
-    """A request parsed in one piece answers lookups from its lines without
-    building the mapping; every lookup must give what the line-by-line
-    parser's mapping gives (fed one byte at a time, it never takes the
-    whole-request path), first value winning, for present, empty and absent
-    names alike."""
+    """A request parsed in one piece (the whole-request path) answers
+    lookups by searching its lines; every lookup must give what the mapping
+    of the line-by-line parser's request gives (fed one byte at a time, it
+    never takes the whole-request path, and its mapping is built by
+    splitting lines, not by searching), first value winning, for present,
+    empty and absent names alike.  The line-by-line request's own lookups
+    must agree too."""
     try:
         lazy_reqs = requests_of(feed_all(PolicyParser(), [data], eof=True))
     except ProtocolError:
@@ -776,6 +738,24 @@ def test_attribute_lookups_agree_with_the_mapping(data: bytes, extra: list[str])
         assert _lookups(lazy_req, names) == expected  # before the mapping exists
         assert dict(lazy_req.attrs) == mapping
         assert _lookups(lazy_req, names) == expected  # and after
+        assert _lookups(eager_req, names) == expected
+        assert lazy_req == eager_req
+
+
+@pytest.mark.parametrize(
+    "pairs",
+    [[("", "v")], [("a=b", "v")], [("a\nb", "v")], [("a\x00", "v")], [("a", "x\ny")], [("a", "x\x00")], [("a", "x\r")]],
+)
+def test_request_from_attributes_refuses_what_cannot_be_on_the_wire(pairs: list[tuple[str, str]]) -> None:
+    with pytest.raises(ValueError):
+        PolicyRequest(pairs)
+
+
+def test_request_from_pairs_keeps_the_first_value() -> None:
+    req = PolicyRequest([("recipient", "a@b"), ("recipient", "c@d"), ("empty", "")])
+    assert req.recipient == "a@b" and dict(req.attrs) == {"recipient": "a@b", "empty": ""}
+    assert req.get("empty", "-") == "" and req.get("absent", "-") == "-"
+    assert PolicyRequest({}).attrs == {} and PolicyRequest({}).recipient == ""
 
 
 def test_request_built_from_a_mapping_answers_the_same() -> None:

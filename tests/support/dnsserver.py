@@ -29,6 +29,17 @@ Under a ``"*"`` key that is the per-type data, so::
 
 truncates over UDP and gives the MX record over TCP.  Under a per-type key
 the "otherwise" answer is NODATA.
+
+A ``wildcard(name, type)`` function, consulted for names the zone does not
+hold, serves any number of names without building a dict of them (the
+benchmarks send a hundred thousand domains): it returns records, ``[]``
+for NODATA, or ``None`` for "not here" (NXDOMAIN unless the zone knows the
+name).  ``backup_mx_zone`` is the one the policy benchmarks use.
+
+``FakeDNSServer(..., fast=True)`` is for load rather than misbehaviour: UDP
+queries are answered in arrival order without a task each (so ``Slow``
+holds up everything behind it) and only counted by type, not logged one
+by one in ``queries``.
 """
 
 from __future__ import annotations
@@ -37,7 +48,8 @@ import enum
 import errno
 import os
 import socket
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -47,8 +59,10 @@ import dns.message
 import dns.name
 import dns.opcode
 import dns.rcode
+import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
+import dns.rdtypes.ANY.MX
 import dns.rrset
 import trio
 
@@ -57,8 +71,10 @@ __all__ = [
     "FakeDNSServer",
     "Records",
     "Slow",
+    "Wildcard",
     "Zone",
     "ZoneValue",
+    "backup_mx_zone",
     "nameserver_arg",
 ]
 
@@ -99,6 +115,7 @@ class Slow:
 
 ZoneValue: TypeAlias = Records | Behavior | Slow
 Zone: TypeAlias = dict[tuple[str, str], ZoneValue]
+Wildcard: TypeAlias = Callable[[str, str], Records | None]
 
 SOA_TEXT = "ns.test. hostmaster.test. 1 3600 600 86400 60"
 """Every negative answer carries this SOA so that resolvers can cache it."""
@@ -114,6 +131,10 @@ _UDP_MIN_PAYLOAD = 512
 _TCP_MAX_MESSAGE = 65535
 _BIND_ATTEMPTS = 64
 _GARBAGE_LENGTH = 7  # shorter than a DNS header, so it can never parse
+# Bursts of lookups arrive faster than one Python loop answers them; a
+# roomy buffer keeps the kernel from dropping queries (a drop shows up as
+# a resolver retry, a latency spike that is the fake's, not the client's).
+_UDP_RCVBUF = 4 << 20
 
 
 def _norm_name(name: str) -> str:
@@ -155,14 +176,20 @@ class FakeDNSServer:
         *,
         ttl: int = 300,
         host: str = "127.0.0.1",
+        wildcard: Wildcard | None = None,
+        fast: bool = False,
     ) -> None:
         self.zone: Zone = zone if zone is not None else {}
         self.ttl = ttl
         self.host = host
         self.port = 0
+        self.wildcard = wildcard
+        self.fast = fast
         self.queries: list[tuple[str, str, str]] = []
         """``(qname, rdtype, "udp"|"tcp")`` in arrival order, for asserting on
-        how often and how a client asked."""
+        how often and how a client asked (left empty in fast mode)."""
+        self.queries_by_type: Counter[str] = Counter()
+        """Queries per rdtype, kept in every mode."""
         self.malformed = 0
         """Incoming packets that could not be parsed as a query and were ignored."""
         self._family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -209,6 +236,7 @@ class FakeDNSServer:
             try:
                 await tcp.bind((self.host, 0))
                 port = tcp.getsockname()[1]
+                udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _UDP_RCVBUF)
                 await udp.bind((self.host, port))
             except OSError as exc:
                 tcp.close()
@@ -234,7 +262,11 @@ class FakeDNSServer:
                 # A stale ICMP error from an earlier reply; the socket is fine.
                 continue
             query = self._admit(wire, "udp")
-            if query is not None:
+            if query is None:
+                continue
+            if self.fast:
+                await self._answer_udp(sock, send_lock, query, peer)
+            else:
                 nursery.start_soon(self._answer_udp, sock, send_lock, query, peer)
 
     async def _answer_udp(
@@ -321,7 +353,10 @@ class FakeDNSServer:
             return None
         if query.opcode() == dns.opcode.QUERY and len(query.question) == 1:
             question = query.question[0]
-            self.queries.append((_qname_text(question.name), dns.rdatatype.to_text(question.rdtype), transport))
+            rdtype = dns.rdatatype.to_text(question.rdtype)
+            self.queries_by_type[rdtype] += 1
+            if not self.fast:
+                self.queries.append((_qname_text(question.name), rdtype, transport))
         return query
 
     async def _reply(self, wire: bytes, transport: str) -> bytes | None:
@@ -375,9 +410,12 @@ class FakeDNSServer:
         for (key_name, key_type), value in list(self.zone.items()):
             if key_type.upper() == rdtype and _norm_name(key_name) == name:
                 return value
+        if self.wildcard is not None and rdtype != "*":
+            return self.wildcard(name, rdtype)
         return None
 
     def _name_exists(self, name: str) -> bool:
+        """Whether the name holds data of some type (NODATA, not NXDOMAIN)."""
         return any(_norm_name(key_name) == name for key_name, _ in list(self.zone))
 
     async def _settle(self, value: ZoneValue | None) -> Records | Behavior | None:
@@ -406,6 +444,8 @@ class FakeDNSServer:
         return rrset
 
     def _parse_rrset(self, name: str, rdtype: str, records: tuple[str, ...]) -> dns.rrset.RRset:
+        if rdtype == "MX":
+            return self._parse_mx(name, records)
         try:
             return dns.rrset.from_text_list(
                 dns.name.from_text(name or ".", origin=dns.name.root),
@@ -418,6 +458,24 @@ class FakeDNSServer:
             )
         except dns.exception.DNSException as exc:
             raise ValueError(f"bad zone data for ({name!r}, {rdtype!r}): {records!r}") from exc
+
+    def _parse_mx(self, name: str, records: tuple[str, ...]) -> dns.rrset.RRset:
+        """MX records from their two fields, not through dnspython's generic
+        text parser: MX targets differ per domain, so under load (a new
+        domain per query) the parse is paid on nearly every answer."""
+        rdatas: list[dns.rdata.Rdata] = []
+        try:
+            for text in records:
+                preference, target = text.split()
+                rdatas.append(
+                    dns.rdtypes.ANY.MX.MX(  # type: ignore[no-untyped-call]
+                        dns.rdataclass.IN, dns.rdatatype.MX, int(preference), dns.name.from_text(target, origin=dns.name.root)
+                    )
+                )
+        except (ValueError, dns.exception.DNSException) as exc:
+            raise ValueError(f"bad zone data for ({name!r}, 'MX'): {list(records)!r}") from exc
+        owner = dns.name.from_text(name or ".", origin=dns.name.root)
+        return dns.rrset.from_rdata_list(owner, self.ttl, rdatas)
 
     def _answer(
         self,
@@ -520,3 +578,57 @@ class FakeDNSServer:
         if wire and len(wire) <= limit:
             return wire
         return self._truncated(query, response.rcode()).to_wire()
+
+
+# -------------------------------------------------------------- benchmark zone
+
+#: ``this host`` for the policy benchmarks: the backup MX, named the same
+#: for every domain, as a real backup MX is.
+SHARED_BACKUP_NAME = "backup.bench.example"
+SHARED_PRIMARY_NAME = "mx1.bench.example"
+
+
+def backup_mx_zone(
+    primary_address: str,
+    *,
+    backup_address: str = "127.0.0.1",
+    primary_group: int | None = 1,
+    shared_backup: bool = False,
+) -> Wildcard:
+    """MX lists for any ``dN.example``: a live primary, then this host.
+
+    With the defaults, ``dN.example`` has ``MX 10 mx1.dN.example`` (A:
+    ``primary_address``) and ``MX 20 backup.dN.example`` (A:
+    ``backup_address``, the requests' server_address), so a backup MX finds
+    itself at the worse preference and defers to the primary.
+
+    ``primary_group=G`` names the primary ``mx1.gK.example`` with
+    ``K = N // G`` (G domains share a primary, as a hoster's customers do;
+    None: one primary, ``mx1.bench.example``, for all), and
+    ``shared_backup`` names this host ``backup.bench.example`` for every
+    domain.  Then a new domain costs a resolver about one query instead of
+    three, which is what lets the memory benchmark push 100,000 domains
+    through in bounded time.  Names outside this scheme are not here.
+    """
+    if primary_group is not None and primary_group < 1:
+        raise ValueError("primary_group must be at least 1 (or None)")
+
+    def primary_of(name: str, n: int) -> str:
+        if primary_group is None:
+            return SHARED_PRIMARY_NAME
+        return f"mx1.{name}" if primary_group == 1 else f"mx1.g{n // primary_group}.example"
+
+    def zone(name: str, rdtype: str) -> Records | None:
+        head, _, rest = name.partition(".")
+        if rest == "example" and head.startswith("d") and head[1:].isdigit():
+            if rdtype != "MX":
+                return []
+            backup = SHARED_BACKUP_NAME if shared_backup else f"backup.{name}"
+            return [f"10 {primary_of(name, int(head[1:]))}.", f"20 {backup}."]
+        if head == "mx1" and rest.endswith("example"):
+            return [primary_address] if rdtype == "A" else []
+        if head == "backup" and rest.endswith("example"):
+            return [backup_address] if rdtype == "A" else []
+        return None
+
+    return zone

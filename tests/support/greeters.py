@@ -15,15 +15,17 @@ says ``QUIT`` when done.
 from __future__ import annotations
 
 import enum
+import errno
 import os
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import trio
 
-__all__ = ["Greeter", "Mode", "start_greeters", "unused_port"]
+__all__ = ["Farm", "Greeter", "Mode", "start_farm", "start_greeters", "unused_port"]
 
 
 class Mode(enum.Enum):
@@ -72,6 +74,7 @@ _FLOOD_CHUNK = 64 << 10
 _CLOSE_POLL_INTERVAL = 0.05
 _DRAIN_TIMEOUT = 0.5
 _TCP_ESTABLISHED = 1
+_FARM_PORT_ATTEMPTS = 20
 
 
 def unused_port(host: str = "127.0.0.1") -> int:
@@ -97,6 +100,44 @@ async def start_greeters(
     for greeter in greeters:
         await nursery.start(greeter.serve)
     return greeters
+
+
+@dataclass
+class Farm:
+    """Greeters on 127.0.0.{2,3,...} sharing one port.
+
+    The code under test probes a single SMTP port on every MX host, as a
+    real backup MX probes port 25, so fake hosts differ by address; Linux
+    answers the whole of 127/8 without set-up.
+    """
+
+    port: int
+    greeters: list[Greeter]
+
+    def host(self, i: int) -> str:
+        return self.greeters[i].host
+
+
+async def start_farm(nursery: trio.Nursery, modes: Sequence[Mode], **kwargs: Any) -> Farm:
+    """Start greeter ``i`` on 127.0.0.{i+2}, all on one free port.
+
+    A port free on 127.0.0.2 can be taken on another address; then the
+    whole farm is tried again on a new port.
+    """
+    for _attempt in range(_FARM_PORT_ATTEMPTS):
+        port = unused_port("127.0.0.2")
+        greeters: list[Greeter] = []
+        try:
+            for i, mode in enumerate(modes):
+                greeter = Greeter(mode, host=f"127.0.0.{i + 2}", port=port, **kwargs)
+                await nursery.start(greeter.serve)
+                greeters.append(greeter)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            continue
+        return Farm(port, greeters)
+    raise RuntimeError("no common free port for the greeter farm")
 
 
 def _set_reset_on_close(stream: trio.SocketStream) -> None:

@@ -2,9 +2,8 @@
 
 Why a real Postfix: the policy protocol has sharp edges (LF-only framing, persistent
 connections, how ``DEFER_IF_PERMIT`` text turns into an SMTP reply) that only the real
-client exercises faithfully.  The set-up follows the recipe verified on Debian 12 /
-Postfix 3.7 (root, chroot off, discard transports, no DNS); see
-``/work/shared/reference/postfix-policy.md`` section 4.4.
+client exercises faithfully.  The set-up is the one verified on Debian 12 /
+Postfix 3.7: run as root, chroot off, discard transports, no DNS lookups.
 
 Every instance is self-contained: its own config directory, queue directory, data
 directory, maillog file and a single SMTP listener on a free loopback port.  The system

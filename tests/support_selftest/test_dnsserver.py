@@ -34,6 +34,7 @@ from tests.support.dnsserver import (
     FakeDNSServer,
     Slow,
     Zone,
+    backup_mx_zone,
     nameserver_arg,
 )
 
@@ -624,3 +625,85 @@ async def test_reply_to_arbitrary_questions_is_valid_dns(
         assert response.flags & dns.flags.QR
         if transport == "udp":
             assert len(reply) <= max(512, payload if edns >= 0 else 512)
+
+
+# ------------------------------------------------------ wildcard and fast mode
+
+
+def _wildcard(name: str, rdtype: str) -> list[str] | None:
+    if name.endswith(".wild.test"):
+        return ["127.0.0.9"] if rdtype == "A" else []
+    return None
+
+
+async def test_wildcard_answers_names_the_zone_lacks(nursery: trio.Nursery) -> None:
+    server = await start(nursery, FakeDNSServer({("a.wild.test", "A"): ["127.0.0.1"]}, wildcard=_wildcard))
+    assert texts(await resolve(server, "a.wild.test", "A")) == ["127.0.0.1"]  # the zone first
+    assert texts(await resolve(server, "b.wild.test", "A")) == ["127.0.0.9"]
+    nodata = await udp(server, dns.message.make_query("b.wild.test", "MX"))
+    assert nodata.rcode() == dns.rcode.NOERROR and not nodata.answer and nodata.authority
+    nxdomain = await udp(server, dns.message.make_query("elsewhere.test", "A"))
+    assert nxdomain.rcode() == dns.rcode.NXDOMAIN
+
+
+async def test_fast_mode_answers_in_order_and_only_counts(nursery: trio.Nursery) -> None:
+    server = await start(nursery, FakeDNSServer(dict(ZONE), wildcard=_wildcard, fast=True))
+    for i in range(20):
+        assert texts(await resolve(server, f"h{i}.wild.test", "A")) == ["127.0.0.9"]
+    assert texts(await resolve(server, "example.com", "MX")) == ["10 mx1.example.com.", "20 mx2.example.com."]
+    assert server.queries == []  # nothing kept per query
+    assert server.queries_by_type == {"A": 20, "MX": 1}
+
+
+async def test_queries_are_counted_by_type_in_every_mode(server: FakeDNSServer) -> None:
+    await resolve(server, "example.com", "MX")
+    await resolve(server, "mx1.example.com", "AAAA")
+    assert server.queries_by_type == {"MX": 1, "AAAA": 1}
+    assert len(server.queries) == 2
+
+
+@pytest.mark.parametrize("mx", [["10 mx1.test", "x.test."], ["ten mx1.test."], ["10 mx1.test. extra"]])
+async def test_bad_mx_data_fails_loudly(nursery: trio.Nursery, mx: list[str]) -> None:
+    server = FakeDNSServer({("x.test", "MX"): mx})
+    with pytest.RaisesGroup(pytest.RaisesGroup(pytest.RaisesExc(ValueError, match="bad zone data"))):
+        async with trio.open_nursery() as inner:
+            await inner.start(server.serve)
+            with trio.fail_after(STEP):
+                await make_resolver(server).resolve("x.test", "MX", backend=BACKEND)
+
+
+async def test_null_mx_and_relative_targets(nursery: trio.Nursery) -> None:
+    server = await start(nursery, FakeDNSServer({("null.test", "MX"): ["0 ."], ("rel.test", "MX"): ["5 mx.rel.test"]}))
+    assert texts(await resolve(server, "null.test", "MX")) == ["0 ."]
+    assert texts(await resolve(server, "rel.test", "MX")) == ["5 mx.rel.test."]
+
+
+def test_backup_mx_zone_per_domain_names() -> None:
+    zone = backup_mx_zone("127.0.0.2")
+    assert zone("d7.example", "MX") == ["10 mx1.d7.example.", "20 backup.d7.example."]
+    assert zone("d7.example", "A") == []
+    assert zone("mx1.d7.example", "A") == ["127.0.0.2"]
+    assert zone("mx1.d7.example", "AAAA") == []
+    assert zone("backup.d7.example", "A") == ["127.0.0.1"]
+    assert zone("x7.example", "MX") is None and zone("d7.test", "MX") is None and zone("dx.example", "MX") is None
+
+
+def test_backup_mx_zone_shared_names() -> None:
+    grouped = backup_mx_zone("127.0.0.3", backup_address="127.0.0.4", primary_group=5, shared_backup=True)
+    assert grouped("d12.example", "MX") == ["10 mx1.g2.example.", "20 backup.bench.example."]
+    assert grouped("mx1.g2.example", "A") == ["127.0.0.3"]
+    assert grouped("backup.bench.example", "A") == ["127.0.0.4"]
+    one = backup_mx_zone("127.0.0.3", primary_group=None)
+    assert one("d12.example", "MX") == ["10 mx1.bench.example.", "20 backup.d12.example."]
+    with pytest.raises(ValueError):
+        backup_mx_zone("127.0.0.3", primary_group=0)
+
+
+async def test_backup_mx_zone_through_a_resolver(nursery: trio.Nursery) -> None:
+    server = await start(nursery, FakeDNSServer(wildcard=backup_mx_zone("127.0.0.2"), fast=True))
+    assert texts(await resolve(server, "d3.example", "MX")) == ["10 mx1.d3.example.", "20 backup.d3.example."]
+    assert texts(await resolve(server, "mx1.d3.example", "A")) == ["127.0.0.2"]
+    with pytest.raises(dns.resolver.NoAnswer):
+        await resolve(server, "mx1.d3.example", "AAAA")
+    with pytest.raises(dns.resolver.NXDOMAIN):
+        await resolve(server, "nowhere.example", "MX")

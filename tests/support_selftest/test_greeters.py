@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 
-from tests.support.greeters import RECEIVED_CAP, Greeter, Mode, start_greeters, unused_port
+from tests.support.greeters import RECEIVED_CAP, Greeter, Mode, start_farm, start_greeters, unused_port
 
 STEP = 2.0
 """Upper bound for any single exchange that is expected to succeed."""
@@ -378,3 +378,20 @@ async def test_ipv6_greeter(nursery: trio.Nursery) -> None:
     async with connect(greeter) as client:
         assert (await client.reply()).startswith(b"220 ")
     assert unused_port("::1") > 0
+
+
+# ------------------------------------------------------------------ farms
+
+
+async def test_farm_shares_one_port_on_consecutive_addresses(nursery: trio.Nursery) -> None:
+    with trio.fail_after(STEP):
+        farm = await start_farm(nursery, [Mode.OK, Mode.SILENT, Mode.CODE_421], banner_name="farm.test")
+    assert [g.host for g in farm.greeters] == ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+    assert {g.port for g in farm.greeters} == {farm.port} and farm.host(2) == "127.0.0.4"
+    async with connect(farm.greeters[0]) as client:
+        assert await client.reply() == b"220 farm.test ESMTP ready\r\n"
+    async with connect(farm.greeters[2]) as client:
+        assert (await client.reply()).startswith(b"421 ")
+    async with connect(farm.greeters[1]) as client:
+        await client.nothing_for(0.2)
+    assert [g.connections for g in farm.greeters] == [1, 1, 1]
