@@ -59,6 +59,8 @@ class Config:
     dns_max_ttl: float = 3600.0
     dns_negative_ttl: float = 300.0
     dns_failure_ttl: float = 10.0
+    refresh_window: float = 600.0
+    dns_stale_max: float = 3600.0
     cache_size: int = 10_000
     max_probes: int = 200
     max_dns_queries: int = 100
@@ -252,6 +254,8 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option("dns_max_ttl", _seconds, "cap on how long a DNS answer is reused (its own TTL otherwise)", "SECONDS", restart=True),
     Option("dns_negative_ttl", _seconds, "cap on how long NXDOMAIN / no-records answers are reused", "SECONDS", restart=True),
     Option("dns_failure_ttl", _seconds, "how long a failed lookup (SERVFAIL, timeout) is reused before asking again", "SECONDS", restart=True),
+    Option("refresh_window", _seconds, "cached MX lists, addresses and probe results used within this window are refreshed in the background before they expire, and served while a refresh runs (up to --timeout / --dns-timeout past expiry); 0 = off: an expired entry makes the RCPT wait", "SECONDS", restart=True),
+    Option("dns_stale_max", _seconds, "when a DNS refresh fails, keep answering with the last good answer for up to this long past its expiry, retrying every --dns-failure-ttl; 0 = never", "SECONDS", restart=True),
     Option("cache_size", _count, "entries per cache (probe results, MX lists, host addresses)", "N", restart=True),
     Option("max_probes", _count, "SMTP probes connecting at once, process-wide", "N", restart=True),
     Option("max_dns_queries", _count, "DNS queries in flight at once, process-wide", "N", restart=True),

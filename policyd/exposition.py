@@ -81,6 +81,23 @@ def make_registry(service: PolicyService) -> object:
             yield hits
             yield misses
             yield size
+            refreshes = CounterMetricFamily(
+                "smtpdcheck_refreshes", "Background refreshes of cached entries, by outcome", labels=["cache", "outcome"]
+            )
+            stale = CounterMetricFamily("smtpdcheck_stale_answers", "Expired entries served while being refreshed", labels=["cache"])
+            fresh = GaugeMetricFamily("smtpdcheck_cache_kept_fresh", "Entries used recently enough to be kept fresh", labels=["cache"])
+            for name, flights in (
+                ("probe", service.core.prober.flights),
+                ("mx", service.core.resolver.mx_flights),
+                ("address", service.core.resolver.address_flights),
+            ):
+                for how in ("ok", "failed"):
+                    refreshes.add_metric([name, how], flights.refreshes[how])
+                stale.add_metric([name], flights.stale_served)
+                fresh.add_metric([name], flights.kept_fresh())
+            yield refreshes
+            yield stale
+            yield fresh
             yield CounterMetricFamily("smtpdcheck_dns_failures", "DNS queries that failed or timed out", value=service.core.resolver.failures)
             yield GaugeMetricFamily("smtpdcheck_connections_open", "Postfix connections open", value=m.connections_open)
             yield CounterMetricFamily("smtpdcheck_connections", "Postfix connections accepted", value=m.connections_total)

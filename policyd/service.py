@@ -43,6 +43,8 @@ def core_settings(config: Config) -> CoreSettings:
         cache_size=config.cache_size,
         max_probes=config.max_probes,
         max_dns_queries=config.max_dns_queries,
+        refresh_window=config.refresh_window,
+        dns_stale_max=config.dns_stale_max,
         stop=config.stop,
     )
 

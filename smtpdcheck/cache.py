@@ -14,30 +14,65 @@ the answer still lands in the cache for the next one.
 
 from __future__ import annotations
 
+import enum
 import logging
 import math
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+import random
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 import trio
 
-K = TypeVar("K")
+from .refresh import RefreshRules, Schedule, make_rng
+
+K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 log = logging.getLogger("smtpdcheck.cache")
 
 
+class Source(enum.IntEnum):
+    """Where a value came from; true when it came from the cache (fresh or stale)."""
+
+    NETWORK = 0
+    CACHE = 1
+    STALE = 2  # expired, served while its refresh runs (or after a refresh failed)
+
+
+Deliver = Callable[[V], None]
+Producer = Callable[[Deliver[V]], Awaitable[None]]
+
+
+@dataclass(slots=True, eq=False)
+class Entry(Generic[V]):
+    """One cached value and its times (all trio times)."""
+
+    value: V
+    expires: float  # fresh until then
+    used: float  # last handed to a caller
+    stale_until: float  # may be served past expiry until then (while refreshing)
+    due: float = math.inf  # background refresh scheduled for then
+    retry_at: float = -math.inf  # no refresh before then (after a failed one)
+    failing: bool = False  # the last refresh failed; ``value`` is the last good one
+    produce: Producer[V] | None = None  # how to refresh it
+
+
 class TTLCache(Generic[K, V]):
-    """An LRU mapping whose entries expire; at most ``max_entries`` live."""
+    """An LRU mapping whose entries expire; at most ``max_entries`` live.
+
+    Expired entries are dropped when read with :meth:`get`; a
+    :class:`SingleFlight` with refresh rules reads them with :meth:`raw`
+    instead, to serve them stale, and they leave by LRU or replacement.
+    """
 
     def __init__(self, max_entries: int, clock: Callable[[], float] = trio.current_time) -> None:
         if max_entries < 1:
             raise ValueError("max_entries must be at least 1")
         self.max_entries = max_entries
         self._clock = clock
-        self._data: OrderedDict[K, tuple[float, V]] = OrderedDict()
+        self._data: OrderedDict[K, Entry[V]] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
@@ -48,11 +83,13 @@ class TTLCache(Generic[K, V]):
         """A fresh value, or None; ``now`` saves a clock read if the caller has one."""
         item = self._data.get(key)
         if item is not None:
-            expires, value = item
-            if expires > (self._clock() if now is None else now):
+            if now is None:
+                now = self._clock()
+            if item.expires > now:
                 self._data.move_to_end(key)
+                item.used = now
                 self.hits += 1
-                return value
+                return item.value
             del self._data[key]
         self.misses += 1
         return None
@@ -60,46 +97,54 @@ class TTLCache(Generic[K, V]):
     def peek(self, key: K) -> V | None:
         """A fresh value without touching recency or statistics."""
         item = self._data.get(key)
-        if item is not None and item[0] > self._clock():
-            return item[1]
+        if item is not None and item.expires > self._clock():
+            return item.value
         return None
 
-    def entry(self, key: K) -> tuple[V, float] | None:
-        """A fresh value and when it expires, without touching recency or statistics."""
-        item = self._data.get(key)
-        if item is not None and item[0] > self._clock():
-            return item[1], item[0]
-        return None
+    def raw(self, key: K) -> Entry[V] | None:
+        """The entry, fresh or not, without touching anything."""
+        return self._data.get(key)
+
+    def entries(self) -> list[tuple[K, Entry[V]]]:
+        return list(self._data.items())
 
     def expires(self, key: K) -> float:
         """When ``key``'s value stops being fresh (-inf if it is not cached)."""
         item = self._data.get(key)
-        return item[0] if item is not None else -math.inf
+        return item.expires if item is not None else -math.inf
 
     def count_hits(self, n: int) -> None:
         self.hits += n
 
-    def put(self, key: K, value: V, ttl: float) -> None:
+    def put(self, key: K, value: V, ttl: float, *, stale_until: float | None = None) -> Entry[V] | None:
+        """Store ``value`` for ``ttl`` seconds (0 or less removes the key); the new entry."""
         if ttl <= 0:
             self._data.pop(key, None)
-            return
-        self._data[key] = (self._clock() + ttl, value)
+            return None
+        now = self._clock()
+        expires = now + ttl
+        entry = Entry(value, expires, now, expires if stale_until is None else stale_until)
+        self._data[key] = entry
         self._data.move_to_end(key)
         while len(self._data) > self.max_entries:
             self._data.popitem(last=False)
+        return entry
+
+    def touch(self, key: K, entry: Entry[V], now: float) -> None:
+        """Mark ``entry`` used now, for LRU and for refreshing."""
+        entry.used = now
+        self._data.move_to_end(key)
 
     def clear(self) -> None:
         self._data.clear()
-
-
-Deliver = Callable[[V], None]
-Producer = Callable[[Deliver[V]], Awaitable[None]]
 
 
 @dataclass(eq=False)
 class _Flight(Generic[V]):
     done: trio.Event = field(default_factory=trio.Event)
     value: V | None = None
+    refresh: bool = False  # started to refresh a cached value, not for a waiting caller
+    produce: Producer[V] | None = None
 
 
 class SingleFlight(Generic[K, V]):
@@ -109,6 +154,14 @@ class SingleFlight(Generic[K, V]):
     keep running (a probe reports "available" on the first greeting line and
     then says QUIT politely); if it ends without delivering, or raises, the
     waiters get ``fallback(exc)`` so nobody waits forever.
+
+    With ``rules`` enabled, entries used within the window are refreshed in
+    the background before they expire (by a task of this object's own, so a
+    domain that sees one RCPT every few minutes is refreshed too), expired
+    values are served while their refresh runs, and a refresh whose result
+    ``is_failure`` keeps the last good value as long as the rules allow.
+    Refreshes are flights like any other: callers share them, and they stay
+    under the producers' own limits.
     """
 
     def __init__(
@@ -118,17 +171,35 @@ class SingleFlight(Generic[K, V]):
         ttl_of: Callable[[V], float],
         fallback: Callable[[BaseException | None], V],
         name: str = "flight",
+        *,
+        rules: RefreshRules | None = None,
+        is_failure: Callable[[V], bool] | None = None,
+        describe: Callable[[K], str] = repr,
+        reason_of: Callable[[V], str] | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self._nursery = nursery
         self.cache = cache
+        self._clock = cache._clock
         self._ttl_of = ttl_of
         self._fallback = fallback
         self._inflight: dict[K, _Flight[V]] = {}
         self._name = name
+        self._describe = describe
+        self._reason_of = reason_of
         self.started = 0
         self.joined = 0
         self._running = 0
         self._flight_ended: trio.Event | None = None
+        self.rules = rules if rules is not None and rules.enabled else None
+        self._is_failure = is_failure or (lambda value: ttl_of(value) <= 0)
+        self._rng = rng or make_rng()
+        self._schedule: Schedule[K] = Schedule()
+        self._wake = trio.Event()
+        self.refreshes: Counter[str] = Counter()  # "ok" / "failed"
+        self.stale_served = 0
+        if self.rules is not None:
+            nursery.start_soon(self._refresher, name=f"{name} refresher")
 
     @property
     def inflight(self) -> int:
@@ -140,38 +211,146 @@ class SingleFlight(Generic[K, V]):
         """Flights that delivered but are still finishing (a probe saying QUIT)."""
         return self._running - len(self._inflight)
 
+    def kept_fresh(self) -> int:
+        """Entries currently kept fresh (used within the window); O(n), for scrapes."""
+        rules = self.rules
+        if rules is None:
+            return 0
+        now = self._clock()
+        return sum(1 for _, e in self.cache.entries() if rules.kept_fresh(e.used, now))
+
     async def wait_lingering(self) -> None:
         """Return once no delivered flight is still finishing (bound it with a cancel scope)."""
         while self.lingering > 0:
             event = self._flight_ended = trio.Event()
             await event.wait()
 
-    async def get(self, key: K, produce: Producer[V]) -> tuple[V, bool]:
-        """Return ``(value, from_cache)``; waits for a flight if needed."""
-        cached = self.cache.get(key)
-        if cached is not None:
-            await trio.lowlevel.checkpoint()
-            return cached, True
+    def _servable(self, key: K, entry: Entry[V], now: float) -> Source | None:
+        """CACHE or STALE if ``entry`` may be handed out now (starting a refresh if it needs one)."""
+        if entry.expires > now:
+            return Source.CACHE
+        if self.rules is None or now >= entry.stale_until:
+            return None
+        if key not in self._inflight and now >= entry.retry_at and entry.produce is not None:
+            self._start(key, entry.produce, refresh=True)
+        self.stale_served += 1
+        return Source.STALE
+
+    def cached(self, key: K) -> tuple[V, float, Source] | None:
+        """A value usable without waiting, when it expires, and whether it is stale; no I/O.
+
+        The cache-only decision path uses this; hit statistics are the
+        caller's to count (:meth:`TTLCache.count_hits`) once it has used it.
+        """
+        entry = self.cache.raw(key)
+        if entry is None:
+            return None
+        now = self._clock()
+        source = self._servable(key, entry, now)
+        if source is None:
+            return None
+        self.cache.touch(key, entry, now)
+        return entry.value, entry.expires, source
+
+    async def get(self, key: K, produce: Producer[V]) -> tuple[V, Source]:
+        """Return ``(value, source)``; waits for a flight if nothing usable is cached."""
+        entry = self.cache.raw(key)
+        if entry is not None:
+            now = self._clock()
+            source = self._servable(key, entry, now)
+            if source is not None:
+                self.cache.touch(key, entry, now)
+                self.cache.hits += 1
+                await trio.lowlevel.checkpoint()
+                return entry.value, source
+        self.cache.misses += 1
         flight = self._inflight.get(key)
         if flight is None:
-            flight = _Flight()
-            self._inflight[key] = flight
-            self.started += 1
-            self._nursery.start_soon(self._fly, key, flight, produce, name=f"{self._name} {key!r}")
+            flight = self._start(key, produce, refresh=False)
         else:
             self.joined += 1
         await flight.done.wait()
         assert flight.value is not None
-        return flight.value, False
+        return flight.value, Source.NETWORK
 
-    def _deliver(self, key: K, flight: _Flight[V], value: V) -> None:
+    def _start(self, key: K, produce: Producer[V], *, refresh: bool) -> _Flight[V]:
+        flight: _Flight[V] = _Flight(refresh=refresh, produce=produce)
+        self._inflight[key] = flight
+        self.started += 1
+        self._nursery.start_soon(self._fly, key, flight, produce, name=f"{self._name} {key!r}")
+        return flight
+
+    def _deliver(self, key: K, flight: _Flight[V], value: V, *, store: bool = True) -> None:
         if flight.done.is_set():
             return
+        now = self._clock()
+        old = self.cache.raw(key)
+        rules = self.rules
+        if rules is not None and old is not None and self._is_failure(value) and not self._is_failure(old.value):
+            keep_until = rules.keep_after_failure_until(old.expires, old.stale_until)
+            if now < keep_until:
+                # The last good value stays; callers waiting on this flight get it too.
+                self.refreshes["failed"] += 1
+                if not old.failing:
+                    why = f" ({self._reason_of(value)})" if self._reason_of is not None else ""
+                    log.warning(
+                        "%s %s: refresh failed%s; serving the stale last good answer for up to %gs",
+                        self._name, self._describe(key), why, keep_until - max(now, old.expires),
+                    )
+                old.failing = True
+                old.stale_until = keep_until
+                old.retry_at = now + rules.retry_after
+                self._finish(key, flight, old.value)
+                self._plan(key, old, old.retry_at)
+                return
+        if flight.refresh:
+            self.refreshes["failed" if self._is_failure(value) else "ok"] += 1
+        if old is not None and old.failing and not self._is_failure(value):
+            log.info("%s %s: answering again", self._name, self._describe(key))
+        self._finish(key, flight, value)
+        if not store:
+            return
+        ttl = self._ttl_of(value)
+        stale_until = None if rules is None else rules.stale_until(now + ttl)
+        entry = self.cache.put(key, value, ttl, stale_until=stale_until)
+        if entry is not None and rules is not None:
+            entry.produce = flight.produce
+            if old is not None and flight.refresh:
+                entry.used = old.used  # a refresh is not a use
+            self._plan(key, entry, rules.due(now, ttl, self._rng.random()))
+
+    def _finish(self, key: K, flight: _Flight[V], value: V) -> None:
         flight.value = value
         flight.done.set()
         if self._inflight.get(key) is flight:
             del self._inflight[key]
-        self.cache.put(key, value, self._ttl_of(value))
+
+    def _plan(self, key: K, entry: Entry[V], due: float) -> None:
+        entry.due = due
+        if self._schedule.push(key, due):
+            self._wake.set()
+        if len(self._schedule) > 2 * self.cache.max_entries + 64:
+            self._schedule.compact((k, e.due) for k, e in self.cache.entries())
+
+    async def _refresher(self) -> None:
+        """Start the refreshes that are due, sleeping until the next one."""
+        rules = self.rules
+        assert rules is not None
+        while True:
+            now = self._clock()
+            for key, due in self._schedule.pop_due(now):
+                entry = self.cache.raw(key)
+                if entry is None or entry.due != due or entry.produce is None:
+                    continue  # gone, or rescheduled since
+                if not rules.kept_fresh(entry.used, now) or key in self._inflight:
+                    continue  # idle: let it expire; or a flight is already on it
+                if now < entry.retry_at:
+                    self._plan(key, entry, entry.retry_at)
+                    continue
+                self._start(key, entry.produce, refresh=True)
+            self._wake = trio.Event()
+            with trio.move_on_at(self._schedule.next_due()):
+                await self._wake.wait()
 
     async def _fly(self, key: K, flight: _Flight[V], produce: Producer[V]) -> None:
         error: BaseException | None = None
@@ -184,10 +363,9 @@ class SingleFlight(Generic[K, V]):
         finally:
             self._running -= 1
             if not flight.done.is_set():
-                flight.value = self._fallback(error)
-                flight.done.set()
-                if self._inflight.get(key) is flight:
-                    del self._inflight[key]
+                # Nothing was delivered (a bug, or cancelled): waiters get the
+                # fallback, which is not cached; a last good value may stay.
+                self._deliver(key, flight, self._fallback(error), store=False)
             if self._flight_ended is not None:
                 self._flight_ended.set()
                 self._flight_ended = None

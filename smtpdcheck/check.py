@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from .cache import Source
 from .probe import Outcome, Prober, ProbeResult
 from .resolver import Lookups
 from .servers import IPAddress, Server
@@ -32,8 +33,13 @@ class ServerReport:
     eligible: bool | None = None
     probes: list[ProbeResult] = field(default_factory=list)
     cached: bool = True
+    stale: bool = False  # a stale cached value was used (served while it is refreshed)
     available: bool = False
     timed_out: bool = False
+
+    def note(self, source: Source) -> None:
+        self.cached = self.cached and source is not Source.NETWORK
+        self.stale = self.stale or source is Source.STALE
 
     def summary(self) -> str:
         if self.eligible is False:
@@ -60,6 +66,11 @@ class CheckResult:
     def from_cache(self) -> bool:
         """True when no lookup or probe had to go to the network."""
         return all(r.cached for r in self.reports if r.eligible is not False)
+
+    @property
+    def stale(self) -> bool:
+        """True when a stale cached value was used."""
+        return any(r.stale for r in self.reports)
 
 
 class _Board:
@@ -110,8 +121,8 @@ class Checker:
         if server.address is not None:
             report.addresses = (server.address,)
             return
-        lookup, cached = await self.resolver.addresses(server.host)
-        report.cached = report.cached and cached
+        lookup, source = await self.resolver.addresses(server.host)
+        report.note(source)
         report.addresses = lookup.addresses
         report.lookup_error = lookup.error
 
@@ -120,8 +131,8 @@ class Checker:
         async with trio.open_nursery() as nursery:
 
             async def one(address: IPAddress) -> None:
-                result, cached = await self.prober.probe(address, self.port)
-                report.cached = report.cached and cached
+                result, source = await self.prober.probe(address, self.port, report.server.name)
+                report.note(source)
                 report.probes.append(result)
                 if result.outcome is Outcome.AVAILABLE:
                     report.available = True
@@ -155,7 +166,8 @@ class Checker:
             if entry is None:
                 matches.append(None)
                 continue
-            lookup, expires = entry
+            lookup, expires, source = entry
+            report.note(source)
             lookups_used += 1
             valid_until = min(valid_until, expires)
             report.addresses = lookup.addresses
@@ -176,7 +188,8 @@ class Checker:
                 if cached is None:
                     complete = False
                     continue
-                result, expires = cached
+                result, expires, source = cached
+                report.note(source)
                 probes_used += 1
                 valid_until = min(valid_until, expires)
                 report.probes.append(result)
@@ -285,8 +298,8 @@ class Checker:
                 continue
             with trio.move_on_after(self._budget - spent[i]) as scope:
                 for address in report.addresses:
-                    result, cached = await self.prober.probe(address, self.port)
-                    report.cached = report.cached and cached
+                    result, source = await self.prober.probe(address, self.port, report.server.name)
+                    report.note(source)
                     report.probes.append(result)
                     if result.available:
                         report.available = True

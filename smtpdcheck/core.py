@@ -46,6 +46,8 @@ class CoreSettings:
     max_probes: int = 200
     max_dns_queries: int = 100
     quit_grace: float = QUIT_GRACE_S
+    refresh_window: float = 0.0
+    dns_stale_max: float = 0.0
     stop: Sequence[str] = field(default=())
 
 
@@ -84,6 +86,8 @@ def build_core(nursery: trio.Nursery, settings: CoreSettings, *, connect: Connec
         failure_ttl=settings.dns_failure_ttl,
         max_entries=settings.cache_size,
         max_concurrent=settings.max_dns_queries,
+        refresh_window=settings.refresh_window,
+        stale_max=settings.dns_stale_max,
     )
     prober = Prober(
         nursery,
@@ -94,6 +98,7 @@ def build_core(nursery: trio.Nursery, settings: CoreSettings, *, connect: Connec
         max_concurrent=settings.max_probes,
         quit_grace=settings.quit_grace,
         connect=connect,
+        refresh_window=settings.refresh_window,
     )
     checker = Checker(resolver, prober, port=settings.smtp_port, timeout=settings.check_timeout)
     return Core(resolver, prober, checker)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import idna
 import trio
 
+from .cache import Source
 from .check import Checker, CheckResult
 from .probe import Outcome, printable
 from .resolver import Lookups, MXKind, MXLookup
@@ -77,6 +78,7 @@ class Cache(enum.Enum):
 
     HIT = "hit"  # every input from a cache
     MISS = "miss"  # something went to the network
+    STALE = "stale"  # from caches, at least one input expired and being refreshed
 
 
 class DomainError(ValueError):
@@ -304,7 +306,8 @@ class Policy:
         entry = self.resolver.cached_mx(domain)
         if entry is None:
             return None
-        mx, valid_until = entry
+        mx, valid_until, source = entry
+        stale = source is Source.STALE
         verdict = verdict_for_mx(mx)
         result = None
         if verdict is None:
@@ -313,10 +316,13 @@ class Policy:
                 return None
             valid_until = min(valid_until, result.valid_until)
             verdict = verdict_for_check(result, warn_only=self.warn_only)
+            stale = stale or result.stale
         elif verdict.kind is Kind.DNS_FAILURE:
             return None
         self.resolver.count_cache_hits(mx=1)
-        return Decision(verdict, domain, Cache.HIT, valid_until, mx=mx, result=result)
+        # A stale input has already expired, so valid_until is past: a
+        # decision made from one is never reused.
+        return Decision(verdict, domain, Cache.STALE if stale else Cache.HIT, valid_until, mx=mx, result=result)
 
     async def decide(self, domain: str, stop: StopSet) -> Decision:
         """The full decision, within the deadline.  Never raises (but for outside cancellation)."""
@@ -329,7 +335,7 @@ class Policy:
         return self.failure(Kind.DEADLINE, f"deadline of {self.deadline:g}s exceeded", domain)
 
     async def _decide(self, domain: str, stop: StopSet) -> Decision:
-        mx, mx_cached = await self.resolver.mx(domain)
+        mx, source = await self.resolver.mx(domain)
         verdict = verdict_for_mx(mx)
         result = None
         if verdict is not None and verdict.kind is Kind.DNS_FAILURE:
@@ -338,6 +344,9 @@ class Policy:
         if verdict is None:
             result = await self.checker.check(mx_servers(mx), stop, sequential=self.sequential)
             verdict = verdict_for_check(result, warn_only=self.warn_only)
-            mx_cached = mx_cached and result.from_cache
-        return Decision(verdict, domain, Cache.HIT if mx_cached else Cache.MISS, mx=mx, result=result)
+        cache = Cache.MISS
+        if source is not Source.NETWORK and (result is None or result.from_cache):
+            stale = source is Source.STALE or (result is not None and result.stale)
+            cache = Cache.STALE if stale else Cache.HIT
+        return Decision(verdict, domain, cache, mx=mx, result=result)
 

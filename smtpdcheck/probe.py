@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import logging
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -18,9 +19,12 @@ from typing import Final, TypeAlias
 
 import trio
 
-from .cache import SingleFlight, TTLCache
+from .cache import SingleFlight, Source, TTLCache
+from .refresh import RefreshRules
 from .greeting import MAX_GREETING_BYTES, GreetingError, GreetingReader
 from .servers import IPAddress
+
+log = logging.getLogger("smtpdcheck.probe")
 
 QUIT_GRACE_S: Final = 2.0
 RECEIVE_CHUNK: Final = 1024
@@ -182,6 +186,9 @@ class Prober:
         up_ttl / down_ttl: how long "available" / "not available" is believed.
         max_concurrent: probes connecting at once, process-wide.
         connect: opens the connection (a seam for tests on virtual time).
+        refresh_window: results used within this many seconds are probed
+            again before they expire, and served (up to ``timeout`` past
+            expiry) while that probe runs; 0 = neither.
     """
 
     def __init__(
@@ -195,6 +202,7 @@ class Prober:
         max_concurrent: int = 200,
         quit_grace: float = QUIT_GRACE_S,
         connect: Connect = trio.open_tcp_stream,
+        refresh_window: float = 0.0,
     ) -> None:
         self.timeout = timeout
         self.up_ttl = up_ttl
@@ -209,6 +217,8 @@ class Prober:
             self._ttl_of,
             lambda exc: ProbeResult(Outcome.ERROR, "?", 0, type(exc).__name__ if exc else "no result"),
             name="probe",
+            rules=RefreshRules(window=refresh_window, stale_grace=timeout if timeout > 0 else QUIT_GRACE_S, retry_after=1.0),
+            describe=lambda key: f"{key[0]}:{key[1]}",
         )
 
     def _ttl_of(self, result: ProbeResult) -> float:
@@ -218,19 +228,21 @@ class Prober:
             return 0.0
         return self.down_ttl
 
-    def cached(self, address: IPAddress, port: int) -> tuple[ProbeResult, float] | None:
-        """A fresh cached result and when it expires, without any I/O."""
-        return self.flights.cache.entry((str(address), port))
+    def cached(self, address: IPAddress, port: int) -> tuple[ProbeResult, float, Source] | None:
+        """A usable cached result, when it expires and whether it is stale; no I/O."""
+        return self.flights.cached((str(address), port))
 
     def count_cache_hits(self, n: int) -> None:
         self.flights.cache.count_hits(n)
 
-    async def probe(self, address: IPAddress, port: int) -> tuple[ProbeResult, bool]:
-        """Return ``(result, from_cache)`` for one address."""
+    async def probe(self, address: IPAddress, port: int, name: str = "") -> tuple[ProbeResult, Source]:
+        """Return ``(result, where it came from)`` for one address; ``name`` is for the log."""
+        key = (str(address), port)
 
         async def produce(deliver: Callable[[ProbeResult], None]) -> None:
             def counted(result: ProbeResult) -> None:
                 self.outcomes[result.outcome] += 1
+                self._log_change(key, name, result)
                 deliver(result)
 
             timeout = self.timeout
@@ -252,4 +264,17 @@ class Prober:
             finally:
                 self.limiter.release()
 
-        return await self.flights.get((str(address), port), produce)
+        return await self.flights.get(key, produce)
+
+    def _log_change(self, key: tuple[str, int], name: str, result: ProbeResult) -> None:
+        """One line when an address goes up or down: what an admin watching a failover wants."""
+        if result.outcome in (Outcome.OVERLOADED, Outcome.ERROR):
+            return  # says nothing about the server
+        old = self.flights.cache.raw(key)
+        if old is None or old.value.available == result.available:
+            return
+        def state(r: ProbeResult) -> str:
+            return "up" if r.available else "down"
+        address = f"[{key[0]}]" if key[1] == 25 else f"[{key[0]}]:{key[1]}"
+        label = f"{printable(name)} {address}" if name else address
+        log.info("%s %s -> %s (%s)", label, state(old.value), state(result), result.outcome.value)

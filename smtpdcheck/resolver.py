@@ -33,7 +33,8 @@ import dns.resolver
 import trio
 
 from . import values
-from .cache import SingleFlight, TTLCache
+from .cache import SingleFlight, Source, TTLCache
+from .refresh import RefreshRules
 from .servers import IPAddress, is_valid_hostname, normalize_hostname
 
 DEFAULT_DNS_TIMEOUT_S: Final = 5.0
@@ -126,13 +127,13 @@ class Lookups(Protocol):
     replacement whose answers take exactly as long as the test says.
     """
 
-    async def addresses(self, host: str) -> tuple[AddressLookup, bool]: ...
+    async def addresses(self, host: str) -> tuple[AddressLookup, Source]: ...
 
-    async def mx(self, domain: str) -> tuple[MXLookup, bool]: ...
+    async def mx(self, domain: str) -> tuple[MXLookup, Source]: ...
 
-    def cached_addresses(self, host: str) -> tuple[AddressLookup, float] | None: ...
+    def cached_addresses(self, host: str) -> tuple[AddressLookup, float, Source] | None: ...
 
-    def cached_mx(self, domain: str) -> tuple[MXLookup, float] | None: ...
+    def cached_mx(self, domain: str) -> tuple[MXLookup, float, Source] | None: ...
 
     def count_cache_hits(self, *, mx: int = 0, addresses: int = 0) -> None: ...
 
@@ -146,6 +147,11 @@ class Resolver:
         timeout: budget for one lookup (both A and AAAA, or one MX query).
         max_ttl / negative_ttl / failure_ttl: caps on how long answers,
             authoritative negatives and failures are reused.
+        refresh_window: answers used within this many seconds are refreshed
+            before they expire and served stale (up to ``timeout`` past
+            expiry) while the refresh runs; 0 = neither.
+        stale_max: a refresh that fails keeps the last good answer up to
+            this long past its expiry, retried every ``failure_ttl``.
     """
 
     def __init__(
@@ -161,6 +167,8 @@ class Resolver:
         max_concurrent: int = 100,
         max_addresses: int = MAX_ADDRESSES_PER_HOST,
         max_mx_hosts: int = MAX_MX_HOSTS,
+        refresh_window: float = 0.0,
+        stale_max: float = 0.0,
     ) -> None:
         try:
             if nameservers:
@@ -183,32 +191,37 @@ class Resolver:
         self.max_mx_hosts = max_mx_hosts
         self.limiter = trio.CapacityLimiter(max_concurrent)
         self.failures = 0
+        rules = RefreshRules(
+            window=refresh_window, stale_grace=timeout if timeout > 0 else DEFAULT_DNS_TIMEOUT_S,
+            failure_stale_max=stale_max, retry_after=max(failure_ttl, 1.0),
+        )
         self.address_flights: SingleFlight[str, AddressLookup] = SingleFlight(
             nursery, TTLCache(max_entries), self._address_ttl,
             lambda exc: AddressLookup("?", error="internal error"), name="address lookup",
+            rules=rules, is_failure=_address_failed, describe=str, reason_of=lambda v: v.error or "?",
         )
         self.mx_flights: SingleFlight[str, MXLookup] = SingleFlight(
             nursery, TTLCache(max_entries), self._mx_ttl,
             lambda exc: MXLookup("?", MXKind.FAILURE, error="internal error"), name="mx lookup",
+            rules=rules, is_failure=lambda v: v.kind is MXKind.FAILURE, describe=str,
+            reason_of=lambda v: v.error or "?",
         )
 
     def _address_ttl(self, value: AddressLookup) -> float:
-        if value.error not in (None, "NXDOMAIN", "no address records"):
-            return self.failure_ttl
-        return value.ttl
+        return self.failure_ttl if _address_failed(value) else value.ttl
 
     def _mx_ttl(self, value: MXLookup) -> float:
         return self.failure_ttl if value.kind is MXKind.FAILURE else value.ttl
 
     # -- cache-only answers -------------------------------------------------
 
-    def cached_addresses(self, host: str) -> tuple[AddressLookup, float] | None:
-        """A fresh cached lookup and when it expires, without any I/O."""
-        return self.address_flights.cache.entry(normalize_hostname(host))
+    def cached_addresses(self, host: str) -> tuple[AddressLookup, float, Source] | None:
+        """A usable cached lookup, when it expires and whether it is stale; no I/O."""
+        return self.address_flights.cached(normalize_hostname(host))
 
-    def cached_mx(self, domain: str) -> tuple[MXLookup, float] | None:
-        """A fresh cached MX list and when it expires, without any I/O."""
-        return self.mx_flights.cache.entry(normalize_hostname(domain))
+    def cached_mx(self, domain: str) -> tuple[MXLookup, float, Source] | None:
+        """A usable cached MX list, when it expires and whether it is stale; no I/O."""
+        return self.mx_flights.cached(normalize_hostname(domain))
 
     def count_cache_hits(self, *, mx: int = 0, addresses: int = 0) -> None:
         """Statistics for answers taken with ``cached_*``, as if each had been a get()."""
@@ -240,8 +253,8 @@ class Resolver:
 
     # -- addresses ----------------------------------------------------------
 
-    async def addresses(self, host: str) -> tuple[AddressLookup, bool]:
-        """A and AAAA of ``host``, queried in parallel; ``(lookup, from_cache)``."""
+    async def addresses(self, host: str) -> tuple[AddressLookup, Source]:
+        """A and AAAA of ``host``, queried in parallel; ``(lookup, where it came from)``."""
         host = normalize_hostname(host)
 
         async def produce(deliver: Callable[[AddressLookup], None]) -> None:
@@ -289,8 +302,8 @@ class Resolver:
 
     # -- MX -----------------------------------------------------------------
 
-    async def mx(self, domain: str) -> tuple[MXLookup, bool]:
-        """The MX list of ``domain`` (an A-label name); ``(lookup, from_cache)``."""
+    async def mx(self, domain: str) -> tuple[MXLookup, Source]:
+        """The MX list of ``domain`` (an A-label name); ``(lookup, where it came from)``."""
         domain = normalize_hostname(domain)
 
         async def produce(deliver: Callable[[MXLookup], None]) -> None:
@@ -332,6 +345,11 @@ class Resolver:
         if not hosts:
             return MXLookup(domain, MXKind.FAILURE, ignored=tuple(ignored[:5]), error="no usable MX host name", ttl=ttl)
         return MXLookup(domain, MXKind.LIST, hosts=tuple(hosts), ignored=tuple(ignored[:5]), ttl=ttl)
+
+
+def _address_failed(value: AddressLookup) -> bool:
+    """A lookup that failed (SERVFAIL, timeout...), as opposed to an answer, even a negative one."""
+    return value.error not in (None, "NXDOMAIN", "no address records")
 
 
 def _name_text(name: dns.name.Name) -> str | None:

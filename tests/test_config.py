@@ -194,6 +194,7 @@ def test_restart_only_options_are_those_whose_parts_live_as_long_as_the_process(
     assert set(cfg.RESTART_ONLY) == {
         "listen", "socket_mode", "nameserver", "dns_timeout", "dns_max_ttl", "dns_negative_ttl",
         "dns_failure_ttl", "cache_size", "max_probes", "max_dns_queries", "max_connections", "metrics",
+        "refresh_window", "dns_stale_max",
     }
     assert cfg.RESTART_ONLY == tuple(o.name for o in cfg.OPTIONS if o.restart)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import trio
 import trio.testing
 
-from smtpdcheck.cache import TTLCache
+from smtpdcheck.cache import Source, TTLCache
 from smtpdcheck.resolver import AddressLookup, MXKind, MXLookup
 from smtpdcheck.servers import parse_address
 
@@ -109,33 +109,39 @@ class VirtualDNS:
         lookup = AddressLookup(host, parsed, ttl=ttl) if parsed else AddressLookup(host, error="NXDOMAIN", ttl=ttl)
         self.host_answers[host] = (delay, lookup)
 
-    async def mx(self, domain: str) -> tuple[MXLookup, bool]:
+    async def mx(self, domain: str) -> tuple[MXLookup, Source]:
         cached = self.mx_cache.get(domain)
         if cached is not None:
             await trio.lowlevel.checkpoint()
-            return cached, True
+            return cached, Source.CACHE
         self.queries[f"MX {domain}"] += 1
         delay, lookup = self.mx_answers.get(domain, (0.0, MXLookup(domain, MXKind.NXDOMAIN, error="NXDOMAIN", ttl=60)))
         await trio.sleep(delay)
         self.mx_cache.put(domain, lookup, lookup.ttl)
-        return lookup, False
+        return lookup, Source.NETWORK
 
-    async def addresses(self, host: str) -> tuple[AddressLookup, bool]:
+    async def addresses(self, host: str) -> tuple[AddressLookup, Source]:
         cached = self.address_cache.get(host)
         if cached is not None:
             await trio.lowlevel.checkpoint()
-            return cached, True
+            return cached, Source.CACHE
         self.queries[f"A/AAAA {host}"] += 1
         delay, lookup = self.host_answers.get(host, (0.0, AddressLookup(host, error="NXDOMAIN", ttl=60)))
         await trio.sleep(delay)
         self.address_cache.put(host, lookup, lookup.ttl)
-        return lookup, False
+        return lookup, Source.NETWORK
 
-    def cached_addresses(self, host: str) -> tuple[AddressLookup, float] | None:
-        return self.address_cache.entry(host)
+    def cached_addresses(self, host: str) -> tuple[AddressLookup, float, Source] | None:
+        entry = self.address_cache.raw(host)
+        if entry is None or entry.expires <= trio.current_time():
+            return None
+        return entry.value, entry.expires, Source.CACHE
 
-    def cached_mx(self, domain: str) -> tuple[MXLookup, float] | None:
-        return self.mx_cache.entry(domain)
+    def cached_mx(self, domain: str) -> tuple[MXLookup, float, Source] | None:
+        entry = self.mx_cache.raw(domain)
+        if entry is None or entry.expires <= trio.current_time():
+            return None
+        return entry.value, entry.expires, Source.CACHE
 
     def count_cache_hits(self, *, mx: int = 0, addresses: int = 0) -> None:
         self.mx_cache.count_hits(mx)

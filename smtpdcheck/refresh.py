@@ -1,0 +1,120 @@
+"""When to refresh a cached answer, and how long an old one may still be served.
+
+A backup MX matters most while its primary is down, and that is exactly
+when a cache expiry would make an RCPT wait a full probe timeout.  So an
+entry that is in use is refreshed in the background shortly before it
+expires (as unbound's ``prefetch`` does), and while a refresh is still
+running past expiry the old value is served, for a bounded time (RFC 8767
+"serve stale", with the upper bound unbound was criticised for lacking).
+
+Everything here is arithmetic on times and keys -- no I/O, no trio -- so the
+rules are tested with plain calls; :class:`smtpdcheck.cache.SingleFlight`
+applies them.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import random
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+
+#: Refresh when this fraction of the TTL is left, jittered over the range so
+#: that entries stored in one burst are not all refreshed in one instant.
+LEAD_RANGE = (0.05, 0.15)
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshRules:
+    """The rules for one cache.
+
+    Args:
+        window: entries used within this many seconds are kept fresh;
+            0 turns refreshing and serving stale off.
+        stale_grace: past expiry, the old value is served this long while a
+            refresh runs (the producer's own timeout: a refresh that takes
+            longer has failed anyway).
+        failure_stale_max: a refresh that *fails* keeps the last good value
+            up to this long past its expiry (0: only ``stale_grace``).
+        retry_after: after a failed refresh, wait this long before the next.
+    """
+
+    window: float
+    stale_grace: float
+    failure_stale_max: float = 0.0
+    retry_after: float = 1.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.window > 0
+
+    def due(self, stored: float, ttl: float, jitter: float) -> float:
+        """When an entry stored at ``stored`` for ``ttl`` should be refreshed; ``jitter`` in [0, 1)."""
+        low, high = LEAD_RANGE
+        return stored + ttl * (1.0 - (low + (high - low) * jitter))
+
+    def kept_fresh(self, used: float, now: float) -> bool:
+        """Whether an entry last used at ``used`` is still worth refreshing."""
+        return self.enabled and now - used <= self.window
+
+    def stale_until(self, expires: float) -> float:
+        """How long an expired value may be served while its refresh runs."""
+        return expires + self.stale_grace if self.enabled else expires
+
+    def keep_after_failure_until(self, expires: float, stale_until: float) -> float:
+        """How long the last good value may be served once a refresh has failed."""
+        if not self.enabled:
+            return expires
+        if self.failure_stale_max > 0:
+            return max(stale_until, expires + self.failure_stale_max)
+        return stale_until
+
+
+@dataclass
+class Schedule(Generic[K]):
+    """Refresh times of keys: a heap, with superseded times skipped when they come up.
+
+    A key rescheduled keeps its old heap item until it surfaces; the item
+    carries the time it was scheduled for, and the caller checks that the
+    key is still due then (``entry.due == due``).  ``compact`` rebuilds the
+    heap from the live times when stale items pile up.
+    """
+
+    _heap: list[tuple[float, int, K]] = field(default_factory=list)
+    _seq: itertools.count[int] = field(default_factory=itertools.count)
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def push(self, key: K, due: float) -> bool:
+        """Schedule ``key`` at ``due``; True when it is now the earliest (wake the runner)."""
+        earliest = self._heap[0][0] if self._heap else math.inf
+        heapq.heappush(self._heap, (due, next(self._seq), key))
+        return due < earliest
+
+    def next_due(self) -> float:
+        return self._heap[0][0] if self._heap else math.inf
+
+    def pop_due(self, now: float) -> list[tuple[K, float]]:
+        """Every ``(key, due)`` whose time has come, earliest first."""
+        out: list[tuple[K, float]] = []
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            due, _, key = heapq.heappop(heap)
+            out.append((key, due))
+        return out
+
+    def compact(self, live: Iterable[tuple[K, float]]) -> None:
+        """Keep only the given ``(key, due)`` pairs (finite times only)."""
+        self._heap = [(due, next(self._seq), key) for key, due in live if due < math.inf]
+        heapq.heapify(self._heap)
+
+
+def make_rng(seed: int | None = None) -> random.Random:
+    """The jitter source; tests pass a seed to get the same times every run."""
+    return random.Random(seed)
