@@ -270,7 +270,7 @@ def cache_counts(stderr: str) -> dict[str, Counter[str]]:
     return counts
 
 
-_STATE_CHANGE = re.compile(r"\[[^\]]+\] (up|down) -> (up|down)\b")
+_STATE_CHANGE = re.compile(r"\[[^\]]+\](:\d+)? (up|down) -> (up|down)\b")
 
 
 def state_changes(stderr: str) -> int:

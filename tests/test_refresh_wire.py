@@ -148,7 +148,7 @@ async def test_slow_greeting_primary_and_counts_per_ttl(
     start = trio.current_time()
     async with trio.open_nursery() as streams:
         for out in outs:
-            streams.start_soon(steady, running, "late.example", 3.2, out)
+            streams.start_soon(steady, running, "late.example", 2.6, out)
     span = trio.current_time() - start
 
     for out in outs:
@@ -156,7 +156,7 @@ async def test_slow_greeting_primary_and_counts_per_ttl(
         slow = [s for s in out.samples if s.latency > SLOW]
         assert not slow, describe(slow, start)
     rcpts = sum(len(out.samples) for out in outs)
-    assert rcpts >= 150
+    assert rcpts >= 120
     probes = f.greeters[0].connections - probes0
     assert 1 <= probes <= span / ttl + 1, f"{probes} probes for {rcpts} RCPTs in {span:.1f} s"
     asked = dns_server.queries[queries0:]
@@ -197,7 +197,7 @@ async def test_flips_are_seen_within_ttl_plus_timeout_without_a_slow_answer(
     assert up is not None and up.sent - came_up <= ttl + timeout + margin, describe(out.samples, origin)
     assert all(s.action == "DUNNO" for s in out.samples if down.sent <= s.sent < came_up)
     lines = log_lines(caplog)
-    address = f"mx1.flip.example [{f.host(0)}]"
+    address = f"mx1.flip.example [{f.host(0)}]:{f.port}"  # the port is named when it is not 25
     assert sum(1 for line in lines if f"{address} up -> down" in line) == 1, [l for l in lines if " -> " in l]
     assert sum(1 for line in lines if f"{address} down -> up" in line) == 1, [l for l in lines if " -> " in l]
     assert any(f"{address} up -> down (timeout)" in line for line in lines)
@@ -225,7 +225,7 @@ async def test_idle_domain_stops_being_refreshed_after_the_window(
     # finish; then nothing more goes out, to the primary or to DNS.
     await trio.sleep_until(last_use + window + ttl + timeout)
     probes, queries = greeter.connections, len(dns_server.queries)
-    await trio.sleep(2.5 * ttl)
+    await trio.sleep(2 * ttl)
     assert greeter.connections == probes
     assert dns_server.queries[queries:] == []
 
@@ -250,7 +250,7 @@ async def test_failing_dns_serves_the_last_good_answer_then_the_bound(
     running = await start_policyd(nursery, config)
     out = Stream()
     async with trio.open_nursery() as inner:
-        inner.start_soon(steady, running, "fail.example", 5.5, out)
+        inner.start_soon(steady, running, "fail.example", 4.8, out)
         await trio.sleep(1.0)
         broke = trio.current_time()
         for name in ("fail.example", "mx1.fail.example", "backup.fail.example"):
