@@ -145,6 +145,7 @@ class _Flight(Generic[V]):
     value: V | None = None
     refresh: bool = False  # started to refresh a cached value, not for a waiting caller
     produce: Producer[V] | None = None
+    started: float = 0.0
 
 
 class SingleFlight(Generic[K, V]):
@@ -274,7 +275,7 @@ class SingleFlight(Generic[K, V]):
         return flight.value, Source.NETWORK
 
     def _start(self, key: K, produce: Producer[V], *, refresh: bool) -> _Flight[V]:
-        flight: _Flight[V] = _Flight(refresh=refresh, produce=produce)
+        flight: _Flight[V] = _Flight(refresh=refresh, produce=produce, started=self._clock())
         self._inflight[key] = flight
         self.started += 1
         self._nursery.start_soon(self._fly, key, flight, produce, name=f"{self._name} {key!r}")
@@ -317,7 +318,20 @@ class SingleFlight(Generic[K, V]):
             entry.produce = flight.produce
             if old is not None and flight.refresh:
                 entry.used = old.used  # a refresh is not a use
-            self._plan(key, entry, rules.due(now, ttl, self._rng.random()))
+            # Jitter only when an entry is first stored: its refreshes keep
+            # that phase, so entries cached in one burst stay spread out,
+            # and refreshes come once per TTL on average, not more often.
+            jitter = 0.0 if flight.refresh else self._rng.random()
+            self._plan(key, entry, rules.due(entry.expires, ttl, now - flight.started, jitter))
+
+    def _abandon(self, key: K, flight: _Flight[V]) -> None:
+        """A flight that ended without an answer (cancelled at shutdown, or a
+        producer that returned without delivering): nothing is learnt, so
+        nothing is counted or logged; waiters get the cached value if there
+        is a good one, else the fallback."""
+        old = self.cache.raw(key)
+        keep = old is not None and self.rules is not None and not self._is_failure(old.value)
+        self._finish(key, flight, old.value if keep and old is not None else self._fallback(None))
 
     def _finish(self, key: K, flight: _Flight[V], value: V) -> None:
         flight.value = value
@@ -363,9 +377,12 @@ class SingleFlight(Generic[K, V]):
         finally:
             self._running -= 1
             if not flight.done.is_set():
-                # Nothing was delivered (a bug, or cancelled): waiters get the
-                # fallback, which is not cached; a last good value may stay.
-                self._deliver(key, flight, self._fallback(error), store=False)
+                if error is None:
+                    self._abandon(key, flight)
+                else:
+                    # A bug: waiters get the fallback, which is not cached;
+                    # a last good value may stay, as after a failed refresh.
+                    self._deliver(key, flight, self._fallback(error), store=False)
             if self._flight_ended is not None:
                 self._flight_ended.set()
                 self._flight_ended = None

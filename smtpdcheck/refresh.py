@@ -24,9 +24,9 @@ from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 
-#: Refresh when this fraction of the TTL is left, jittered over the range so
-#: that entries stored in one burst are not all refreshed in one instant.
-LEAD_RANGE = (0.05, 0.15)
+#: Jitter of a refresh time, as a fraction of the TTL (and at most the stale
+#: grace): entries stored in one burst are not all refreshed in one instant.
+MAX_JITTER = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,10 +53,17 @@ class RefreshRules:
     def enabled(self) -> bool:
         return self.window > 0
 
-    def due(self, stored: float, ttl: float, jitter: float) -> float:
-        """When an entry stored at ``stored`` for ``ttl`` should be refreshed; ``jitter`` in [0, 1)."""
-        low, high = LEAD_RANGE
-        return stored + ttl * (1.0 - (low + (high - low) * jitter))
+    def due(self, expires: float, ttl: float, took: float, jitter: float) -> float:
+        """When an entry expiring at ``expires`` should be refreshed; ``jitter`` in [0, 1).
+
+        As long before expiry as its last answer took to come (``took``), so
+        the new answer lands just in time; minus a little jitter when the
+        entry is first stored (``jitter`` 0 for its refreshes, which keep the
+        phase).  Starting earlier every time would make more than one probe
+        per TTL in the long run; starting later would serve stale values
+        every time.
+        """
+        return expires - took - jitter * min(MAX_JITTER * ttl, self.stale_grace)
 
     def kept_fresh(self, used: float, now: float) -> bool:
         """Whether an entry last used at ``used`` is still worth refreshing."""

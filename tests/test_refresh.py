@@ -11,20 +11,37 @@ import trio
 import trio.testing
 
 from smtpdcheck.cache import SingleFlight, Source, TTLCache
-from smtpdcheck.refresh import LEAD_RANGE, RefreshRules, Schedule
+from smtpdcheck.refresh import MAX_JITTER, RefreshRules, Schedule
 
 # -- the rules, as plain arithmetic -------------------------------------------
 
 
-def test_refresh_is_due_within_the_lead_range_before_expiry() -> None:
+def test_refresh_is_due_as_long_before_expiry_as_the_last_answer_took_plus_jitter() -> None:
     rules = RefreshRules(window=600, stale_grace=5)
-    low, high = LEAD_RANGE
-    assert rules.due(100.0, 60.0, 0.0) == pytest.approx(100 + 60 * (1 - low))
-    assert rules.due(100.0, 60.0, 0.999999) == pytest.approx(100 + 60 * (1 - high), abs=1e-4)
+    assert rules.due(160.0, 60.0, took=2.0, jitter=0.0) == pytest.approx(158.0)
+    # Jitter is at most a tenth of the TTL, and never more than the stale grace.
+    assert rules.due(160.0, 30.0, took=0.0, jitter=0.999999) == pytest.approx(160.0 - MAX_JITTER * 30.0, abs=1e-4)
+    assert rules.due(160.0, 3600.0, took=0.0, jitter=0.999999) == pytest.approx(155.0, abs=1e-4)
     # Entries stored together are refreshed over a spread of times, not one instant.
     rng = random.Random(7)
-    times = {round(rules.due(0.0, 60.0, rng.random()), 3) for _ in range(50)}
-    assert len(times) > 40 and min(times) >= 60 * (1 - high) and max(times) <= 60 * (1 - low)
+    times = {round(rules.due(60.0, 60.0, 0.0, rng.random()), 3) for _ in range(50)}
+    assert len(times) > 40 and min(times) >= 55.0 and max(times) <= 60.0
+
+
+def test_refresh_period_averages_one_ttl() -> None:
+    """Jitter once, then refresh as long before expiry as the answer takes: one refresh per TTL."""
+    rules = RefreshRules(window=600, stale_grace=5)
+    rng = random.Random(3)
+    expires, took, count, jitter = 60.0, 0.5, 0, rng.random()
+    while True:
+        start = rules.due(expires, 60.0, took, jitter)
+        jitter = 0.0
+        took = 0.2 + rng.random()  # answers take more or less time
+        if start > 3600.0:
+            break
+        count += 1
+        expires = start + took + 60.0
+    assert count <= 3600.0 / 60.0 + 1
 
 
 def test_kept_fresh_only_within_the_window_and_never_when_off() -> None:
@@ -99,14 +116,14 @@ async def test_an_entry_in_use_is_refreshed_before_it_expires(nursery: trio.Nurs
     f = flights(nursery)
     start = trio.current_time()
     assert await f.get("k", origin.produce) == ("v1", Source.NETWORK)
-    await until(start + 8.4)
-    assert origin.calls == 1  # not before 85 % of the TTL
+    await until(start + 8.9)
+    assert origin.calls == 1  # not before the last tenth of the TTL
     assert await f.get("k", origin.produce) == ("v1", Source.CACHE)
-    await until(start + 9.6)
+    await until(start + 9.999)
     assert origin.calls == 2 and f.refreshes["ok"] == 1  # refreshed by time, with no request due
     assert await f.get("k", origin.produce) == ("v2", Source.CACHE)
     # ... and again a TTL later, by time alone, as long as it is used within the window.
-    await until(start + 19.2)
+    await until(start + 19.998)
     assert origin.calls == 3
 
 
@@ -127,12 +144,13 @@ async def test_stale_value_served_at_once_while_a_slow_refresh_runs(nursery: tri
     f = flights(nursery)
     start = trio.current_time()
     await f.get("k", origin.produce)  # stored at 3.0, expires at 13.0
-    await until(start + 13.5)  # refresh started near 12, answers near 15
+    origin.delay = 6.0  # slower than last time: the refresh starts ~3 s early but lands late
+    await until(start + 13.5)  # refresh started near 9.x, answers near 15.x
     before = trio.current_time()
     assert await f.get("k", origin.produce) == ("v1", Source.STALE)
     assert trio.current_time() == before  # no waiting
     assert f.stale_served == 1
-    await until(start + 16.0)
+    await until(start + 17.0)
     assert await f.get("k", origin.produce) == ("v2", Source.CACHE)
 
 

@@ -178,9 +178,15 @@ class FakeDNSServer:
         host: str = "127.0.0.1",
         wildcard: Wildcard | None = None,
         fast: bool = False,
+        name_ttls: dict[str, int] | None = None,
     ) -> None:
         self.zone: Zone = zone if zone is not None else {}
         self.ttl = ttl
+        self.name_ttls: dict[str, int] = {_norm_name(n): t for n, t in (name_ttls or {}).items()}
+        """Per owner name, a TTL that replaces ``ttl`` for that name's records,
+        so one server can hold short-lived and long-lived names side by side.
+        Keys are normalised here; tests that change it later use
+        lower-case names without the final dot."""
         self.host = host
         self.port = 0
         self.wildcard = wildcard
@@ -434,22 +440,22 @@ class FakeDNSServer:
         and a UDP->TCP fallback asks for the same data twice, so parsed
         RRsets are kept, keyed by their text.  Responses never modify them.
         """
-        key = (name, rdtype, tuple(records), self.ttl)
+        key = (name, rdtype, tuple(records), self.name_ttls.get(name, self.ttl))
         cached = self._rrset_cache.get(key)
         if cached is not None:
             return cached
         if len(self._rrset_cache) >= _RRSET_CACHE_SIZE:
             self._rrset_cache.clear()
-        self._rrset_cache[key] = rrset = self._parse_rrset(name, rdtype, key[2])
+        self._rrset_cache[key] = rrset = self._parse_rrset(name, rdtype, key[2], key[3])
         return rrset
 
-    def _parse_rrset(self, name: str, rdtype: str, records: tuple[str, ...]) -> dns.rrset.RRset:
+    def _parse_rrset(self, name: str, rdtype: str, records: tuple[str, ...], ttl: int) -> dns.rrset.RRset:
         if rdtype == "MX":
-            return self._parse_mx(name, records)
+            return self._parse_mx(name, records, ttl)
         try:
             return dns.rrset.from_text_list(
                 dns.name.from_text(name or ".", origin=dns.name.root),
-                self.ttl,
+                ttl,
                 dns.rdataclass.IN,
                 rdtype,
                 list(records),
@@ -459,7 +465,7 @@ class FakeDNSServer:
         except dns.exception.DNSException as exc:
             raise ValueError(f"bad zone data for ({name!r}, {rdtype!r}): {records!r}") from exc
 
-    def _parse_mx(self, name: str, records: tuple[str, ...]) -> dns.rrset.RRset:
+    def _parse_mx(self, name: str, records: tuple[str, ...], ttl: int) -> dns.rrset.RRset:
         """MX records from their two fields, not through dnspython's generic
         text parser: MX targets differ per domain, so under load (a new
         domain per query) the parse is paid on nearly every answer."""
@@ -475,7 +481,7 @@ class FakeDNSServer:
         except (ValueError, dns.exception.DNSException) as exc:
             raise ValueError(f"bad zone data for ({name!r}, 'MX'): {list(records)!r}") from exc
         owner = dns.name.from_text(name or ".", origin=dns.name.root)
-        return dns.rrset.from_rdata_list(owner, self.ttl, rdatas)
+        return dns.rrset.from_rdata_list(owner, ttl, rdatas)
 
     def _answer(
         self,

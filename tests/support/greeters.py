@@ -181,8 +181,13 @@ class Greeter:
         trickle_interval: float = 1.0,
         flood_bytes: int = 8 << 20,
         banner_name: str = "mx.test",
+        greet_delay: float = 0.0,
     ) -> None:
         self.mode = mode
+        self.greet_delay = greet_delay
+        """Seconds every greeting (or refusal) waits after the connection is
+        accepted: a primary that is up but slow to say so.  May be changed
+        while running; applies from the next connection on."""
         self.host = host
         self.port = port
         self.pause = pause
@@ -278,6 +283,7 @@ class _Connection:
         self.stream = stream
         self.index = index
         self.mode = mode
+        self.greet_delay = greeter.greet_delay
         self.client_closed = False
         self.greeted = False
         self._closing = False  # the greeter has decided to close; a late EOF is not the client's doing
@@ -348,7 +354,13 @@ class _Connection:
         self.greeted = True
 
     async def _send_greeting(self, parts: list[tuple[bytes, float]]) -> bool:
-        """Send greeting pieces, sleeping after each by the given delay."""
+        """Send greeting pieces, sleeping after each by the given delay.
+
+        The greeter's ``greet_delay`` is slept first; the reader task keeps
+        recording meanwhile, so a client that talks during it is caught.
+        """
+        if self.greet_delay > 0:
+            await trio.sleep(self.greet_delay)
         for position, (data, delay) in enumerate(parts):
             if position == len(parts) - 1:
                 self._mark_greeted()

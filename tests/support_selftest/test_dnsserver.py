@@ -148,6 +148,18 @@ async def test_custom_ttl(nursery: trio.Nursery) -> None:
     assert answer.rrset is not None and answer.rrset.ttl == 42
 
 
+async def test_per_name_ttl(nursery: trio.Nursery) -> None:
+    zone: Zone = {("short.test", "A"): ["127.0.0.9"], ("long.test", "A"): ["127.0.0.8"]}
+    server = await start(nursery, FakeDNSServer(zone, ttl=300, name_ttls={"Short.Test.": 2}))
+    answer = await resolve(server, "short.test", "A")
+    assert answer.rrset is not None and answer.rrset.ttl == 2
+    answer = await resolve(server, "long.test", "A")
+    assert answer.rrset is not None and answer.rrset.ttl == 300
+    server.name_ttls["long.test"] = 5  # changed while running: the next answer has it
+    answer = await resolve(server, "long.test", "A")
+    assert answer.rrset is not None and answer.rrset.ttl == 5
+
+
 async def test_nodata_has_soa_and_noerror(server: FakeDNSServer) -> None:
     response = await udp(server, dns.message.make_query("mx2.example.com", "MX"))
     assert response.rcode() == dns.rcode.NOERROR

@@ -147,6 +147,28 @@ async def test_paused_multiline_waits_and_records_early_talkers(nursery: trio.Nu
     assert greeter.received == [b"QUIT\r\n", b"EHLO early\r\nQUIT\r\n"]
 
 
+async def test_greet_delay_holds_the_greeting_and_records_early_talkers(nursery: trio.Nursery) -> None:
+    greeter = await start(nursery, Greeter(greet_delay=0.3))
+    async with connect(greeter) as client:
+        started = trio.current_time()
+        await client.send(b"NOOP\r\n")  # before any greeting: the delay is still running
+        assert await client.reply() == b"220 mx.test ESMTP ready\r\n"
+        assert trio.current_time() - started >= 0.3  # a sleep never ends early
+        assert await client.reply() == b"250 2.0.0 Ok\r\n"
+        await client.send(b"QUIT\r\n")
+        assert await client.reply() == b"221 bye\r\n"
+    await settled(greeter)
+    assert greeter.pregreet == [b"NOOP\r\n"]
+
+    greeter.greet_delay = 0.0  # applies from the next connection
+    async with connect(greeter) as client:
+        assert await client.reply() == b"220 mx.test ESMTP ready\r\n"
+        await client.send(b"QUIT\r\n")
+        assert await client.reply() == b"221 bye\r\n"
+    await settled(greeter, 2)
+    assert greeter.pregreet[1] == b""
+
+
 async def test_client_closing_during_pause_is_counted(nursery: trio.Nursery) -> None:
     greeter = await start(nursery, Greeter(Mode.PAUSED_MULTILINE, pause=30))
     async with connect(greeter) as client:
