@@ -20,7 +20,8 @@ from . import config as cfg
 from . import systemd
 from .exposition import MetricsUnavailable, make_registry, serve_metrics
 from .listeners import ListenError, endpoint_of, open_listeners, unix_paths
-from .logsetup import setup_logging
+from .decisionlog import run_flusher
+from .logsetup import close_logging, setup_logging
 from .server import PolicyServer, handle_connection, watched_connections
 from .service import PolicyService
 
@@ -91,6 +92,7 @@ async def _resolve_stop(config: cfg.Config, service: PolicyService) -> StopSet:
 async def run_daemon(config: cfg.Config, args: argparse.Namespace) -> int:
     inherited = systemd.inherited_sockets()
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_flusher)
         service = PolicyService(config, StopSet(), nursery)
         try:
             service.stop = await _resolve_stop(config, service)
@@ -136,6 +138,7 @@ async def run_stdio(config: cfg.Config) -> int:
     """One connection on stdin/stdout, as Postfix's spawn(8) runs us."""
     stream = trio.StapledStream(trio.lowlevel.FdStream(os.dup(1)), trio.lowlevel.FdStream(os.dup(0)))
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_flusher)
         service = PolicyService(config, StopSet(), nursery)
         try:
             service.stop = await _resolve_stop(config, service)
@@ -188,6 +191,13 @@ async def _reload(service: PolicyService, args: argparse.Namespace, old: cfg.Con
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    finally:
+        close_logging()  # buffered lines out, on every way out (signals end the loop first)
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -29,8 +29,8 @@ from smtpdcheck.probe import Prober
 from smtpdcheck.resolver import MXLookup, Resolver
 from smtpdcheck.stoprule import StopSet
 
+from . import decisionlog
 from .config import Config
-from .logfmt import escape, quoted
 from .metrics import Metrics
 from .protocol import DUNNO_REPLY, PolicyRequest, format_reply
 
@@ -52,6 +52,8 @@ class Answer:
     mx: MXLookup | None = field(default=None, compare=False, repr=False)
     result: CheckResult | None = field(default=None, compare=False, repr=False)
     verdict: Verdict | None = field(default=None, compare=False, repr=False)
+    # The log line's part that depends only on the answer, built once for a memoised one.
+    line: str = field(default="", compare=False, repr=False)
 
 
 def _memo_key(request: PolicyRequest) -> tuple[str, str]:
@@ -175,17 +177,19 @@ class PolicyService:
     def _finish(self, request: PolicyRequest, outcome: Answer, elapsed: float) -> None:
         """Count and log one answered request."""
         self.metrics.observe_request(outcome.action, outcome.kind, elapsed)
-        if outcome.checked and log.isEnabledFor(logging.INFO):
-            log.info(
-                "%s: rcpt=<%s> domain=%s action=%s reason=%s cache=%s ms=%.1f",
-                escape(request.queue_id) or "NOQUEUE",
-                escape(request.recipient),
-                escape(outcome.domain) or "-",
-                outcome.action,
-                quoted(outcome.reason),
-                "hit" if outcome.cached else "miss",
-                elapsed * 1000,
+        if not outcome.checked:
+            return
+        sink = decisionlog.current()
+        if sink is None:  # logging not set up (embedded, tests): a plain record
+            if log.isEnabledFor(logging.INFO):
+                middle = decisionlog.decision_middle(outcome.domain, outcome.action, outcome.reason,
+                                                     "hit" if outcome.cached else "miss")
+                log.info("%s", decisionlog.decision_line(request.queue_id, request.recipient, middle, elapsed))
+        elif sink.decisions:
+            middle = outcome.line or decisionlog.decision_middle(
+                outcome.domain, outcome.action, outcome.reason, "hit" if outcome.cached else "miss"
             )
+            sink.decision(request.queue_id, request.recipient, middle, elapsed)
 
     async def _decide(self, request: PolicyRequest) -> Answer:
         if not request.is_smtpd_rcpt:
@@ -204,7 +208,12 @@ class PolicyService:
         if fast is not None:
             answer, valid_until = fast
             # Stored without what it was computed from: a memo must stay small.
-            self.answers.put(key, replace(answer, mx=None, result=None, verdict=None), valid_until - trio.current_time())
+            line = decisionlog.decision_middle(
+                answer.domain, answer.action, answer.reason, "hit" if answer.cached else "miss"
+            )
+            self.answers.put(
+                key, replace(answer, mx=None, result=None, verdict=None, line=line), valid_until - trio.current_time()
+            )
             return answer
         deadline = self.config.deadline
         with trio.move_on_after(deadline if deadline > 0 else math.inf):
