@@ -40,13 +40,13 @@ class PolicyEnv:
 
 @asynccontextmanager
 async def policy_env(
-    *, lifetime: float, zone: dict[str, Any] | None = None, daemon_args: list[str] | None = None
+    *, lifetime: float, zone: dict[str, Any] | None = None, daemon_args: list[str] | None = None, log: str = "quiet",
 ) -> AsyncIterator[PolicyEnv]:
     """Start the fakes and the daemon; on exit stop the daemon and collect what it said.
 
     After the block, ``exit_status`` is the daemon's exit status after
     SIGTERM (0 expected) and ``problems`` lists every warning, error or
-    traceback line it logged: a benchmark that "passes" while the daemon
+    traceback line it logged (``log``: see :data:`bench.procs.LOG_MODES`): a benchmark that "passes" while the daemon
     complains is not a pass.
     """
     async with trio.open_nursery() as nursery:
@@ -55,7 +55,7 @@ async def policy_env(
         nursery.start_soon(dns.serve, lifetime)
         smtp_port, (greeter,) = open_greeters([(loopback_address(PRIMARY_HOST_N), GreetMode.GREET)])
         nursery.start_soon(greeter.serve, lifetime)
-        daemon, port = await start_daemon(dns.port, smtp_port, daemon_args, lifetime=lifetime)
+        daemon, port = await start_daemon(dns.port, smtp_port, daemon_args, lifetime=lifetime, log=log)
         env = PolicyEnv(dns, greeter, daemon, port)
         try:
             yield env
@@ -64,13 +64,10 @@ async def policy_env(
                 alive = daemon.alive()
                 env.exit_status = await daemon.stop()
                 env.stderr = daemon.stderr_text()
+                env.problems += daemon.problems()
                 daemon.close()
                 if not alive:
                     env.problems.append(f"daemon died during the benchmark (status {env.exit_status})")
                 elif env.exit_status != 0:
                     env.problems.append(f"daemon exited with status {env.exit_status} after SIGTERM")
-                env.problems += [
-                    line for line in env.stderr.splitlines()
-                    if line.startswith(("warning:", "error:", "fatal:", "Traceback")) or "Error" in line
-                ][:20]
             nursery.cancel_scope.cancel()

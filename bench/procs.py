@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import IO, Any, Final
 
@@ -28,6 +30,15 @@ import trio
 
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent
 LOOPBACK: Final = "127.0.0.1"
+#: Where the daemon's logs go in a benchmark: ``quiet`` (``--log-level
+#: warning``, stderr to a file), ``file`` (the default, info: one decision
+#: line per RCPT, stderr to a file), ``pipe`` (the default with stderr to a
+#: pipe that a reader drains, as journald does) or ``syslog`` (the default
+#: with ``--log-target syslog``, to a datagram socket of the benchmark's own).
+LOG_MODES: Final = ("quiet", "file", "pipe", "syslog")
+_DRAIN_BYTES: Final = 65536
+#: A line that reports trouble, in a log of decision lines.
+_PROBLEM_WORDS: Final = re.compile(rb"warning:|error:|fatal:|Traceback|Error")
 
 
 def child_env() -> dict[str, str]:
@@ -62,21 +73,73 @@ def free_port() -> int:
 
 
 class Child:
-    """One guarded child process; stderr goes to a temporary file we can read back."""
+    """One guarded child process; stderr goes to a temporary file we can read back.
 
-    def __init__(self, argv: list[str], *, lifetime: float, name: str, capture_stdout: bool = False) -> None:
+    With ``stderr_pipe``, stderr is a pipe instead, drained by a reader
+    thread into that file (as journald reads a service's stderr); with
+    ``syslog_socket``, a datagram socket of ours is bound at that path and a
+    reader thread copies each message's text (after ``ident[pid]: ``) into
+    the file.  Either way ``stderr_text`` reads everything the child logged.
+    """
+
+    def __init__(
+        self, argv: list[str], *, lifetime: float, name: str, capture_stdout: bool = False,
+        stderr_pipe: bool = False, syslog_socket: str | None = None, env: dict[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.argv = argv
         self._stderr: IO[bytes] = tempfile.TemporaryFile(prefix=f"bench-{name}-")
+        self._stop_reading = threading.Event()
+        self._readers: list[threading.Thread] = []
+        self._syslog: socket.socket | None = None
+        self.lines_read = 0
+        if syslog_socket is not None:
+            self._syslog = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._syslog.bind(syslog_socket)
+            self._syslog.settimeout(0.1)  # the reader looks at the stop flag this often
+            self._readers.append(threading.Thread(target=self._read_syslog, args=(self._syslog,), daemon=True))
         self.proc = subprocess.Popen(
             guarded(argv, lifetime),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE if capture_stdout else subprocess.DEVNULL,
-            stderr=self._stderr,
-            env=child_env(),
+            stderr=subprocess.PIPE if stderr_pipe else self._stderr,
+            env={**child_env(), **(env or {})},
             cwd=REPO_ROOT,
         )
+        if stderr_pipe:
+            assert self.proc.stderr is not None
+            self._readers.append(threading.Thread(target=self._read_pipe, args=(self.proc.stderr,), daemon=True))
+        for reader in self._readers:
+            reader.start()
         self.returncode: int | None = None
+
+    def _read_pipe(self, pipe: IO[bytes]) -> None:
+        while data := pipe.read1(_DRAIN_BYTES):  # type: ignore[attr-defined]
+            self.lines_read += data.count(b"\n")
+            self._stderr.write(data)
+
+    def _read_syslog(self, sock: socket.socket) -> None:
+        while not self._stop_reading.is_set():
+            try:
+                message = sock.recv(_DRAIN_BYTES)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.lines_read += 1
+            text = message.rstrip(b"\x00").partition(b"]: ")[2]
+            self._stderr.write(text + b"\n")
+
+    def _join_readers(self) -> None:
+        """Wait for the readers: the pipe's ends with the child, the socket's when told."""
+        self._stop_reading.set()
+        for reader in self._readers:
+            reader.join(timeout=5.0)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+        if self._syslog is not None:
+            self._syslog.close()
+        self._readers.clear()
 
     @property
     def pid(self) -> int:
@@ -108,11 +171,40 @@ class Child:
         self.returncode = self.proc.poll()
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+        if self.returncode is not None:
+            await trio.to_thread.run_sync(self._join_readers)
         return -999 if self.returncode is None else self.returncode
 
     def stderr_text(self, limit: int = 1 << 20) -> str:
+        """The first ``limit`` bytes the child logged (call after ``stop``)."""
         self._stderr.seek(0)
         return self._stderr.read(limit).decode("utf-8", "replace")
+
+    def problems(self, limit: int = 20) -> list[str]:
+        """Warning, error and traceback lines the child logged, scanning the whole log.
+
+        The log may be hundreds of megabytes of decision lines, so it is
+        searched in large chunks for the words first, in C.
+        """
+        self._stderr.seek(0)
+        found: list[str] = []
+        tail = b""
+        while len(found) < limit:
+            chunk = self._stderr.read(1 << 24)
+            text = tail + chunk
+            cut = text.rfind(b"\n") + 1 if chunk else len(text)
+            text, tail = text[:cut], text[cut:]
+            for match in _PROBLEM_WORDS.finditer(text):
+                start = text.rfind(b"\n", 0, match.start()) + 1
+                end = text.find(b"\n", match.start())
+                line = text[start : end if end >= 0 else len(text)].decode("utf-8", "replace")
+                if (line.startswith(("warning:", "error:", "fatal:", "Traceback")) or "Error" in line) and (
+                    not found or found[-1] != line
+                ):
+                    found.append(line)
+            if not chunk:
+                break
+        return found[:limit]
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -121,6 +213,7 @@ class Child:
                 self.proc.wait(timeout=2.0)
             except subprocess.TimeoutExpired:
                 pass
+        self._join_readers()
         self._stderr.close()
 
 
@@ -140,9 +233,15 @@ async def wait_for_port(port: int, child: Child, timeout: float) -> None:
 
 
 async def start_daemon(
-    dns_port: int, smtp_port: int, extra: list[str] | None = None, *, lifetime: float, attempts: int = 3
+    dns_port: int, smtp_port: int, extra: list[str] | None = None, *, lifetime: float, attempts: int = 3,
+    log: str = "quiet",
 ) -> tuple[Child, int]:
-    """Start the real smtpdcheck-policyd on a free loopback port; return it and the port."""
+    """Start the real smtpdcheck-policyd on a free loopback port; return it and the port.
+
+    ``log`` is one of :data:`LOG_MODES`.
+    """
+    if log not in LOG_MODES:
+        raise ValueError(f"unknown log mode {log!r}")
     last: Exception | None = None
     for _ in range(attempts):
         port = free_port()
@@ -151,10 +250,16 @@ async def start_daemon(
             "--listen", f"inet:{LOOPBACK}:{port}",
             "--nameserver", f"{LOOPBACK}:{dns_port}",
             "--smtp-port", str(smtp_port),
-            "--log-level", "warning",
+            *(["--log-level", "warning"] if log == "quiet" else []),
+            *(["--log-target", "syslog"] if log == "syslog" else []),
             *(extra or []),
         ]
-        child = Child(argv, lifetime=lifetime, name="policyd")
+        syslog_dir = tempfile.mkdtemp(prefix="bench-syslog-") if log == "syslog" else None
+        syslog_path = os.path.join(syslog_dir, "log") if syslog_dir else None
+        child = Child(
+            argv, lifetime=lifetime, name="policyd", stderr_pipe=log == "pipe", syslog_socket=syslog_path,
+            env={"SMTPDCHECK_SYSLOG_SOCKET": syslog_path} if syslog_path else None,
+        )
         try:
             await wait_for_port(port, child, timeout=15.0)
             return child, port
@@ -162,6 +267,12 @@ async def start_daemon(
             last = exc
             await child.stop()
             child.close()
+        finally:
+            # Listening means logging is set up: the daemon's socket is
+            # connected, and the name is no longer needed.
+            if syslog_path is not None:
+                os.unlink(syslog_path)
+                os.rmdir(os.path.dirname(syslog_path))
     raise RuntimeError(f"smtpdcheck-policyd did not start: {last}")
 
 
