@@ -204,6 +204,7 @@ class LineSink(logging.Handler):
         self._pending = 0  # bytes in _out
         self._task: trio.lowlevel.Task | None = None
         self._parked = False
+        self._stalled = False  # a synchronous write found the target blocked
         self._ident = ident
         self.target: _Target = NullTarget()
         self.retarget(target)
@@ -211,11 +212,23 @@ class LineSink(logging.Handler):
     # -- configuration ------------------------------------------------------
 
     def retarget(self, target: _Target) -> None:
-        """Send future lines to ``target``, after writing what is buffered to the old one."""
-        self.flush_sync(SYNC_FLUSH_S)
+        """Send future lines to ``target``, after writing what is buffered to the old one.
+
+        With the flusher running (a reload), the old target gets only what
+        it takes at once: the loop must not wait for it.  What it did not
+        take goes to the new target if that takes the same kind of writes,
+        and is otherwise counted as dropped.
+        """
+        self.flush_sync(0.0 if self._task is not None else SYNC_FLUSH_S)
         old, self.target = self.target, target
         if old is not target:
             old.close()
+        if self._out and old.datagrams != target.datagrams:
+            lost = len(self._out) if old.datagrams else sum(max(1, data.count(b"\n")) for data in self._out)
+            self._out.clear()
+            self._pending = 0
+            self.dropped += lost
+            self._unreported += lost
         if target.datagrams:
             head = f"{self._ident}[{os.getpid()}]: "
             self._prefix = {level: f"<{_LOG_MAIL * 8 + sev}>{head}" for level, sev in _SEVERITY.items()}
@@ -253,7 +266,9 @@ class LineSink(logging.Handler):
         self._queue.append(line)
         self._queued += len(line)
         if self._task is None:
-            self.flush_sync(SYNC_FLUSH_S)
+            # No loop to wait in: write now, waiting for a blocked target
+            # once, not once per line.
+            self._stalled = not self.flush_sync(0.0 if self._stalled else SYNC_FLUSH_S)
         elif self._parked:
             self._parked = False
             trio.lowlevel.reschedule(self._task)
