@@ -22,7 +22,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 from typing import IO, Any, Final
 
@@ -36,7 +35,6 @@ LOOPBACK: Final = "127.0.0.1"
 #: pipe that a reader drains, as journald does) or ``syslog`` (the default
 #: with ``--log-target syslog``, to a datagram socket of the benchmark's own).
 LOG_MODES: Final = ("quiet", "file", "pipe", "syslog")
-_DRAIN_BYTES: Final = 65536
 #: A line that reports trouble, in a log of decision lines.
 _PROBLEM_WORDS: Final = re.compile(rb"warning:|error:|fatal:|Traceback|Error")
 
@@ -75,11 +73,11 @@ def free_port() -> int:
 class Child:
     """One guarded child process; stderr goes to a temporary file we can read back.
 
-    With ``stderr_pipe``, stderr is a pipe instead, drained by a reader
-    thread into that file (as journald reads a service's stderr); with
-    ``syslog_socket``, a datagram socket of ours is bound at that path and a
-    reader thread copies each message's text (after ``ident[pid]: ``) into
-    the file.  Either way ``stderr_text`` reads everything the child logged.
+    With ``stderr_pipe``, stderr is a pipe instead, which a reader process
+    (:mod:`bench.logreader`) copies into that file, as journald reads a
+    service's stderr; with ``syslog_socket``, a datagram socket is bound at
+    that path and a reader process writes each message's text into the
+    file.  Either way ``stderr_text`` reads everything the child logged.
     """
 
     def __init__(
@@ -89,57 +87,56 @@ class Child:
         self.name = name
         self.argv = argv
         self._stderr: IO[bytes] = tempfile.TemporaryFile(prefix=f"bench-{name}-")
-        self._stop_reading = threading.Event()
-        self._readers: list[threading.Thread] = []
-        self._syslog: socket.socket | None = None
-        self.lines_read = 0
+        self.reader: subprocess.Popen[bytes] | None = None
+        self._reader_kind = "syslog" if syslog_socket is not None else "pipe" if stderr_pipe else ""
+        stderr: IO[bytes] | int = self._stderr
         if syslog_socket is not None:
-            self._syslog = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            self._syslog.bind(syslog_socket)
-            self._syslog.settimeout(0.1)  # the reader looks at the stop flag this often
-            self._readers.append(threading.Thread(target=self._read_syslog, args=(self._syslog,), daemon=True))
-        self.proc = subprocess.Popen(
-            guarded(argv, lifetime),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE if capture_stdout else subprocess.DEVNULL,
-            stderr=subprocess.PIPE if stderr_pipe else self._stderr,
-            env={**child_env(), **(env or {})},
-            cwd=REPO_ROOT,
-        )
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                sock.bind(syslog_socket)
+                self.reader = self._start_reader(["syslog", str(sock.fileno())], lifetime, sock.fileno(), None)
+        read_end = -1
         if stderr_pipe:
-            assert self.proc.stderr is not None
-            self._readers.append(threading.Thread(target=self._read_pipe, args=(self.proc.stderr,), daemon=True))
-        for reader in self._readers:
-            reader.start()
+            read_end, stderr = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                guarded(argv, lifetime),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE if capture_stdout else subprocess.DEVNULL,
+                stderr=stderr,
+                env={**child_env(), **(env or {})},
+                cwd=REPO_ROOT,
+            )
+            if stderr_pipe:
+                self.reader = self._start_reader(["pipe"], lifetime + 10, None, read_end)
+        finally:
+            if stderr_pipe:
+                os.close(read_end)
+                assert isinstance(stderr, int)
+                os.close(stderr)
         self.returncode: int | None = None
 
-    def _read_pipe(self, pipe: IO[bytes]) -> None:
-        while data := pipe.read1(_DRAIN_BYTES):  # type: ignore[attr-defined]
-            self.lines_read += data.count(b"\n")
-            self._stderr.write(data)
+    def _start_reader(self, args: list[str], lifetime: float, fd: int | None, stdin: int | None) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            guarded([sys.executable, "-m", "bench.logreader", *args], lifetime),
+            stdin=subprocess.DEVNULL if stdin is None else stdin,
+            stdout=self._stderr,
+            pass_fds=() if fd is None else (fd,),
+            env=child_env(),
+            cwd=REPO_ROOT,
+        )
 
-    def _read_syslog(self, sock: socket.socket) -> None:
-        while not self._stop_reading.is_set():
-            try:
-                message = sock.recv(_DRAIN_BYTES)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.lines_read += 1
-            text = message.rstrip(b"\x00").partition(b"]: ")[2]
-            self._stderr.write(text + b"\n")
-
-    def _join_readers(self) -> None:
-        """Wait for the readers: the pipe's ends with the child, the socket's when told."""
-        self._stop_reading.set()
-        for reader in self._readers:
-            reader.join(timeout=5.0)
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
-        if self._syslog is not None:
-            self._syslog.close()
-        self._readers.clear()
+    def _stop_reader(self) -> None:
+        """The pipe's reader ends with the child (end of file); the socket's when told."""
+        reader, self.reader = self.reader, None
+        if reader is None:
+            return
+        if self._reader_kind == "syslog":
+            reader.send_signal(signal.SIGTERM)
+        try:
+            reader.wait(timeout=10.0)
+        except subprocess.TimeoutExpired:
+            reader.kill()
+            reader.wait(timeout=2.0)
 
     @property
     def pid(self) -> int:
@@ -172,7 +169,7 @@ class Child:
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         if self.returncode is not None:
-            await trio.to_thread.run_sync(self._join_readers)
+            await trio.to_thread.run_sync(self._stop_reader)
         return -999 if self.returncode is None else self.returncode
 
     def stderr_text(self, limit: int = 1 << 20) -> str:
@@ -213,7 +210,7 @@ class Child:
                 self.proc.wait(timeout=2.0)
             except subprocess.TimeoutExpired:
                 pass
-        self._join_readers()
+        self._stop_reader()
         self._stderr.close()
 
 
