@@ -33,6 +33,7 @@ import os
 import select
 import socket
 import stat
+import threading
 import time
 from collections import deque
 from typing import Final, TextIO
@@ -205,6 +206,8 @@ class LineSink(logging.Handler):
         self._task: trio.lowlevel.Task | None = None
         self._parked = False
         self._stalled = False  # a synchronous write found the target blocked
+        self._thread = 0  # the flusher's thread and loop, while it runs
+        self._token: trio.lowlevel.TrioToken | None = None
         self._ident = ident
         self.target: _Target = NullTarget()
         self.retarget(target)
@@ -270,6 +273,16 @@ class LineSink(logging.Handler):
             # once, not once per line.
             self._stalled = not self.flush_sync(0.0 if self._stalled else SYNC_FLUSH_S)
         elif self._parked:
+            if threading.get_ident() == self._thread:
+                self._wake()
+            elif self._token is not None:  # logged from a worker thread: wake the flusher from the loop
+                try:
+                    self._token.run_sync_soon(self._wake)
+                except trio.RunFinishedError:
+                    pass
+
+    def _wake(self) -> None:
+        if self._parked and self._task is not None:
             self._parked = False
             trio.lowlevel.reschedule(self._task)
 
@@ -348,6 +361,8 @@ class LineSink(logging.Handler):
         if self._task is not None:
             raise RuntimeError("the log flusher is already running")
         self._task = trio.lowlevel.current_task()
+        self._thread = threading.get_ident()
+        self._token = trio.lowlevel.current_trio_token()
         try:
             while True:
                 if not self._queue and not self._out:

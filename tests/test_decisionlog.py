@@ -143,6 +143,18 @@ async def test_an_idle_line_is_written_at_once(pipe: tuple[int, int]) -> None:
     assert data == b'4F2A: rcpt=<u1@d.example> domain=d.example action=DUNNO reason="r" cache=hit ms=1.0\n'
 
 
+async def test_a_line_from_a_worker_thread_wakes_the_flusher(pipe: tuple[int, int]) -> None:
+    read_end, write_end = pipe
+    sink = LineSink(StreamTarget(write_end))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sink.run)
+        await trio.testing.wait_all_tasks_blocked()
+        await trio.to_thread.run_sync(sink.decision, "", "u7@d.example", MIDDLE, 0.001)
+        data = await read_until(read_end, lambda d: d.endswith(b"\n"))
+        nursery.cancel_scope.cancel()
+    assert b"rcpt=<u7@d.example>" in data
+
+
 async def test_many_lines_of_one_pass_go_in_one_write(pipe: tuple[int, int]) -> None:
     read_end, write_end = pipe
     target = StreamTarget(write_end)
