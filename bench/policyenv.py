@@ -62,18 +62,18 @@ async def _serve_fakes(
 
 @asynccontextmanager
 async def policy_env(
-    *, lifetime: float, zone: dict[str, Any] | None = None, daemon_args: list[str] | None = None
+    *, lifetime: float, zone: dict[str, Any] | None = None, daemon_args: list[str] | None = None, log: str = "quiet",
 ) -> AsyncIterator[PolicyEnv]:
     """Start the fakes and the daemon; on exit stop the daemon and collect what it said.
 
     After the block, ``exit_status`` is the daemon's exit status after
     SIGTERM (0 expected) and ``problems`` lists every warning, error or
-    traceback line it logged: a benchmark that "passes" while the daemon
+    traceback line it logged (``log``: see :data:`bench.procs.LOG_MODES`): a benchmark that "passes" while the daemon
     complains is not a pass.
     """
     async with trio.open_nursery() as nursery:
         farm, dns = await nursery.start(_serve_fakes, lifetime, zone or {})
-        daemon, port = await start_daemon(dns.port, farm.port, daemon_args, lifetime=lifetime)
+        daemon, port = await start_daemon(dns.port, farm.port, daemon_args, lifetime=lifetime, log=log)
         env = PolicyEnv(dns, farm.greeters[0], daemon, port)
         try:
             yield env
@@ -82,13 +82,10 @@ async def policy_env(
                 alive = daemon.alive()
                 env.exit_status = await daemon.stop()
                 env.stderr = daemon.stderr_text()
+                env.problems += daemon.problems()
                 daemon.close()
                 if not alive:
                     env.problems.append(f"daemon died during the benchmark (status {env.exit_status})")
                 elif env.exit_status != 0:
                     env.problems.append(f"daemon exited with status {env.exit_status} after SIGTERM")
-                env.problems += [
-                    line for line in env.stderr.splitlines()
-                    if line.startswith(("warning:", "error:", "fatal:", "Traceback")) or "Error" in line
-                ][:20]
             nursery.cancel_scope.cancel()

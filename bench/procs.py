@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -28,6 +29,14 @@ import trio
 
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent
 LOOPBACK: Final = "127.0.0.1"
+#: Where the daemon's logs go in a benchmark: ``quiet`` (``--log-level
+#: warning``, stderr to a file), ``file`` (the default, info: one decision
+#: line per RCPT, stderr to a file), ``pipe`` (the default with stderr to a
+#: pipe that a reader drains, as journald does) or ``syslog`` (the default
+#: with ``--log-target syslog``, to a datagram socket of the benchmark's own).
+LOG_MODES: Final = ("quiet", "file", "pipe", "syslog")
+#: A line that reports trouble, in a log of decision lines.
+_PROBLEM_WORDS: Final = re.compile(rb"warning:|error:|fatal:|Traceback|Error")
 
 
 def child_env() -> dict[str, str]:
@@ -62,21 +71,72 @@ def free_port() -> int:
 
 
 class Child:
-    """One guarded child process; stderr goes to a temporary file we can read back."""
+    """One guarded child process; stderr goes to a temporary file we can read back.
 
-    def __init__(self, argv: list[str], *, lifetime: float, name: str, capture_stdout: bool = False) -> None:
+    With ``stderr_pipe``, stderr is a pipe instead, which a reader process
+    (:mod:`bench.logreader`) copies into that file, as journald reads a
+    service's stderr; with ``syslog_socket``, a datagram socket is bound at
+    that path and a reader process writes each message's text into the
+    file.  Either way ``stderr_text`` reads everything the child logged.
+    """
+
+    def __init__(
+        self, argv: list[str], *, lifetime: float, name: str, capture_stdout: bool = False,
+        stderr_pipe: bool = False, syslog_socket: str | None = None, env: dict[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.argv = argv
         self._stderr: IO[bytes] = tempfile.TemporaryFile(prefix=f"bench-{name}-")
-        self.proc = subprocess.Popen(
-            guarded(argv, lifetime),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE if capture_stdout else subprocess.DEVNULL,
-            stderr=self._stderr,
+        self.reader: subprocess.Popen[bytes] | None = None
+        self._reader_kind = "syslog" if syslog_socket is not None else "pipe" if stderr_pipe else ""
+        stderr: IO[bytes] | int = self._stderr
+        if syslog_socket is not None:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                sock.bind(syslog_socket)
+                self.reader = self._start_reader(["syslog", str(sock.fileno())], lifetime, sock.fileno(), None)
+        read_end = -1
+        if stderr_pipe:
+            read_end, stderr = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                guarded(argv, lifetime),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE if capture_stdout else subprocess.DEVNULL,
+                stderr=stderr,
+                env={**child_env(), **(env or {})},
+                cwd=REPO_ROOT,
+            )
+            if stderr_pipe:
+                self.reader = self._start_reader(["pipe"], lifetime + 10, None, read_end)
+        finally:
+            if stderr_pipe:
+                os.close(read_end)
+                assert isinstance(stderr, int)
+                os.close(stderr)
+        self.returncode: int | None = None
+
+    def _start_reader(self, args: list[str], lifetime: float, fd: int | None, stdin: int | None) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            guarded([sys.executable, "-m", "bench.logreader", *args], lifetime),
+            stdin=subprocess.DEVNULL if stdin is None else stdin,
+            stdout=self._stderr,
+            pass_fds=() if fd is None else (fd,),
             env=child_env(),
             cwd=REPO_ROOT,
         )
-        self.returncode: int | None = None
+
+    def _stop_reader(self) -> None:
+        """The pipe's reader ends with the child (end of file); the socket's when told."""
+        reader, self.reader = self.reader, None
+        if reader is None:
+            return
+        if self._reader_kind == "syslog":
+            reader.send_signal(signal.SIGTERM)
+        try:
+            reader.wait(timeout=10.0)
+        except subprocess.TimeoutExpired:
+            reader.kill()
+            reader.wait(timeout=2.0)
 
     @property
     def pid(self) -> int:
@@ -108,11 +168,40 @@ class Child:
         self.returncode = self.proc.poll()
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+        if self.returncode is not None:
+            await trio.to_thread.run_sync(self._stop_reader)
         return -999 if self.returncode is None else self.returncode
 
     def stderr_text(self, limit: int = 1 << 20) -> str:
+        """The first ``limit`` bytes the child logged (call after ``stop``)."""
         self._stderr.seek(0)
         return self._stderr.read(limit).decode("utf-8", "replace")
+
+    def problems(self, limit: int = 20) -> list[str]:
+        """Warning, error and traceback lines the child logged, scanning the whole log.
+
+        The log may be hundreds of megabytes of decision lines, so it is
+        searched in large chunks for the words first, in C.
+        """
+        self._stderr.seek(0)
+        found: list[str] = []
+        tail = b""
+        while len(found) < limit:
+            chunk = self._stderr.read(1 << 24)
+            text = tail + chunk
+            cut = text.rfind(b"\n") + 1 if chunk else len(text)
+            text, tail = text[:cut], text[cut:]
+            for match in _PROBLEM_WORDS.finditer(text):
+                start = text.rfind(b"\n", 0, match.start()) + 1
+                end = text.find(b"\n", match.start())
+                line = text[start : end if end >= 0 else len(text)].decode("utf-8", "replace")
+                if (line.startswith(("warning:", "error:", "fatal:", "Traceback")) or "Error" in line) and (
+                    not found or found[-1] != line
+                ):
+                    found.append(line)
+            if not chunk:
+                break
+        return found[:limit]
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -121,6 +210,7 @@ class Child:
                 self.proc.wait(timeout=2.0)
             except subprocess.TimeoutExpired:
                 pass
+        self._stop_reader()
         self._stderr.close()
 
 
@@ -140,9 +230,15 @@ async def wait_for_port(port: int, child: Child, timeout: float) -> None:
 
 
 async def start_daemon(
-    dns_port: int, smtp_port: int, extra: list[str] | None = None, *, lifetime: float, attempts: int = 3
+    dns_port: int, smtp_port: int, extra: list[str] | None = None, *, lifetime: float, attempts: int = 3,
+    log: str = "quiet",
 ) -> tuple[Child, int]:
-    """Start the real smtpdcheck-policyd on a free loopback port; return it and the port."""
+    """Start the real smtpdcheck-policyd on a free loopback port; return it and the port.
+
+    ``log`` is one of :data:`LOG_MODES`.
+    """
+    if log not in LOG_MODES:
+        raise ValueError(f"unknown log mode {log!r}")
     last: Exception | None = None
     for _ in range(attempts):
         port = free_port()
@@ -151,10 +247,16 @@ async def start_daemon(
             "--listen", f"inet:{LOOPBACK}:{port}",
             "--nameserver", f"{LOOPBACK}:{dns_port}",
             "--smtp-port", str(smtp_port),
-            "--log-level", "warning",
+            *(["--log-level", "warning"] if log == "quiet" else []),
+            *(["--log-target", "syslog"] if log == "syslog" else []),
             *(extra or []),
         ]
-        child = Child(argv, lifetime=lifetime, name="policyd")
+        syslog_dir = tempfile.mkdtemp(prefix="bench-syslog-") if log == "syslog" else None
+        syslog_path = os.path.join(syslog_dir, "log") if syslog_dir else None
+        child = Child(
+            argv, lifetime=lifetime, name="policyd", stderr_pipe=log == "pipe", syslog_socket=syslog_path,
+            env={"SMTPDCHECK_SYSLOG_SOCKET": syslog_path} if syslog_path else None,
+        )
         try:
             await wait_for_port(port, child, timeout=15.0)
             return child, port
@@ -162,6 +264,12 @@ async def start_daemon(
             last = exc
             await child.stop()
             child.close()
+        finally:
+            # Listening means logging is set up: the daemon's socket is
+            # connected, and the name is no longer needed.
+            if syslog_path is not None:
+                os.unlink(syslog_path)
+                os.rmdir(os.path.dirname(syslog_path))
     raise RuntimeError(f"smtpdcheck-policyd did not start: {last}")
 
 

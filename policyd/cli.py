@@ -21,7 +21,8 @@ from . import config as cfg
 from . import systemd
 from .exposition import MetricsUnavailable, make_registry, serve_metrics
 from .listeners import ListenError, endpoint_of, open_listeners, unix_paths
-from .logsetup import setup_logging
+from .decisionlog import run_flusher
+from .logsetup import close_logging, setup_logging
 from .server import PolicyServer, handle_connection, watched_connections
 from .service import PolicyService, core_settings
 
@@ -106,6 +107,7 @@ async def run_daemon(config: cfg.Config, args: argparse.Namespace) -> int:
                 log.critical("%s", exc)
                 return 2
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(run_flusher)
                 if config.metrics:
                     await nursery.start(serve_metrics, metric_listeners, registry)
                     log.info("metrics on %s", ", ".join(endpoint_of(l) for l in metric_listeners))
@@ -145,10 +147,12 @@ async def run_stdio(config: cfg.Config) -> int:
     """One connection on stdin/stdout, as Postfix's spawn(8) runs us."""
     stream = trio.StapledStream(trio.lowlevel.FdStream(os.dup(1)), trio.lowlevel.FdStream(os.dup(0)))
     try:
-        async with open_core(core_settings(config)) as core:
+        async with open_core(core_settings(config)) as core, trio.open_nursery() as nursery:
+            nursery.start_soon(run_flusher)
             service = PolicyService(config, core)
             async with watched_connections(service) as watchdog:
                 await handle_connection(stream, service, watchdog, " on stdin")
+            nursery.cancel_scope.cancel()
     except StopHostError as exc:
         log.critical("%s", exc)
         return 2
@@ -186,6 +190,13 @@ async def _reload(service: PolicyService, args: argparse.Namespace, old: cfg.Con
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    finally:
+        close_logging()  # buffered lines out, on every way out (signals end the loop first)
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

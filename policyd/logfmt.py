@@ -7,13 +7,21 @@ forge a second log line.
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 _SAFE: Final = frozenset(chr(c) for c in range(0x21, 0x7F)) - {'"', "\\", "="}
+# Values that come out unchanged, recognised by one C-level match instead
+# of a Python loop: almost every recipient, queue id, domain and reason.
+# ``{0,256}`` is the default limit; other limits take the long way.
+_PLAIN: Final = re.compile(r'[!#-<>-\[\]-~]{0,256}')
+_PLAIN_TEXT: Final = re.compile(r'[ !#-<>-\[\]-~]{0,256}')
 
 
 def escape(value: str, limit: int = 256) -> str:
     """Printable ASCII with ``\\xNN`` escapes; raw bytes from surrogateescape shown as bytes."""
+    if limit == 256 and _PLAIN.fullmatch(value) is not None:
+        return value
     out: list[str] = []
     for ch in value[:limit]:
         if ch in _SAFE:
@@ -32,5 +40,7 @@ def escape(value: str, limit: int = 256) -> str:
 
 def quoted(value: str, limit: int = 256) -> str:
     """A free-text value (a reason) in double quotes, escaped likewise."""
+    if limit == 256 and _PLAIN_TEXT.fullmatch(value) is not None:
+        return f'"{value}"'
     text = escape(value, limit).replace("\\x20", " ")
     return f'"{text}"'

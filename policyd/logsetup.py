@@ -2,49 +2,73 @@
 
 Decision lines are INFO; trouble is WARNING or ERROR and carries a
 Postfix-style ``warning:`` / ``error:`` prefix so a grep for those words
-finds it.
+finds it.  Every line, whichever its source, goes through one
+:class:`~policyd.decisionlog.LineSink`: buffered, written in batches, never
+blocking the loop (see :mod:`policyd.decisionlog`).
 """
 
 from __future__ import annotations
 
 import logging
-import logging.handlers
 import os
 import sys
 from typing import Final
 
+from . import decisionlog
+from .decisionlog import LineSink, NullTarget, StreamTarget, SyslogTarget, TextTarget
+
 LOGGER_NAME: Final = "smtpdcheck"
 SYSLOG_SOCKET = "/dev/log"
+#: Overrides SYSLOG_SOCKET: a syslog socket elsewhere (a container, a test, a benchmark).
+SYSLOG_SOCKET_ENV: Final = "SMTPDCHECK_SYSLOG_SOCKET"
 _PREFIX: Final = {logging.WARNING: "warning: ", logging.ERROR: "error: ", logging.CRITICAL: "fatal: "}
 
 
 class _PostfixStyle(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        # Tracebacks stay readable on stderr but must not break the
-        # one-line-per-event rule in syslog.
-        return _PREFIX.get(record.levelno, "") + text
+        # A traceback stays readable (several lines) on stderr; the syslog
+        # target folds it into the one message of its event.
+        return _PREFIX.get(record.levelno, "") + super().format(record)
+
+
+def _target(target: str) -> decisionlog._Target:
+    if target == "syslog":
+        path = os.environ.get(SYSLOG_SOCKET_ENV) or SYSLOG_SOCKET
+        return SyslogTarget(path if os.path.exists(path) else ("localhost", 514))
+    if target == "none":
+        return NullTarget()
+    try:
+        return StreamTarget(sys.stderr.fileno())
+    except (AttributeError, ValueError, OSError):  # io.UnsupportedOperation is both of the last two
+        return TextTarget(sys.stderr)
 
 
 def setup_logging(level: str, target: str, *, ident: str = "smtpdcheck-policyd") -> logging.Logger:
+    """Configure (or, on reload, reconfigure) logging; lines buffered so far go to the old target first."""
     logger = logging.getLogger(LOGGER_NAME)
+    sink = decisionlog.current()
     for old in list(logger.handlers):
-        logger.removeHandler(old)
-        old.close()
-    handler: logging.Handler
-    if target == "syslog":
-        address = SYSLOG_SOCKET if os.path.exists(SYSLOG_SOCKET) else ("localhost", 514)
-        handler = logging.handlers.SysLogHandler(address=address, facility=logging.handlers.SysLogHandler.LOG_MAIL)
-        handler.ident = f"{ident}[{os.getpid()}]: "
-        formatter: logging.Formatter = _PostfixStyle("%(message)s")
-    elif target == "none":
-        handler = logging.NullHandler()
-        formatter = _PostfixStyle("%(message)s")
+        if old is not sink:
+            logger.removeHandler(old)
+            old.close()
+    if sink is None:
+        sink = LineSink(_target(target), ident=ident)
+        sink.setFormatter(_PostfixStyle("%(message)s"))
+        logger.addHandler(sink)
+        decisionlog.install(sink)
     else:
-        handler = logging.StreamHandler(sys.stderr)
-        formatter = _PostfixStyle("%(message)s")
-    handler.setFormatter(formatter)
-    logger.addHandler(handler)
+        sink.retarget(_target(target))
     logger.setLevel(level.upper())
     logger.propagate = False
+    sink.decisions = target != "none" and logger.isEnabledFor(logging.INFO)
     return logger
+
+
+def close_logging() -> None:
+    """Write what is buffered (waiting a bounded time) and detach the sink."""
+    sink = decisionlog.current()
+    if sink is None:
+        return
+    decisionlog.install(None)
+    logging.getLogger(LOGGER_NAME).removeHandler(sink)
+    sink.close()

@@ -16,6 +16,8 @@ from __future__ import annotations
 import errno
 import logging
 import math
+import os
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -155,23 +157,69 @@ async def accept_loop(
     slots: trio.Semaphore,
     watchdog: Watchdog,
 ) -> None:
-    """Accept while under the connection limit; beyond it, peers wait in the backlog."""
+    """Accept while under the connection limit; beyond it, peers wait in the backlog.
+
+    trio's ``accept`` takes one connection per scheduler pass.  When every
+    smtpd of a restarted Postfix reconnects at once, the last one would
+    wait a hundred passes for its first reply, so each wake-up takes every
+    connection already waiting, through a non-blocking twin of the
+    listening socket.
+    """
+    with _twin(listener) as twin:
+        while True:
+            await slots.acquire()
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                slots.release()
+                if exc.errno in _ACCEPT_CAPACITY_ERRNOS:
+                    _accept_failed(service, exc)
+                    await trio.sleep(ACCEPT_RETRY_S)
+                    continue
+                raise
+            except BaseException:
+                slots.release()
+                raise
+            handlers.start_soon(_run_handler, stream, service, slots, watchdog)
+            _accept_waiting(twin, service, handlers, slots, watchdog)
+
+
+def _twin(listener: trio.SocketListener) -> socket.socket:
+    """A second descriptor for the listening socket, for plain non-blocking accept() calls."""
+    twin = socket.socket(fileno=os.dup(listener.socket.fileno()))
+    twin.setblocking(False)
+    return twin
+
+
+def _accept_waiting(
+    twin: socket.socket, service: PolicyService, handlers: trio.Nursery, slots: trio.Semaphore, watchdog: Watchdog
+) -> None:
+    """Start a handler for every connection already waiting, within the limit; never blocks."""
     while True:
-        await slots.acquire()
         try:
-            stream = await listener.accept()
+            slots.acquire_nowait()
+        except trio.WouldBlock:
+            return
+        try:
+            sock, _ = twin.accept()
+        except BlockingIOError:
+            slots.release()
+            return
         except OSError as exc:
             slots.release()
             if exc.errno in _ACCEPT_CAPACITY_ERRNOS:
-                service.metrics.accept_errors += 1
-                log.error("accept failed: %s; retrying in %gs", errno.errorcode.get(exc.errno or 0, exc), ACCEPT_RETRY_S)
-                await trio.sleep(ACCEPT_RETRY_S)
-                continue
+                _accept_failed(service, exc)
+                return  # the awaited accept() retries after its pause
+            if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                continue  # the peer gave up while waiting: next one
             raise
-        except BaseException:
-            slots.release()
-            raise
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
         handlers.start_soon(_run_handler, stream, service, slots, watchdog)
+
+
+def _accept_failed(service: PolicyService, exc: OSError) -> None:
+    service.metrics.accept_errors += 1
+    log.error("accept failed: %s; retrying in %gs", errno.errorcode.get(exc.errno or 0, exc), ACCEPT_RETRY_S)
 
 
 async def _run_handler(

@@ -9,7 +9,7 @@ request gets bytes to send, within the deadline.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -18,8 +18,8 @@ from smtpdcheck.core import Core, CoreSettings
 from smtpdcheck.policy import Action, Decision, Kind, Policy
 from smtpdcheck.stoprule import StopSet
 
+from . import decisionlog
 from .config import Config
-from .logfmt import escape, quoted
 from .metrics import Metrics
 from .protocol import DUNNO_REPLY, PolicyRequest, format_reply
 
@@ -57,6 +57,9 @@ class Answer:
     decision: Decision
     checked: bool = True  # False for requests that are not RCPT (not logged)
 
+    # The log line's part that depends only on the answer, built once for a memoised one.
+    line: str = field(default="", compare=False, repr=False)
+
     @property
     def action(self) -> str:
         return self.decision.verdict.action.value
@@ -71,6 +74,12 @@ class Answer:
 
 
 _NOT_RCPT = Answer(DUNNO_REPLY, Policy.undecided(Kind.NOT_RCPT, "not an RCPT request"), checked=False)
+
+
+def _middle(decision: Decision) -> str:
+    """The part of the decision line that depends only on the decision."""
+    verdict = decision.verdict
+    return decisionlog.decision_middle(decision.domain, verdict.action.value, verdict.reason, decision.cache.value)
 
 
 def _memo_key(request: PolicyRequest) -> tuple[str, str]:
@@ -183,24 +192,24 @@ class PolicyService:
         answer = Answer(self._reply(decision), decision)
         # Stored without what it was computed from: a memo must stay small.
         small = Decision(decision.verdict, decision.domain, decision.cache, decision.valid_until)
-        self.answers.put(_memo_key(request), Answer(answer.reply, small), decision.valid_until - trio.current_time())
+        self.answers.put(
+            _memo_key(request), Answer(answer.reply, small, line=_middle(small)), decision.valid_until - trio.current_time()
+        )
         return answer
 
     def _finish(self, request: PolicyRequest, outcome: Answer, elapsed: float) -> None:
         """Count and log one answered request."""
         verdict = outcome.decision.verdict
         self.metrics.observe_request(verdict.action.value, verdict.kind.value, elapsed)
-        if outcome.checked and log.isEnabledFor(logging.INFO):
-            log.info(
-                "%s: rcpt=<%s> domain=%s action=%s reason=%s cache=%s ms=%.1f",
-                escape(request.queue_id) or "NOQUEUE",
-                escape(request.recipient),
-                escape(outcome.decision.domain) or "-",
-                verdict.action.value,
-                quoted(verdict.reason),
-                outcome.decision.cache.value,
-                elapsed * 1000,
-            )
+        if not outcome.checked:
+            return
+        sink = decisionlog.current()
+        if sink is None:  # logging not set up (embedded, tests): a plain record
+            if log.isEnabledFor(logging.INFO):
+                log.info("%s", decisionlog.decision_line(request.queue_id, request.recipient, _middle(outcome.decision), elapsed))
+        elif sink.decisions:
+            middle = outcome.line or _middle(outcome.decision)
+            sink.decision(request.queue_id, request.recipient, middle, elapsed)
 
     async def explain(self, recipient: str, server_address: str = "") -> Explanation:
         """Decide one RCPT as the server would, and say how."""

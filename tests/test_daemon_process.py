@@ -227,6 +227,7 @@ async def test_metrics_scrape(nursery: trio.Nursery, world: tuple[list[str], Far
     assert "smtpdcheck_policy_decision_seconds_count 3.0" in text
     assert "smtpdcheck_connections_open 1.0" in text
     assert "smtpdcheck_accept_errors_total 0.0" in text
+    assert "smtpdcheck_log_lines_dropped_total 0.0" in text
     assert 'smtpdcheck_cache_entries{cache="answer"}' in text
 
 

@@ -1,0 +1,307 @@
+"""The decision-line writer: same bytes as before, batched, bounded, never blocking."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import signal
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
+
+from policyd import logfmt
+from policyd.decisionlog import LineSink, StreamTarget, decision_line, decision_middle
+from tests.conftest import Farm
+from tests.policyd_helpers import rcpt, read_replies
+from tests.test_daemon_process import PYTHON, _notify_socket, world  # noqa: F401 (a fixture)
+
+_SAFE = frozenset(chr(c) for c in range(0x21, 0x7F)) - {'"', "\\", "="}
+
+
+def reference_escape(value: str, limit: int = 256) -> str:
+    """The character-by-character escape the fast path must agree with."""
+    out: list[str] = []
+    for ch in value[:limit]:
+        if ch in _SAFE:
+            out.append(ch)
+        elif ch == " ":
+            out.append("\\x20")
+        else:
+            code = ord(ch)
+            if 0xDC80 <= code <= 0xDCFF:
+                code -= 0xDC00
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+    if len(value) > limit:
+        out.append("...")
+    return "".join(out)
+
+
+values = st.one_of(
+    st.text(max_size=300),
+    st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7F), max_size=300),
+    st.text(alphabet="ab=\\\" \x00\r\n\udc80\udcff\u00e9", max_size=20),
+)
+
+
+@given(values)
+def test_escape_agrees_with_the_character_loop(value: str) -> None:
+    assert logfmt.escape(value) == reference_escape(value)
+    assert logfmt.quoted(value) == '"' + reference_escape(value).replace("\\x20", " ") + '"'
+
+
+@given(values, values, values, st.sampled_from(["DUNNO", "DEFER_IF_PERMIT", "WARN"]), values,
+       st.sampled_from(["hit", "miss", "stale"]), st.floats(min_value=0, max_value=100, allow_nan=False))
+def test_decision_line_is_byte_for_byte_the_logging_format(
+    queue_id: str, recipient: str, domain: str, action: str, reason: str, cache: str, elapsed: float
+) -> None:
+    old = "%s: rcpt=<%s> domain=%s action=%s reason=%s cache=%s ms=%.1f" % (
+        reference_escape(queue_id) or "NOQUEUE", reference_escape(recipient), reference_escape(domain) or "-",
+        action, '"' + reference_escape(reason).replace("\\x20", " ") + '"', cache, elapsed * 1000,
+    )
+    assert decision_line(queue_id, recipient, decision_middle(domain, action, reason, cache), elapsed) == old
+
+
+# -- a pipe whose reader stops reading ----------------------------------------
+
+LINE = re.compile(r"NOQUEUE: rcpt=<u(\d+)@d\.example> domain=d\.example action=DUNNO reason=\"r\" cache=hit ms=1\.0")
+MIDDLE = decision_middle("d.example", "DUNNO", "r", "hit")
+
+
+@pytest.fixture
+def pipe() -> Iterator[tuple[int, int]]:
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    try:
+        yield read_end, write_end
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def pipe_capacity(fd: int) -> int:
+    return fcntl.fcntl(fd, 1032)  # F_GETPIPE_SZ
+
+
+async def read_until(fd: int, done: Callable[[bytes], bool]) -> bytes:
+    data = b""
+    with trio.fail_after(10):
+        while not done(data):
+            await trio.lowlevel.wait_readable(fd)
+            data += os.read(fd, 1 << 20)
+    return data
+
+
+async def test_a_reader_that_stops_costs_lines_not_replies(pipe: tuple[int, int]) -> None:
+    read_end, write_end = pipe
+    limit = 16384
+    sink = LineSink(StreamTarget(write_end), limit=limit)
+    written = (pipe_capacity(write_end) + 4 * limit) // 60  # far more than the pipe and the buffer hold
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sink.run)
+        await trio.testing.wait_all_tasks_blocked()
+        for i in range(written):
+            sink.decision("", f"u{i}@d.example", MIDDLE, 0.001)
+            if i % 50 == 0:
+                await trio.lowlevel.checkpoint()
+        # Nobody reads: the flusher waits for the pipe, the loop runs on.
+        await trio.testing.wait_all_tasks_blocked()
+        assert 0 < sink.buffered <= limit + 200
+        assert sink.dropped > 0
+        dropped = sink.dropped
+        # The reader comes back: everything kept arrives, then one warning.
+        data = await read_until(read_end, lambda d: b"log lines dropped" in d)
+        nursery.cancel_scope.cancel()
+    lines = data.decode().splitlines()
+    assert lines[-1] == f"warning: {dropped} log lines dropped: the log target did not keep up"
+    numbers = []
+    for line in lines[:-1]:
+        match = LINE.fullmatch(line)
+        assert match, line  # whole lines only, never a torn one
+        numbers.append(int(match.group(1)))
+    assert numbers == list(range(len(numbers)))  # in order; the tail was dropped, not the middle
+    assert len(numbers) + dropped == written
+    assert sink.buffered == 0
+
+
+async def test_an_idle_line_is_written_at_once(pipe: tuple[int, int]) -> None:
+    read_end, write_end = pipe
+    sink = LineSink(StreamTarget(write_end))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sink.run)
+        await trio.testing.wait_all_tasks_blocked()
+        sink.decision("4F2A", "u1@d.example", MIDDLE, 0.001)
+        # No other line follows and nothing else runs: the flusher alone writes it.
+        data = await read_until(read_end, lambda d: d.endswith(b"\n"))
+        nursery.cancel_scope.cancel()
+    assert data == b'4F2A: rcpt=<u1@d.example> domain=d.example action=DUNNO reason="r" cache=hit ms=1.0\n'
+
+
+async def test_a_line_from_a_worker_thread_wakes_the_flusher(pipe: tuple[int, int]) -> None:
+    read_end, write_end = pipe
+    sink = LineSink(StreamTarget(write_end))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sink.run)
+        await trio.testing.wait_all_tasks_blocked()
+        await trio.to_thread.run_sync(sink.decision, "", "u7@d.example", MIDDLE, 0.001)
+        data = await read_until(read_end, lambda d: d.endswith(b"\n"))
+        nursery.cancel_scope.cancel()
+    assert b"rcpt=<u7@d.example>" in data
+
+
+async def test_many_lines_of_one_pass_go_in_one_write(pipe: tuple[int, int]) -> None:
+    read_end, write_end = pipe
+    target = StreamTarget(write_end)
+    writes: list[int] = []
+    send = target.send
+
+    def counting_send(data: bytes) -> int:
+        writes.append(len(data))
+        return send(data)
+
+    target.send = counting_send  # type: ignore[method-assign]
+    sink = LineSink(target)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sink.run)
+        await trio.testing.wait_all_tasks_blocked()
+        for i in range(30):
+            sink.decision("", f"u{i}@d.example", MIDDLE, 0.001)
+        data = await read_until(read_end, lambda d: d.count(b"\n") == 30)
+        nursery.cancel_scope.cancel()
+    assert len(writes) == 1 and writes[0] == len(data)
+
+
+async def test_shutdown_with_lines_buffered_delivers_them(pipe: tuple[int, int]) -> None:
+    """The flusher is cancelled while the pipe is full; close() writes the rest when the reader returns."""
+    read_end, write_end = pipe
+    sink = LineSink(StreamTarget(write_end))
+    written = pipe_capacity(write_end) // 60 + 500
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sink.run)
+        await trio.testing.wait_all_tasks_blocked()
+        for i in range(written):
+            sink.decision("", f"u{i}@d.example", MIDDLE, 0.001)
+        await trio.testing.wait_all_tasks_blocked()
+        assert sink.buffered > 0
+        nursery.cancel_scope.cancel()  # shutdown: no exception, lines still buffered
+    assert sink.buffered > 0
+    # Nobody reads yet: a bounded flush gives up instead of hanging.
+    assert sink.flush_sync(0.01) is False
+    received: list[bytes] = []
+
+    def reader() -> None:
+        os.set_blocking(read_end, True)
+        lines = 0
+        while lines < written and (chunk := os.read(read_end, 1 << 16)):
+            received.append(chunk)
+            lines += chunk.count(b"\n")
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    sink.close()
+    thread.join(timeout=10)
+    lines = b"".join(received).decode().splitlines()
+    assert [int(LINE.fullmatch(line).group(1)) for line in lines] == list(range(written))  # type: ignore[union-attr]
+    assert sink.dropped == 0
+
+
+# -- the daemon: signals flush, a full stderr does not delay replies -----------
+
+
+async def _daemon_with_unread_stderr(
+    nursery: trio.Nursery, base: list[str]
+) -> tuple[trio.Process, trio.SocketStream, int]:
+    from tests.support.greeters import unused_port
+
+    port = unused_port()
+    notify, notify_path = _notify_socket()
+    env = {**os.environ, "NOTIFY_SOCKET": notify_path}
+    process = await trio.lowlevel.open_process(
+        [PYTHON, "-m", "policyd.cli", "--listen", f"inet:127.0.0.1:{port}", *base],
+        stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env,
+    )
+
+    async def reap() -> None:
+        try:
+            await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                with trio.CancelScope(shield=True):
+                    await process.wait()
+
+    nursery.start_soon(reap)
+    try:
+        with trio.fail_after(15):
+            tsock = trio.socket.from_stdlib_socket(notify)
+            assert await tsock.recv(4096) == b"READY=1"
+    finally:
+        notify.close()
+        os.unlink(notify_path)
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    return process, stream, port
+
+
+async def _fill_stderr(process: trio.Process, stream: trio.SocketStream) -> int:
+    """Requests until the daemon's stderr pipe is full, each answered promptly all the same."""
+    assert process.stderr is not None
+    capacity = 65536  # the default pipe size; the lines below are > 60 bytes each
+    count = capacity // 60 + 300
+    with trio.fail_after(20):
+        for i in range(count):
+            await stream.send_all(rcpt(f"u{i}@up.example"))
+            assert b"DEFER_IF_PERMIT" in await read_replies(stream, 1)
+    return count
+
+
+async def _read_all(process: trio.Process, until: bytes) -> str:
+    assert process.stderr is not None
+    data = b""
+    with trio.fail_after(15):
+        while until not in data:
+            chunk = await process.stderr.receive_some(1 << 20)
+            if not chunk:
+                break
+            data += chunk
+    return data.decode()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_stop_signals_flush_lines_buffered_behind_a_full_pipe(
+    nursery: trio.Nursery, world: tuple[list[str], Farm], signum: int  # noqa: F811
+) -> None:
+    base, _ = world
+    process, stream, _ = await _daemon_with_unread_stderr(nursery, base)
+    count = await _fill_stderr(process, stream)
+    await stream.aclose()
+    process.send_signal(signum)
+    text = await _read_all(process, b"\x00never")  # to EOF: the daemon wrote everything, then exited
+    with trio.fail_after(10):
+        assert await process.wait() == 0
+    decisions = [line for line in text.splitlines() if " rcpt=<" in line]
+    assert [line.split("rcpt=<", 1)[1].split("@")[0] for line in decisions] == [f"u{i}" for i in range(count)]
+    assert f"stopping on {signal.Signals(signum).name}" in text
+    assert "dropped" not in text and "Traceback" not in text
+
+
+async def test_sighup_flushes_and_keeps_serving(nursery: trio.Nursery, world: tuple[list[str], Farm]) -> None:  # noqa: F811
+    base, _ = world
+    process, stream, _ = await _daemon_with_unread_stderr(nursery, base)
+    count = await _fill_stderr(process, stream)
+    process.send_signal(signal.SIGHUP)
+    text = await _read_all(process, b"configuration reloaded\n")
+    decisions = [line for line in text.splitlines() if " rcpt=<" in line]
+    assert len(decisions) == count
+    await stream.send_all(rcpt("after@up.example"))
+    assert b"DEFER_IF_PERMIT" in await read_replies(stream, 1)
+    assert "rcpt=<after@up.example>" in await _read_all(process, b"rcpt=<after@up.example>")
+    await stream.aclose()
+    process.send_signal(signal.SIGTERM)
+    with trio.fail_after(10):
+        assert await process.wait() == 0
