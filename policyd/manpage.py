@@ -31,7 +31,7 @@ VERSION: Final = "0.1.0"
 DATE: Final = "2026-12-02"
 CONFIG_PATH: Final = "/etc/smtpdcheck/policyd.toml"
 
-# -- roff helpers -------------------------------------------------------------
+# -- roff escaping and layout ----------------------------------------------
 
 
 def text(value: str) -> str:
