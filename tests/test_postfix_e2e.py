@@ -5,6 +5,10 @@ tests/support/postfix.py); its check_policy_service points at the policy
 server under test, which looks MX lists up in the test's DNS server and
 probes greeters on 127.0.0.x.  Skipped loudly without Postfix; a failure
 under CI=true.
+
+With SMTPDCHECK_BINDIR set (.ci/debian sets /usr/bin), the policy server
+is the installed smtpdcheck-policyd run as its own process, not the one in
+this test's process: that proves a package against a Postfix version.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import pytest
 import trio
 
 from tests.conftest import Farm
+from tests.installed import command, installed_daemon_requested, start_daemon
 from tests.policyd_helpers import policyd_config, start_policyd
 from tests.support.dnsserver import FakeDNSServer
 from tests.support.greeters import Mode
@@ -45,10 +50,12 @@ async def _setup(
     listen = ("inet:127.0.0.1:0",)
     if unix:
         listen = (f"unix:{postfix_factory.socket_dir()}/policy",)
-    running = await start_policyd(
-        nursery, policyd_config(dns_server.port, f.port, listen=listen, socket_mode=0o666, timeout=1.5, deadline=4.0, **config)
-    )
-    instance = await postfix_factory.start(policy_endpoint=running.endpoints[0], relay_domains=list(DOMAINS))
+    config = policyd_config(dns_server.port, f.port, listen=listen, socket_mode=0o666, timeout=1.5, deadline=4.0, **config)
+    if installed_daemon_requested():
+        endpoint = await start_daemon(nursery, config)
+    else:
+        endpoint = (await start_policyd(nursery, config)).endpoints[0]
+    instance = await postfix_factory.start(policy_endpoint=endpoint, relay_domains=list(DOMAINS))
     return instance
 
 
@@ -149,14 +156,18 @@ async def test_spawn_mode_under_real_postfix(
     nursery: trio.Nursery, dns_server: FakeDNSServer, farm: Callable[..., Farm], postfix_factory: PostfixFactory
 ) -> None:
     """master.cf runs `smtpdcheck-policyd --stdio` through spawn(8), as etc/postfix-snippets/master.cf shows."""
-    if not os.access(SYSTEM_PYTHON, os.X_OK):
+    if installed_daemon_requested():
+        daemon = command("smtpdcheck-policyd")
+    elif os.access(SYSTEM_PYTHON, os.X_OK):
+        lib = await trio.to_thread.run_sync(_copy_runtime, postfix_factory.socket_dir())
+        daemon = f"/usr/bin/env PYTHONPATH={lib} {SYSTEM_PYTHON} -m policyd.cli"
+    else:
         pytest.skip(f"spawn test needs Debian's {SYSTEM_PYTHON} (spawn runs the command as an unprivileged user)")
     f = await farm(Mode.OK, Mode.CODE_421, Mode.SILENT)
     for domain, ip in DOMAINS.items():
         dns_server.zone.update(backup_zone(domain, ip))
-    lib = await trio.to_thread.run_sync(_copy_runtime, postfix_factory.socket_dir())
     argv = (
-        f"/usr/bin/env PYTHONPATH={lib} {SYSTEM_PYTHON} -m policyd.cli --stdio "
+        f"{daemon} --stdio "
         f"--nameserver 127.0.0.1:{dns_server.port} --smtp-port {f.port} --timeout 1.5 --deadline 4"
     )
     instance = postfix_factory(policy_endpoint="unix:private/smtpdcheck", relay_domains=list(DOMAINS))

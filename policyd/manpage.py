@@ -1,0 +1,422 @@
+"""The manual pages smtpdcheck(1) and smtpdcheck-policyd(8), generated.
+
+The options are read from the same places ``--help`` reads them: the
+daemon's table (:data:`policyd.config.OPTIONS`, which also drives the TOML
+file and the README's reference) and the argparse parsers of both commands
+for the flags outside that table.  Usage text, the stop rule, exit status
+and examples of ``smtpdcheck`` come from its ``--help`` description and
+epilog.  What only a manual page says (decision rules, files, signals) is
+written here, in the layout of Postfix's own pages.
+
+The generated pages are committed under ``man/`` so a build needs no
+Python; ``tests/test_manpages.py`` fails when they are stale.  Regenerate
+with ``python -m policyd.manpage man``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Final
+
+from smtpdcheck import cli as check_cli
+
+from . import cli as daemon_cli
+from .config import DEFAULT_LISTEN, OPTIONS, default_text
+
+VERSION: Final = "0.1.0"
+DATE: Final = "2026-12-02"
+CONFIG_PATH: Final = "/etc/smtpdcheck/policyd.toml"
+
+# -- roff escaping and layout ----------------------------------------------
+
+
+def text(value: str) -> str:
+    """Escape running text: a backslash would start an escape sequence."""
+    return value.replace("\\", "\\e")
+
+
+def lit(value: str) -> str:
+    """Escape literal text (flags, commands): '-' must stay an ASCII minus, not a hyphen."""
+    return text(value).replace("-", "\\-")
+
+
+def bold(value: str) -> str:
+    return f"\\fB{lit(value)}\\fR"
+
+
+def italic(value: str) -> str:
+    return f"\\fI{lit(value)}\\fR"
+
+
+def _safe_line(line: str) -> str:
+    """A line starting with '.' or "'" would be read as a request."""
+    return "\\&" + line if line.startswith((".", "'")) else line
+
+
+def paragraph(words: str) -> list[str]:
+    """Filled text: source line breaks are not kept, runs of spaces collapse."""
+    joined = " ".join(words.split())
+    return [_safe_line(text(joined))] if joined else []
+
+
+def paragraphs(block: str) -> list[str]:
+    out: list[str] = []
+    for chunk in re.split(r"\n\s*\n", block.strip()):
+        if out:
+            out.append(".PP")
+        out.extend(paragraph(chunk))
+    return out
+
+
+def display(lines: Iterable[str]) -> list[str]:
+    """Unfilled, indented literal lines (commands, configuration)."""
+    out = [".sp", ".in +4", ".nf"]
+    out.extend(_safe_line(lit(line)) if line.strip() else "" for line in lines)
+    out.extend([".fi", ".in -4"])
+    return [line if line else ".sp" for line in out]
+
+
+def section(title: str, *, filled: bool = True) -> list[str]:
+    quoted = f'"{title}"' if " " in title else title
+    return [f".SH {quoted}", ".ad" if filled else ".na", ".fi" if filled else ".nf"]
+
+
+def item(label: str, body: Sequence[str]) -> list[str]:
+    return [f'.IP "{label}"', *body]
+
+
+def header(name: str, number: int, volume: str) -> list[str]:
+    title = lit(name.upper())
+    return [
+        f'.TH {title} {number} "{DATE}" "smtpdcheck {VERSION}" "{volume}"',
+        ".ad",
+        ".fi",
+    ]
+
+
+def name_section(name: str, summary: str) -> list[str]:
+    return [".SH NAME", f"{lit(name)} \\- {text(summary)}"]
+
+
+# -- argparse -----------------------------------------------------------------
+
+
+def _help_of(action: argparse.Action, prog: str) -> str:
+    assert action.help is not None
+    if "%" not in action.help:
+        return action.help
+    return action.help % {**vars(action), "prog": prog}
+
+
+def _action_label(action: argparse.Action) -> str:
+    flags = ", ".join(bold(flag) for flag in action.option_strings)
+    if action.nargs == 0:
+        return flags
+    metavar = action.metavar if isinstance(action.metavar, str) else action.dest.upper()
+    return f"{flags} {italic(metavar)}"
+
+
+def parser_options(parser: argparse.ArgumentParser, skip: Iterable[str] = ()) -> list[str]:
+    """An .IP item per optional argument, in the order of ``--help``."""
+    skipped = set(skip)
+    out: list[str] = []
+    for action in parser._actions:
+        if not action.option_strings or action.help == argparse.SUPPRESS or action.dest in skipped:
+            continue
+        out.extend(item(_action_label(action), paragraph(_sentence(_help_of(action, parser.prog)))))
+    return out
+
+
+def _sentence(value: str) -> str:
+    """Help strings are phrases; on a page each item ends with a full stop."""
+    value = value.strip()
+    return value if value.endswith(".") else value + "."
+
+
+def epilog_sections(epilog: str) -> dict[str, list[str]]:
+    """``--help`` epilog blocks: a title and a colon at column 0 start one.
+
+    The block's text may follow the colon on the same line ("signals: ...").
+    """
+    sections: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in epilog.splitlines():
+        heading = _HEADING.match(line)
+        if heading is not None:
+            current = sections.setdefault(heading[1], [])
+            if heading[2]:
+                current.append(heading[2])
+        elif current is not None:
+            current.append(line)
+    return sections
+
+
+_HEADING: Final = re.compile(r"([A-Za-z][A-Za-z .()]*):(?: (.*))?$")
+
+
+def _dedent(lines: Sequence[str]) -> list[str]:
+    margin = min((len(l) - len(l.lstrip()) for l in lines if l.strip()), default=0)
+    return [l[margin:] for l in lines]
+
+
+# -- smtpdcheck(1) ------------------------------------------------------------
+
+
+def _usage_line(parser: argparse.ArgumentParser) -> str:
+    usage = parser.format_usage().strip().removeprefix("usage:").strip()
+    prog, _, rest = usage.partition(" ")
+    return f"{bold(prog)} {lit(' '.join(rest.split()))}"
+
+
+def _exit_status(lines: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    for line in _dedent(lines):
+        head, _, rest = line.partition("  ")
+        if line and not line[0].isspace() and head.isdigit():
+            out.extend([f".IP {head}", _safe_line(text(rest.strip()))])
+        elif line.strip():
+            out.append(_safe_line(text(line.strip())))
+    return out
+
+
+def _examples(lines: Sequence[str]) -> list[str]:
+    """Commands at the epilog's left margin, each followed by its explanation."""
+    out: list[str] = []
+    commands: list[str] = []
+    prose: list[str] = []
+
+    def flush() -> None:
+        if commands:
+            out.extend(display(commands))
+        if prose:
+            out.extend([".PP", *paragraph(" ".join(prose))])
+        commands.clear()
+        prose.clear()
+
+    for line in _dedent(lines):
+        if not line.strip():
+            continue
+        if not line[0].isspace():
+            flush()
+            commands.append(line)
+        else:
+            prose.append(line.strip())
+    flush()
+    return out
+
+
+def smtpdcheck_page() -> str:
+    parser = check_cli.build_parser()
+    epilog = epilog_sections(check_cli.EPILOG)
+    description = check_cli.DESCRIPTION
+    summary, _, rest = description.partition(".")
+    out = header("smtpdcheck", 1, "User Commands")
+    out += name_section("smtpdcheck", "check SMTP servers")
+    out += section("SYNOPSIS", filled=False)
+    out += [_usage_line(parser)]
+    out += section("DESCRIPTION")
+    out += paragraphs(description)
+    out += [
+        ".PP",
+        *paragraph(
+            "If a server is available, smtpdcheck prints its name on standard output and exits with "
+            "status 1; if none is, it prints nothing and exits with status 0.  This is the interface "
+            "of Mail Avenger's smtpdcheck, on which scripts rely."
+        ),
+    ]
+    out += section("STOP RULE")
+    out += paragraphs("\n".join(l.strip() for l in epilog["stop rule"]))
+    out += section("OPTIONS")
+    out += parser_options(parser)
+    out += section("EXIT STATUS")
+    out += _exit_status(epilog["exit status"])
+    out += section("EXAMPLES")
+    out += paragraph("The examples of Mail Avenger's page; in the first two, this host is s2.domain.com:")
+    out += _examples(epilog["examples"])
+    out += [".PP"]
+    out += paragraph("To see why the policy server would defer mail for a domain:")
+    out += display(["smtpdcheck --mx example.com --stop 192.0.2.25 -v"])
+    out += section("HISTORY")
+    out += paragraphs(
+        "smtpdcheck first appeared in Mail Avenger (David Mazieres).  This implementation keeps its "
+        "arguments, output and exit status, and does what that page listed under BUGS: all servers "
+        "and all addresses of each are probed at once, results are cached within a run, and hosts "
+        "with several addresses are handled cleanly."
+    )
+    out += section("SEE ALSO", filled=False)
+    out += [
+        "smtpdcheck-policyd(8), the same check as a Postfix policy server",
+        "avenger(1), Mail Avenger's SMTP server",
+    ]
+    return "\n".join(out) + "\n"
+
+
+# -- smtpdcheck-policyd(8) ----------------------------------------------------
+
+DECISION_RULES: Final = (
+    (
+        "Requests",
+        "Only request=smtpd_access_policy with protocol_state=RCPT is decided; anything else, "
+        "including VRFY, is answered DUNNO.",
+    ),
+    (
+        "Recipient domain",
+        "The part after the last '@', lower-cased, without a trailing dot, IDNA-encoded for SMTPUTF8 "
+        "recipients.  No domain, an address literal or a domain that is not a valid host name: DUNNO.",
+    ),
+    (
+        "MX lookup",
+        "NXDOMAIN and a null MX (RFC 7505) answer DUNNO.  SERVFAIL, a timeout or a garbled answer "
+        "answer the failure action.  MX records are sorted by preference; without MX records the "
+        "domain itself is the implicit MX at preference 0 (RFC 5321 section 5.1).  At most 10 MX "
+        "hosts and 8 addresses per host are considered.",
+    ),
+    (
+        "This host",
+        "The request's server_address plus every --stop name and address (names are resolved at "
+        "start-up).  An MX host is this host when its name is a --stop name or one of its addresses "
+        "is a stop address.",
+    ),
+    (
+        "Stop rule",
+        "As in smtpdcheck(1) and in Postfix's own SMTP client: the first MX that is this host, "
+        "every MX after it and every MX with the same preference are not probed; what remains are "
+        "the strictly more-preferred ones.  If this host is not in the list, every MX is probed.",
+    ),
+    (
+        "Probes",
+        "Every remaining MX and each of its addresses at once.  An address is up when it accepts a "
+        "TCP connection on --smtp-port and the first line of its greeting has code 220.  Results "
+        "are cached per address (--cache-up-ttl, --cache-down-ttl) and shared by concurrent "
+        "requests.  A more-preferred MX up: DEFER_IF_PERMIT with --defer-text (WARN in warn mode), "
+        "so Postfix answers 450 4.7.1.  All of them down, or none more preferred: DUNNO.",
+    ),
+    (
+        "Deadline",
+        "Whatever is still running after --deadline is abandoned and the failure action (DUNNO "
+        "unless configured otherwise) is answered; so is any internal error.  A malformed request "
+        "closes its connection, and Postfix applies its default_action.",
+    ),
+)
+
+
+def _table_options() -> list[str]:
+    out: list[str] = []
+    for option in OPTIONS:
+        label = f"{bold(option.flag)} {italic(option.metavar)}"
+        default = f"{bold(default_text(option))}" if option.name != "defer_text" else f'"{text(default_text(option))}"'
+        out.extend(item(label, [*paragraph(_sentence(option.help)), ".br", f"File key {bold(option.name)}, default {default}."]))
+    return out
+
+
+def policyd_page() -> str:
+    parser = daemon_cli.build_parser()
+    epilog = epilog_sections(daemon_cli.EPILOG)
+    table_names = {option.name for option in OPTIONS}
+    prog = bold("smtpdcheck-policyd")
+    config = f"[{bold('--config')} {italic('PATH')}]"
+    options = f"[{italic('options')}]"
+    out = header("smtpdcheck-policyd", 8, "System Manager's Manual")
+    out += name_section("smtpdcheck-policyd", "Postfix policy server for backup MX hosts")
+    out += section("SYNOPSIS", filled=False)
+    out += [
+        f"{prog} {config} {options}",
+        f"{prog} {bold('--stdio')} {config} {options}",
+        f"{prog} {bold('--check')} {italic('ADDRESS')} [{bold('--server-address')} {italic('IP')}] {config} {options}",
+    ]
+    out += section("DESCRIPTION")
+    out += paragraphs(daemon_cli.DESCRIPTION)
+    out += [".PP"]
+    out += paragraph(
+        f"It runs as a standalone daemon (by default on {DEFAULT_LISTEN}, or on sockets handed over by "
+        "systemd socket activation) that all smtpd processes share, so probe results and DNS answers "
+        "are cached for all of them; or, with --stdio, as one process per smtpd connection run by "
+        "Postfix's spawn(8).  Postfix is told to ask it in main.cf:"
+    )
+    out += display(_dedent([l for l in epilog["Postfix wiring (main.cf)"] if l.strip()]))
+    out += [".PP"]
+    out += paragraph(
+        "The policy check must come after the relay check, and permit_* exemptions before it: a "
+        "later permit cannot undo DEFER_IF_PERMIT.  try_limit=1 and default_action=DUNNO keep mail "
+        "flowing if the daemon is down; timeout must exceed --deadline."
+    )
+    out += section("DECISION RULES")
+    for title, body in DECISION_RULES:
+        out += item(text(title), paragraph(body))
+    out += section("OPTIONS")
+    out += parser_options(parser, skip=table_names)
+    out += _table_options()
+    out += section("CONFIGURATION FILE")
+    out += paragraphs(
+        "The file given with --config is TOML.  Every key is a long option with '_' for '-', "
+        "repeatable options take a list, and options on the command line override the file.  "
+        "Unknown keys, wrong types and impossible values stop start-up with a message naming the key "
+        f"and file.  The packaged service reads {CONFIG_PATH}, which lists every key with its default, "
+        "commented out."
+    )
+    out += section("SIGNALS")
+    out += paragraphs("\n".join(l.strip() for l in epilog["signals"]))
+    out += section("EXIT STATUS")
+    out += [
+        ".IP 0",
+        *paragraph("The daemon stopped on SIGTERM or SIGINT; with --check, the mail would not be deferred."),
+        ".IP 1",
+        *paragraph("With --check: the mail would be deferred (a more-preferred MX is up)."),
+        ".IP 2",
+        *paragraph(
+            "Bad usage or configuration, a --stop name that does not resolve, or a listening socket "
+            "that cannot be opened; with --check, the decision could not be made (DNS failure, "
+            "deadline, error)."
+        ),
+    ]
+    out += section("FILES", filled=False)
+    out += [
+        f"{CONFIG_PATH}, configuration of the packaged service",
+        "/usr/lib/systemd/system/smtpdcheck-policyd.service, the service",
+        "/usr/lib/systemd/system/smtpdcheck-policyd.socket, socket activation on 127.0.0.1:10040",
+        "/usr/share/doc/smtpdcheck/examples/, Postfix main.cf and master.cf snippets",
+    ]
+    out += section("EXAMPLES")
+    out += paragraph("Explain the decision for one recipient, as if Postfix had been reached on 192.0.2.25:")
+    out += display([f"smtpdcheck-policyd --config {CONFIG_PATH} --check user@example.com --server-address 192.0.2.25"])
+    out += [".PP"]
+    out += paragraph("Run by Postfix's spawn(8), in master.cf:")
+    out += display([
+        "smtpdcheck  unix  -       n       n       -       0       spawn",
+        f"  user=nobody argv=/usr/bin/smtpdcheck-policyd --stdio --config {CONFIG_PATH}",
+    ])
+    out += [".PP"]
+    out += paragraph("Roll out in shadow mode first (Postfix logs what would have been deferred and accepts):")
+    out += display(["smtpdcheck-policyd --config /etc/smtpdcheck/policyd.toml --mode warn"])
+    out += section("SEE ALSO", filled=False)
+    out += [
+        "smtpdcheck(1), the same check as a command",
+        "postconf(5), check_policy_service",
+        "spawn(8), Postfix external command spawner",
+        "systemd.socket(5), socket activation",
+        "SMTPD_POLICY_README, Postfix policy delegation",
+    ]
+    return "\n".join(out) + "\n"
+
+
+PAGES: Final = {"smtpdcheck.1": smtpdcheck_page, "smtpdcheck-policyd.8": policyd_page}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if len(args) != 1:
+        print("usage: python -m policyd.manpage DIRECTORY", file=sys.stderr)
+        return 2
+    directory = Path(args[0])
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, render in PAGES.items():
+        (directory / name).write_text(render())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
