@@ -255,7 +255,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option("dns_negative_ttl", _seconds, "cap on how long NXDOMAIN / no-records answers are reused", "SECONDS", restart=True),
     Option("dns_failure_ttl", _seconds, "how long a failed lookup (SERVFAIL, timeout) is reused before asking again", "SECONDS", restart=True),
     Option("refresh_window", _seconds, "cached MX lists, addresses and probe results used within this window are refreshed in the background before they expire, and served while a refresh runs (up to --timeout / --dns-timeout past expiry); 0 = off: an expired entry makes the RCPT wait", "SECONDS", restart=True),
-    Option("dns_stale_max", _seconds, "when a DNS refresh fails, keep answering with the last good answer for up to this long past its expiry, retrying every --dns-failure-ttl; 0 = never", "SECONDS", restart=True),
+    Option("dns_stale_max", _seconds, "when a DNS refresh fails, keep answering with the last good answer for up to this long past its expiry, retrying every --dns-failure-ttl (1 s at the least); 0 = never", "SECONDS", restart=True),
     Option("cache_size", _count, "entries per cache (probe results, MX lists, host addresses)", "N", restart=True),
     Option("max_probes", _count, "SMTP probes connecting at once, process-wide", "N", restart=True),
     Option("max_dns_queries", _count, "DNS queries in flight at once, process-wide", "N", restart=True),
