@@ -21,8 +21,7 @@ from . import config as cfg
 from . import systemd
 from .exposition import MetricsUnavailable, make_registry, serve_metrics
 from .listeners import ListenError, endpoint_of, open_listeners, unix_paths
-from .decisionlog import run_flusher
-from .logsetup import close_logging, setup_logging
+from .logsetup import close_logging, current_sink, setup_logging
 from .server import PolicyServer, handle_connection, watched_connections
 from .service import PolicyService, core_settings
 
@@ -94,7 +93,7 @@ async def run_daemon(config: cfg.Config, args: argparse.Namespace) -> int:
     inherited = systemd.inherited_sockets()
     try:
         async with open_core(core_settings(config)) as core:
-            service = PolicyService(config, core)
+            service = PolicyService(config, core, sink=current_sink())
             try:
                 if inherited:
                     listeners = systemd.listeners_from(inherited)
@@ -107,7 +106,8 @@ async def run_daemon(config: cfg.Config, args: argparse.Namespace) -> int:
                 log.critical("%s", exc)
                 return 2
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(run_flusher)
+                if service.sink is not None:
+                    nursery.start_soon(service.sink.run)
                 if config.metrics:
                     await nursery.start(serve_metrics, metric_listeners, registry)
                     log.info("metrics on %s", ", ".join(endpoint_of(l) for l in metric_listeners))
@@ -135,7 +135,7 @@ async def _serve_signals(service: PolicyService, server: PolicyServer, args: arg
     with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             if signum == signal.SIGHUP:
-                await _reload(service, args, service.config)
+                await _reload(service, args)
                 continue
             log.info("stopping on %s", signal.Signals(signum).name)
             systemd.notify("STOPPING=1")
@@ -148,8 +148,9 @@ async def run_stdio(config: cfg.Config) -> int:
     stream = trio.StapledStream(trio.lowlevel.FdStream(os.dup(1)), trio.lowlevel.FdStream(os.dup(0)))
     try:
         async with open_core(core_settings(config)) as core, trio.open_nursery() as nursery:
-            nursery.start_soon(run_flusher)
-            service = PolicyService(config, core)
+            service = PolicyService(config, core, sink=current_sink())
+            if service.sink is not None:
+                nursery.start_soon(service.sink.run)
             async with watched_connections(service) as watchdog:
                 await handle_connection(stream, service, watchdog, " on stdin")
             nursery.cancel_scope.cancel()
@@ -175,9 +176,9 @@ async def run_check(config: cfg.Config, address: str, server_address: str) -> in
     return 1 if explanation.defers else 0
 
 
-async def _reload(service: PolicyService, args: argparse.Namespace, old: cfg.Config) -> None:
+async def _reload(service: PolicyService, args: argparse.Namespace) -> None:
     try:
-        new, waiting = old.reloaded(load(args))
+        new, waiting = service.config.reloaded(load(args))
         stop = await _resolve_stop(new, service)
     except (cfg.ConfigError, StopHostError) as exc:
         log.error("reload failed, keeping the running configuration: %s", exc)

@@ -383,30 +383,3 @@ class LineSink(logging.Handler):
             return trio.lowlevel.Abort.SUCCEEDED
 
         await trio.lowlevel.wait_task_rescheduled(abort)
-
-
-_sink: LineSink | None = None
-
-
-def current() -> LineSink | None:
-    """The sink logging was set up with (see :mod:`policyd.logsetup`), if any.
-
-    Process-wide, like the logging configuration it belongs to; None when
-    logging was not set up (tests, embedding), and then decision lines go
-    through :mod:`logging` as plain records.
-    """
-    return _sink
-
-
-def install(sink: LineSink | None) -> None:
-    global _sink
-    _sink = sink
-
-
-async def run_flusher() -> None:
-    """Run the current sink's flusher (if logging was set up) until cancelled."""
-    sink = _sink
-    if sink is not None:
-        await sink.run()
-    else:
-        await trio.sleep_forever()

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from . import decisionlog
 from .metrics import LATENCY_BUCKETS_S
 
 if TYPE_CHECKING:
@@ -108,7 +107,7 @@ def make_registry(service: PolicyService) -> object:
             yield CounterMetricFamily(
                 "smtpdcheck_idle_closes", "Postfix connections closed after --idle-timeout of silence", value=m.idle_closes
             )
-            sink = decisionlog.current()
+            sink = service.sink
             yield CounterMetricFamily(
                 "smtpdcheck_log_lines_dropped", "Log lines dropped because the log target did not keep up",
                 value=sink.dropped if sink is not None else 0,

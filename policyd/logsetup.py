@@ -43,10 +43,23 @@ def _target(target: str) -> decisionlog._Target:
         return TextTarget(sys.stderr)
 
 
-def setup_logging(level: str, target: str, *, ident: str = "smtpdcheck-policyd") -> logging.Logger:
+def current_sink() -> LineSink | None:
+    """The sink logging was set up with, if any: the handler of the project's logger.
+
+    The logging configuration is the process's, so this is read from it
+    rather than kept a second time; callers that need the sink on a hot
+    path (the policy service) take it once and keep it.
+    """
+    for handler in logging.getLogger(LOGGER_NAME).handlers:
+        if isinstance(handler, LineSink):
+            return handler
+    return None
+
+
+def setup_logging(level: str, target: str, *, ident: str = "smtpdcheck-policyd") -> LineSink:
     """Configure (or, on reload, reconfigure) logging; lines buffered so far go to the old target first."""
     logger = logging.getLogger(LOGGER_NAME)
-    sink = decisionlog.current()
+    sink = current_sink()
     for old in list(logger.handlers):
         if old is not sink:
             logger.removeHandler(old)
@@ -55,20 +68,18 @@ def setup_logging(level: str, target: str, *, ident: str = "smtpdcheck-policyd")
         sink = LineSink(_target(target), ident=ident)
         sink.setFormatter(_PostfixStyle("%(message)s"))
         logger.addHandler(sink)
-        decisionlog.install(sink)
     else:
         sink.retarget(_target(target))
     logger.setLevel(level.upper())
     logger.propagate = False
     sink.decisions = target != "none" and logger.isEnabledFor(logging.INFO)
-    return logger
+    return sink
 
 
 def close_logging() -> None:
     """Write what is buffered (waiting a bounded time) and detach the sink."""
-    sink = decisionlog.current()
+    sink = current_sink()
     if sink is None:
         return
-    decisionlog.install(None)
     logging.getLogger(LOGGER_NAME).removeHandler(sink)
     sink.close()

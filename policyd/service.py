@@ -101,9 +101,14 @@ class PolicyService:
     policy options keeps them warm.
     """
 
-    def __init__(self, config: Config, core: Core, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, config: Config, core: Core, metrics: Metrics | None = None, *, sink: decisionlog.LineSink | None = None
+    ) -> None:
         self.core = core
         self.metrics = metrics or Metrics()
+        # Where decision lines go (see policyd.logsetup); without one (tests,
+        # embedding) they are plain logging records.
+        self.sink = sink
         # Whole answers, keyed by the recipient's raw domain part and the
         # server address, valid exactly as long as every cached input they
         # were computed from: the hot path then skips even the decision.
@@ -127,12 +132,10 @@ class PolicyService:
         self.core.stop = stop
         self.policy = self._policy(config, stop)
         self.answers.clear()
-        prober, checker = self.core.prober, self.core.checker
-        prober.timeout = config.timeout
-        prober.up_ttl = config.cache_up_ttl
-        prober.down_ttl = config.cache_down_ttl
-        checker.port = config.smtp_port
-        checker.timeout = config.timeout + config.dns_timeout
+        settings = core_settings(config)
+        self.core.prober.reconfigure(timeout=settings.probe_timeout, up_ttl=settings.up_ttl, down_ttl=settings.down_ttl)
+        self.core.checker.port = settings.smtp_port
+        self.core.checker.timeout = settings.check_timeout
 
     def _reply(self, decision: Decision) -> bytes:
         verdict = decision.verdict
@@ -181,20 +184,13 @@ class PolicyService:
             return _NOT_RCPT
         # The memo was already consulted by answer_now(); looking again here
         # would only count a second miss.
-        domain = self.policy.domain_of(request.recipient)
-        if isinstance(domain, Decision):
-            return Answer(DUNNO_REPLY, domain)
-        stop = self.policy.stop_for(request.server_address)
-        decision = self.policy.decide_cached(domain, stop)
-        if decision is None:
-            decision = await self.policy.decide(domain, stop)
-            return Answer(self._reply(decision), decision)
+        decision = await self.policy.decide_recipient(request.recipient, request.server_address)
         answer = Answer(self._reply(decision), decision)
-        # Stored without what it was computed from: a memo must stay small.
-        small = Decision(decision.verdict, decision.domain, decision.cache, decision.valid_until)
-        self.answers.put(
-            _memo_key(request), Answer(answer.reply, small, line=_middle(small)), decision.valid_until - trio.current_time()
-        )
+        ttl = decision.valid_until - trio.current_time()
+        if ttl > 0:
+            # Stored without what it was computed from: a memo must stay small.
+            small = Decision(decision.verdict, decision.domain, decision.cache, decision.valid_until)
+            self.answers.put(_memo_key(request), Answer(answer.reply, small, line=_middle(small)), ttl)
         return answer
 
     def _finish(self, request: PolicyRequest, outcome: Answer, elapsed: float) -> None:
@@ -203,7 +199,7 @@ class PolicyService:
         self.metrics.observe_request(verdict.action.value, verdict.kind.value, elapsed)
         if not outcome.checked:
             return
-        sink = decisionlog.current()
+        sink = self.sink
         if sink is None:  # logging not set up (embedded, tests): a plain record
             if log.isEnabledFor(logging.INFO):
                 log.info("%s", decisionlog.decision_line(request.queue_id, request.recipient, _middle(outcome.decision), elapsed))

@@ -14,7 +14,7 @@ import errno
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final, TypeAlias
 
 import trio
@@ -174,6 +174,11 @@ async def _say_quit(stream: trio.abc.Stream, reader: GreetingReader) -> None:
         return
 
 
+def _grace(timeout: float) -> float:
+    """How long past expiry a probe result may be served while it is probed again."""
+    return timeout if timeout > 0 else QUIT_GRACE_S
+
+
 class Prober:
     """Probes with a shared result cache, single-flight and a global limit.
 
@@ -217,9 +222,17 @@ class Prober:
             self._ttl_of,
             lambda exc: ProbeResult(Outcome.ERROR, "?", 0, type(exc).__name__ if exc else "no result"),
             name="probe",
-            rules=RefreshRules(window=refresh_window, stale_grace=timeout if timeout > 0 else QUIT_GRACE_S, retry_after=1.0),
+            rules=RefreshRules(window=refresh_window, stale_grace=_grace(timeout), retry_after=1.0),
             describe=lambda key: f"{key[0]}:{key[1]}",
         )
+
+    def reconfigure(self, *, timeout: float, up_ttl: float, down_ttl: float) -> None:
+        """New timeout and TTLs (a reload); the stale grace follows the timeout."""
+        self.timeout = timeout
+        self.up_ttl = up_ttl
+        self.down_ttl = down_ttl
+        if self.flights.rules is not None:
+            self.flights.rules = replace(self.flights.rules, stale_grace=_grace(timeout))
 
     def _ttl_of(self, result: ProbeResult) -> float:
         if result.outcome is Outcome.AVAILABLE:

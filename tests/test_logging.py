@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from policyd import decisionlog, logsetup
+from policyd import logsetup
 
 
 @pytest.fixture
@@ -80,19 +80,19 @@ def test_stderr_target_prefixes(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_close_logging_detaches_the_sink(capsys: pytest.CaptureFixture[str]) -> None:
     logsetup.setup_logging("info", "stderr")
-    sink = decisionlog.current()
+    sink = logsetup.current_sink()
     assert sink is not None and sink.decisions
     logsetup.close_logging()
-    assert decisionlog.current() is None
+    assert logsetup.current_sink() is None
     assert sink not in logging.getLogger(logsetup.LOGGER_NAME).handlers
 
 
 def test_reload_keeps_one_sink_and_follows_the_level(capsys: pytest.CaptureFixture[str]) -> None:
     logsetup.setup_logging("info", "stderr")
     try:
-        sink = decisionlog.current()
+        sink = logsetup.current_sink()
         logsetup.setup_logging("warning", "stderr")
-        assert decisionlog.current() is sink and sink is not None and not sink.decisions
+        assert logsetup.current_sink() is sink and sink is not None and not sink.decisions
         assert logging.getLogger(logsetup.LOGGER_NAME).handlers == [sink]
     finally:
         logsetup.close_logging()

@@ -51,7 +51,7 @@ async def test_reload_applies_dns_timeout_fully_or_not_at_all(
 
     path.write_text('nameserver = ["127.0.0.1:53"]\ndns_timeout = 7\ntimeout = 3\nmode = "warn"\n')
     with caplog.at_level(logging.INFO, logger="smtpdcheck"):
-        await cli._reload(service, args, config)
+        await cli._reload(service, args)
 
     # The live options changed ...
     assert service.config.timeout == 3 and service.core.prober.timeout == 3
