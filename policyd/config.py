@@ -408,10 +408,6 @@ def example_toml() -> str:
     return "".join(parts)
 
 
-def option_names() -> Sequence[str]:
-    return [o.name for o in OPTIONS]
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the generated documents, to regenerate the committed copies."""
     parser = argparse.ArgumentParser(prog="python -m policyd.config", description=main.__doc__)

@@ -79,6 +79,10 @@ class TTLCache(Generic[K, V]):
     def __len__(self) -> int:
         return len(self._data)
 
+    @property
+    def clock(self) -> Callable[[], float]:
+        return self._clock
+
     def get(self, key: K, now: float | None = None) -> V | None:
         """A fresh value, or None; ``now`` saves a clock read if the caller has one."""
         item = self._data.get(key)
@@ -107,11 +111,6 @@ class TTLCache(Generic[K, V]):
 
     def entries(self) -> list[tuple[K, Entry[V]]]:
         return list(self._data.items())
-
-    def expires(self, key: K) -> float:
-        """When ``key``'s value stops being fresh (-inf if it is not cached)."""
-        item = self._data.get(key)
-        return item.expires if item is not None else -math.inf
 
     def count_hits(self, n: int) -> None:
         self.hits += n
@@ -181,7 +180,7 @@ class SingleFlight(Generic[K, V]):
     ) -> None:
         self._nursery = nursery
         self.cache = cache
-        self._clock = cache._clock
+        self._clock = cache.clock
         self._ttl_of = ttl_of
         self._fallback = fallback
         self._inflight: dict[K, _Flight[V]] = {}

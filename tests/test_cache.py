@@ -16,7 +16,8 @@ def test_ttl_and_lru_bound() -> None:
     cache: TTLCache[str, int] = TTLCache(3, clock=lambda: now[0])
     cache.put("a", 1, 10)
     cache.put("b", 2, 5)
-    assert cache.get("a") == 1 and cache.expires("b") == 5
+    entry = cache.raw("b")
+    assert cache.get("a") == 1 and entry is not None and entry.expires == 5
     now[0] = 6
     assert cache.get("b") is None and cache.peek("a") == 1
     for key in "cde":
