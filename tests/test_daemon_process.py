@@ -71,7 +71,13 @@ def _notify_socket() -> tuple[socket.socket, str]:
 async def start_daemon(
     nursery: trio.Nursery, args: list[str], *, port: int | None = None, prefix: list[str] | None = None,
     pass_fds: tuple[int, ...] = (),
+    read_stderr: bool = True,
 ) -> Daemon:
+    """The daemon as a child process, ready (sd_notify) on ``port``.
+
+    ``read_stderr=False`` leaves its stderr pipe unread, for tests of a log
+    target that stops taking lines.
+    """
     port = port or unused_port()
     notify, notify_path = _notify_socket()
     env = {**os.environ, "NOTIFY_SOCKET": notify_path}
@@ -81,7 +87,8 @@ async def start_daemon(
     )
     daemon = Daemon(process, port)
     assert process.stderr is not None
-    nursery.start_soon(_collect, daemon, process.stderr)
+    if read_stderr:
+        nursery.start_soon(_collect, daemon, process.stderr)
 
     async def reap() -> None:
         try:

@@ -6,7 +6,6 @@ import fcntl
 import os
 import re
 import signal
-import subprocess
 import threading
 from collections.abc import Callable, Iterator
 
@@ -20,7 +19,7 @@ from policyd import logfmt
 from policyd.decisionlog import LineSink, StreamTarget, decision_line, decision_middle
 from tests.conftest import Farm
 from tests.policyd_helpers import rcpt, read_replies
-from tests.test_daemon_process import PYTHON, _notify_socket, world  # noqa: F401 (a fixture)
+from tests.test_daemon_process import start_daemon, world  # noqa: F401 (a fixture)
 
 _SAFE = frozenset(chr(c) for c in range(0x21, 0x7F)) - {'"', "\\", "="}
 
@@ -217,35 +216,9 @@ async def test_shutdown_with_lines_buffered_delivers_them(pipe: tuple[int, int])
 async def _daemon_with_unread_stderr(
     nursery: trio.Nursery, base: list[str]
 ) -> tuple[trio.Process, trio.SocketStream, int]:
-    from tests.support.greeters import unused_port
-
-    port = unused_port()
-    notify, notify_path = _notify_socket()
-    env = {**os.environ, "NOTIFY_SOCKET": notify_path}
-    process = await trio.lowlevel.open_process(
-        [PYTHON, "-m", "policyd.cli", "--listen", f"inet:127.0.0.1:{port}", *base],
-        stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env,
-    )
-
-    async def reap() -> None:
-        try:
-            await process.wait()
-        finally:
-            if process.returncode is None:
-                process.kill()
-                with trio.CancelScope(shield=True):
-                    await process.wait()
-
-    nursery.start_soon(reap)
-    try:
-        with trio.fail_after(15):
-            tsock = trio.socket.from_stdlib_socket(notify)
-            assert await tsock.recv(4096) == b"READY=1"
-    finally:
-        notify.close()
-        os.unlink(notify_path)
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    return process, stream, port
+    daemon = await start_daemon(nursery, base, read_stderr=False)
+    stream = await trio.open_tcp_stream("127.0.0.1", daemon.port)
+    return daemon.process, stream, daemon.port
 
 
 async def _fill_stderr(process: trio.Process, stream: trio.SocketStream) -> int:
