@@ -90,11 +90,7 @@ async def handle_connection(
                 answer = service.answer_now(request, now)
                 if answer is None:
                     deadline.at = now + config.deadline + config.request_timeout
-                    metrics.requests_in_flight += 1
-                    try:
-                        answer = await service.answer(request)
-                    finally:
-                        metrics.requests_in_flight -= 1
+                    answer = await service.answer(request)
                     now = trio.current_time()
                 deadline.at = now + config.request_timeout
                 await stream.send_all(answer.reply)
@@ -271,9 +267,7 @@ class PolicyServer:
 
     async def shutdown(self, grace: float) -> None:
         self._accepting.cancel()
-        metrics = self.service.metrics
         with trio.move_on_after(grace):
-            while metrics.requests_in_flight:
-                await trio.sleep(0.01)
+            await self.service.wait_drained()
         if self._handlers is not None:
             self._handlers.cancel_scope.cancel()

@@ -115,6 +115,7 @@ class PolicyService:
         self.answers: TTLCache[tuple[str, str], Answer] = TTLCache(config.cache_size)
         self.config = config
         self.policy = self._policy(config, core.stop)
+        self._drained: trio.Event | None = None
 
     def _policy(self, config: Config, stop: StopSet) -> Policy:
         return Policy(
@@ -170,14 +171,26 @@ class PolicyService:
     async def answer(self, request: PolicyRequest) -> Answer:
         """Decide one request; never raises except for cancellation from outside."""
         start = trio.current_time()
+        metrics = self.metrics
+        metrics.requests_in_flight += 1
         try:
             outcome = await self._decide(request)
         except Exception as exc:  # a bug must cost one failure action, not the connection
             log.exception("internal error deciding a request")
             decision = self.policy.failure(Kind.INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
             outcome = Answer(self._reply(decision), decision)
+        finally:
+            metrics.requests_in_flight -= 1
+            if not metrics.requests_in_flight and self._drained is not None:
+                self._drained.set()
         self._finish(request, outcome, trio.current_time() - start)
         return outcome
+
+    async def wait_drained(self) -> None:
+        """Return once no request is being decided (shutdown bounds it with its grace)."""
+        while self.metrics.requests_in_flight:
+            self._drained = trio.Event()
+            await self._drained.wait()
 
     async def _decide(self, request: PolicyRequest) -> Answer:
         if not request.is_smtpd_rcpt:

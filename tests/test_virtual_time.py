@@ -233,3 +233,34 @@ def test_cache_only_decision_agrees_with_the_full_decision(world: dict[str, obje
 def test_mx_servers_keeps_order_and_preference() -> None:
     lookup = MXLookup("x.test", MXKind.LIST, hosts=((10, "a.test"), (20, "b.test")))
     assert [(s.prio, s.host) for s in mx_servers(lookup)] == [(10, "a.test"), (20, "b.test")]
+
+
+async def test_shutdown_drain_waits_for_the_request_being_decided_and_no_longer(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """wait_drained returns the instant the last request in flight is answered."""
+    from policyd.config import Config
+    from policyd.service import PolicyService
+    from tests.support.postfix_request import POSTFIX_37_RCPT_ATTRS
+    from policyd.request import PolicyRequest
+
+    dns = VirtualDNS()
+    backup_world(dns, mx_delay=3.0)
+    core = virtual_core(nursery, VirtualNet(nursery, {"127.0.0.2": Peer(greet_after=0.5)}), dns)
+    core.resolver = dns  # type: ignore[assignment]
+    service = PolicyService(Config(deadline=8.0), core)
+    request = PolicyRequest({**POSTFIX_37_RCPT_ATTRS, "recipient": "user@d.test", "server_address": "192.0.2.25"})
+    answers: list[str] = []
+
+    async def ask() -> None:
+        answers.append((await service.answer(request)).action)
+
+    start = trio.current_time()
+    await service.wait_drained()  # nothing in flight: at once
+    assert trio.current_time() == start
+    nursery.start_soon(ask)
+    await trio.sleep(0.1)
+    assert service.metrics.requests_in_flight == 1
+    await service.wait_drained()
+    assert trio.current_time() - start == pytest.approx(3.5)  # MX lookup 3 s, then the greeting 0.5 s
+    assert answers == ["DEFER_IF_PERMIT"] and service.metrics.requests_in_flight == 0
