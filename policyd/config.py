@@ -240,7 +240,7 @@ class Option:
 OPTIONS: Final[tuple[Option, ...]] = (
     Option("listen", check_listen, "where to accept Postfix's connections: inet:IP:PORT, inet:[IPv6]:PORT or unix:/path (repeatable)", "ENDPOINT", True, restart=True),
     Option("socket_mode", _mode_bits, "file mode of unix sockets, octal: 0660 on the command line; 0o660 or \"0660\" in the file", "MODE", restart=True),
-    Option("stop", _stop_value, "this host's names and addresses besides the request's server_address (repeatable); names are resolved at start-up", "NAME|IP", True),
+    Option("stop", _stop_value, "this host's names and addresses besides the request's server_address (repeatable); names are resolved at start-up and on every reload", "NAME|IP", True),
     Option("timeout", _positive_seconds, "per-probe budget: waiting for a probe slot (--max-probes), connect and first greeting line", "SECONDS"),
     Option("dns_timeout", _positive_seconds, "budget for one DNS lookup", "SECONDS", restart=True),
     Option("deadline", _positive_seconds, "every request is answered within this time; keep it below Postfix's policy timeout", "SECONDS"),

@@ -278,7 +278,7 @@ DECISION_RULES: Final = (
     (
         "This host",
         "The request's server_address plus every --stop name and address (names are resolved at "
-        "start-up).  An MX host is this host when its name is a --stop name or one of its addresses "
+        "start-up and on every reload).  An MX host is this host when its name is a --stop name or one of its addresses "
         "is a stop address.",
     ),
     (
@@ -300,6 +300,15 @@ DECISION_RULES: Final = (
         "Whatever is still running after --deadline is abandoned and the failure action (DUNNO "
         "unless configured otherwise) is answered; so is any internal error.  A malformed request "
         "closes its connection, and Postfix applies its default_action.",
+    ),
+    (
+        "Keeping answers fresh",
+        "MX lists, addresses and probe results used within --refresh-window are refreshed in the "
+        "background as long before they expire as their last answer took, so no RCPT waits on the "
+        "network once a domain is known.  While a refresh runs past expiry the old value is served, "
+        "at most --timeout (probes) or --dns-timeout (DNS) past its TTL; the decision line then "
+        "says cache=stale.  A DNS refresh that fails keeps the last good answer up to "
+        "--dns-stale-max past its expiry.  --refresh-window 0 turns this off.",
     ),
 )
 
