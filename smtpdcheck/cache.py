@@ -56,7 +56,6 @@ class Entry(Generic[V]):
     due: float = math.inf  # background refresh scheduled for then
     retry_at: float = -math.inf  # no refresh before then (after a failed one)
     failing: bool = False  # the last refresh failed; ``value`` is the last good one
-    produce: Producer[V] | None = None  # how to refresh it
 
 
 class TTLCache(Generic[K, V]):
@@ -143,15 +142,15 @@ class _Flight(Generic[V]):
     done: trio.Event = field(default_factory=trio.Event)
     value: V | None = None
     refresh: bool = False  # started to refresh a cached value, not for a waiting caller
-    produce: Producer[V] | None = None
     started: float = 0.0
 
 
 class SingleFlight(Generic[K, V]):
     """Cache lookups, sharing one producer run among concurrent callers.
 
-    A producer receives a ``deliver`` callback.  It may deliver early and
-    keep running (a probe reports "available" on the first greeting line and
+    ``produce_for(key)`` makes the producer that fetches ``key`` (a caller
+    may pass its own for a miss).  A producer receives a ``deliver``
+    callback.  It may deliver early and keep running (a probe reports "available" on the first greeting line and
     then says QUIT politely); if it ends without delivering, or raises, the
     waiters get ``fallback(exc)`` so nobody waits forever.
 
@@ -172,6 +171,7 @@ class SingleFlight(Generic[K, V]):
         fallback: Callable[[BaseException | None], V],
         name: str = "flight",
         *,
+        produce_for: Callable[[K], Producer[V]] | None = None,
         rules: RefreshRules | None = None,
         is_failure: Callable[[V], bool] | None = None,
         describe: Callable[[K], str] = repr,
@@ -184,6 +184,7 @@ class SingleFlight(Generic[K, V]):
         self._ttl_of = ttl_of
         self._fallback = fallback
         self._inflight: dict[K, _Flight[V]] = {}
+        self._produce_for = produce_for
         self._name = name
         self._describe = describe
         self._reason_of = reason_of
@@ -191,7 +192,8 @@ class SingleFlight(Generic[K, V]):
         self.joined = 0
         self._running = 0
         self._flight_ended: trio.Event | None = None
-        self.rules = rules if rules is not None and rules.enabled else None
+        # Refreshing needs a way to fetch a key without a caller's producer.
+        self.rules = rules if rules is not None and rules.enabled and produce_for is not None else None
         self._is_failure = is_failure or (lambda value: ttl_of(value) <= 0)
         self._rng = rng or make_rng()
         self._schedule: Schedule[K] = Schedule()
@@ -231,8 +233,8 @@ class SingleFlight(Generic[K, V]):
             return Source.CACHE
         if self.rules is None or now >= entry.stale_until:
             return None
-        if key not in self._inflight and now >= entry.retry_at and entry.produce is not None:
-            self._start(key, entry.produce, refresh=True)
+        if key not in self._inflight and now >= entry.retry_at and self._produce_for is not None:
+            self._start(key, self._produce_for(key), refresh=True)
         self.stale_served += 1
         return Source.STALE
 
@@ -252,8 +254,11 @@ class SingleFlight(Generic[K, V]):
         self.cache.touch(key, entry, now)
         return entry.value, entry.expires, source
 
-    async def get(self, key: K, produce: Producer[V]) -> tuple[V, Source]:
-        """Return ``(value, source)``; waits for a flight if nothing usable is cached."""
+    async def get(self, key: K, produce: Producer[V] | None = None) -> tuple[V, Source]:
+        """Return ``(value, source)``; waits for a flight if nothing usable is cached.
+
+        ``produce`` fetches the key on a miss (default: ``produce_for(key)``).
+        """
         entry = self.cache.raw(key)
         if entry is not None:
             now = self._clock()
@@ -266,6 +271,10 @@ class SingleFlight(Generic[K, V]):
         self.cache.misses += 1
         flight = self._inflight.get(key)
         if flight is None:
+            if produce is None:
+                if self._produce_for is None:
+                    raise TypeError(f"{self._name}: no producer for {key!r}")
+                produce = self._produce_for(key)
             flight = self._start(key, produce, refresh=False)
         else:
             self.joined += 1
@@ -274,7 +283,7 @@ class SingleFlight(Generic[K, V]):
         return flight.value, Source.NETWORK
 
     def _start(self, key: K, produce: Producer[V], *, refresh: bool) -> _Flight[V]:
-        flight: _Flight[V] = _Flight(refresh=refresh, produce=produce, started=self._clock())
+        flight: _Flight[V] = _Flight(refresh=refresh, started=self._clock())
         self._inflight[key] = flight
         self.started += 1
         self._nursery.start_soon(self._fly, key, flight, produce, name=f"{self._name} {key!r}")
@@ -314,7 +323,6 @@ class SingleFlight(Generic[K, V]):
         stale_until = None if rules is None else rules.stale_until(now + ttl)
         entry = self.cache.put(key, value, ttl, stale_until=stale_until)
         if entry is not None and rules is not None:
-            entry.produce = flight.produce
             if old is not None and flight.refresh:
                 entry.used = old.used  # a refresh is not a use
             # Jitter only when an entry is first stored: its refreshes keep
@@ -347,20 +355,20 @@ class SingleFlight(Generic[K, V]):
 
     async def _refresher(self) -> None:
         """Start the refreshes that are due, sleeping until the next one."""
-        rules = self.rules
-        assert rules is not None
+        rules, produce_for = self.rules, self._produce_for
+        assert rules is not None and produce_for is not None
         while True:
             now = self._clock()
             for key, due in self._schedule.pop_due(now):
                 entry = self.cache.raw(key)
-                if entry is None or entry.due != due or entry.produce is None:
+                if entry is None or entry.due != due:
                     continue  # gone, or rescheduled since
                 if not rules.kept_fresh(entry.used, now) or key in self._inflight:
                     continue  # idle: let it expire; or a flight is already on it
                 if now < entry.retry_at:
                     self._plan(key, entry, entry.retry_at)
                     continue
-                self._start(key, entry.produce, refresh=True)
+                self._start(key, produce_for(key), refresh=True)
             self._wake = trio.Event()
             with trio.move_on_at(self._schedule.next_due()):
                 await self._wake.wait()

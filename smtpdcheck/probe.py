@@ -19,7 +19,7 @@ from typing import Final, TypeAlias
 
 import trio
 
-from .cache import SingleFlight, Source, TTLCache
+from .cache import Producer, SingleFlight, Source, TTLCache
 from .refresh import RefreshRules
 from .greeting import MAX_GREETING_BYTES, GreetingError, GreetingReader
 from .servers import IPAddress
@@ -52,6 +52,7 @@ class ProbeResult:
     port: int
     detail: str = ""
     elapsed: float = 0.0
+    name: str = ""  # the MX host it was probed for, for log lines (a background refresh has no caller)
 
     @property
     def available(self) -> bool:
@@ -91,7 +92,7 @@ def _os_error_text(exc: BaseException) -> str:
 
 
 async def probe_greeting(
-    address: IPAddress,
+    address: IPAddress | str,
     port: int,
     timeout: float,
     deliver: Callable[[ProbeResult], None],
@@ -99,6 +100,7 @@ async def probe_greeting(
     quit_grace: float = QUIT_GRACE_S,
     connect: Connect = trio.open_tcp_stream,
     deadline: float = math.inf,
+    name: str = "",
 ) -> None:
     """Connect, read the first greeting line, deliver the verdict, then leave politely.
 
@@ -118,7 +120,7 @@ async def probe_greeting(
         nonlocal delivered
         if not delivered:
             delivered = True
-            deliver(ProbeResult(outcome, host, port, detail, trio.current_time() - start))
+            deliver(ProbeResult(outcome, host, port, detail, trio.current_time() - start, name))
 
     if timeout > 0:
         deadline = min(deadline, start + timeout)
@@ -222,6 +224,7 @@ class Prober:
             self._ttl_of,
             lambda exc: ProbeResult(Outcome.ERROR, "?", 0, type(exc).__name__ if exc else "no result"),
             name="probe",
+            produce_for=self._refetch,
             rules=RefreshRules(window=refresh_window, stale_grace=_grace(timeout), retry_after=1.0),
             describe=lambda key: f"{key[0]}:{key[1]}",
         )
@@ -251,6 +254,15 @@ class Prober:
     async def probe(self, address: IPAddress, port: int, name: str = "") -> tuple[ProbeResult, Source]:
         """Return ``(result, where it came from)`` for one address; ``name`` is for the log."""
         key = (str(address), port)
+        return await self.flights.get(key, self._producer(key, name))
+
+    def _refetch(self, key: tuple[str, int]) -> Producer[ProbeResult]:
+        """A refresh probes for the MX host the cached result was probed for."""
+        entry = self.flights.cache.raw(key)
+        return self._producer(key, entry.value.name if entry is not None else "")
+
+    def _producer(self, key: tuple[str, int], name: str) -> Producer[ProbeResult]:
+        address, port = key
 
         async def produce(deliver: Callable[[ProbeResult], None]) -> None:
             def counted(result: ProbeResult) -> None:
@@ -265,19 +277,19 @@ class Prober:
                 await self.limiter.acquire()
                 acquired = True
             if not acquired:
-                counted(ProbeResult(Outcome.OVERLOADED, str(address), port, "probe limit reached"))
+                counted(ProbeResult(Outcome.OVERLOADED, address, port, "probe limit reached", name=name))
                 return
             try:
                 # The slot wait came out of the same budget: --timeout bounds
                 # the whole probe as the caller sees it.
                 await probe_greeting(
                     address, port, timeout, counted, quit_grace=self.quit_grace, connect=self._connect,
-                    deadline=deadline,
+                    deadline=deadline, name=name,
                 )
             finally:
                 self.limiter.release()
 
-        return await self.flights.get(key, produce)
+        return produce
 
     def _log_change(self, key: tuple[str, int], name: str, result: ProbeResult) -> None:
         """One line when an address goes up or down: what an admin watching a failover wants."""

@@ -33,7 +33,7 @@ import dns.resolver
 import trio
 
 from . import values
-from .cache import SingleFlight, Source, TTLCache
+from .cache import Producer, SingleFlight, Source, TTLCache
 from .refresh import RefreshRules
 from .servers import IPAddress, is_valid_hostname, normalize_hostname
 
@@ -198,12 +198,13 @@ class Resolver:
         self.address_flights: SingleFlight[str, AddressLookup] = SingleFlight(
             nursery, TTLCache(max_entries), self._address_ttl,
             lambda exc: AddressLookup("?", error="internal error"), name="address lookup",
-            rules=rules, is_failure=_address_failed, describe=str, reason_of=lambda v: v.error or "?",
+            produce_for=self._address_producer, rules=rules, is_failure=_address_failed, describe=str,
+            reason_of=lambda v: v.error or "?",
         )
         self.mx_flights: SingleFlight[str, MXLookup] = SingleFlight(
             nursery, TTLCache(max_entries), self._mx_ttl,
             lambda exc: MXLookup("?", MXKind.FAILURE, error="internal error"), name="mx lookup",
-            rules=rules, is_failure=lambda v: v.kind is MXKind.FAILURE, describe=str,
+            produce_for=self._mx_producer, rules=rules, is_failure=lambda v: v.kind is MXKind.FAILURE, describe=str,
             reason_of=lambda v: v.error or "?",
         )
 
@@ -255,7 +256,10 @@ class Resolver:
 
     async def addresses(self, host: str) -> tuple[AddressLookup, Source]:
         """A and AAAA of ``host``, queried in parallel; ``(lookup, where it came from)``."""
-        host = normalize_hostname(host)
+        return await self.address_flights.get(normalize_hostname(host))
+
+    def _address_producer(self, host: str) -> Producer[AddressLookup]:
+        """How to look ``host`` up (for a miss and for each refresh)."""
 
         async def produce(deliver: Callable[[AddressLookup], None]) -> None:
             results: dict[str, tuple[dns.resolver.Answer | None, float, str | None]] = {}
@@ -298,19 +302,22 @@ class Resolver:
             else:
                 deliver(AddressLookup(host, error="no address records", ttl=ttl))
 
-        return await self.address_flights.get(host, produce)
+        return produce
 
     # -- MX -----------------------------------------------------------------
 
     async def mx(self, domain: str) -> tuple[MXLookup, Source]:
         """The MX list of ``domain`` (an A-label name); ``(lookup, where it came from)``."""
-        domain = normalize_hostname(domain)
+        return await self.mx_flights.get(normalize_hostname(domain))
+
+    def _mx_producer(self, domain: str) -> Producer[MXLookup]:
+        """How to look up ``domain``'s MX list (for a miss and for each refresh)."""
 
         async def produce(deliver: Callable[[MXLookup], None]) -> None:
             answer, ttl, error = await self._query(domain, "MX")
             deliver(self._mx_from_answer(domain, answer, error, ttl))
 
-        return await self.mx_flights.get(domain, produce)
+        return produce
 
     def _mx_from_answer(
         self, domain: str, answer: dns.resolver.Answer | None, error: str | None, ttl: float

@@ -97,10 +97,11 @@ class Origin:
         deliver(value)  # type: ignore[operator]
 
 
-def flights(nursery: trio.Nursery, *, ttl: float = 10.0, window: float = 100.0, grace: float = 5.0,
+def flights(nursery: trio.Nursery, origin: Origin, *, ttl: float = 10.0, window: float = 100.0, grace: float = 5.0,
             stale_max: float = 0.0, retry_after: float = 2.0) -> SingleFlight[str, str]:
     return SingleFlight(
         nursery, TTLCache(100), lambda v: ttl, lambda exc: "fallback", name="test",
+        produce_for=lambda key: origin.produce,
         rules=RefreshRules(window=window, stale_grace=grace, failure_stale_max=stale_max, retry_after=retry_after),
         is_failure=lambda v: v.startswith("fail"), describe=str, rng=random.Random(1),
     )
@@ -113,7 +114,7 @@ async def until(t: float) -> None:
 async def test_an_entry_in_use_is_refreshed_before_it_expires(nursery: trio.Nursery, autojump_clock: trio.testing.MockClock) -> None:
     origin = Origin()
     origin.answers = ["v1", "v2", "v3"]
-    f = flights(nursery)
+    f = flights(nursery, origin)
     start = trio.current_time()
     assert await f.get("k", origin.produce) == ("v1", Source.NETWORK)
     await until(start + 8.9)
@@ -130,7 +131,7 @@ async def test_an_entry_in_use_is_refreshed_before_it_expires(nursery: trio.Nurs
 async def test_an_idle_entry_is_not_refreshed_and_expires(nursery: trio.Nursery, autojump_clock: trio.testing.MockClock) -> None:
     origin = Origin()
     origin.answers = ["v1", "v2"]
-    f = flights(nursery, window=5.0)
+    f = flights(nursery, origin, window=5.0)
     start = trio.current_time()
     await f.get("k", origin.produce)
     await until(start + 30.0)
@@ -141,7 +142,7 @@ async def test_an_idle_entry_is_not_refreshed_and_expires(nursery: trio.Nursery,
 async def test_stale_value_served_at_once_while_a_slow_refresh_runs(nursery: trio.Nursery, autojump_clock: trio.testing.MockClock) -> None:
     origin = Origin(delay=3.0)
     origin.answers = ["v1", "v2"]
-    f = flights(nursery)
+    f = flights(nursery, origin)
     start = trio.current_time()
     await f.get("k", origin.produce)  # stored at 3.0, expires at 13.0
     origin.delay = 6.0  # slower than last time: the refresh starts ~3 s early but lands late
@@ -157,7 +158,7 @@ async def test_stale_value_served_at_once_while_a_slow_refresh_runs(nursery: tri
 async def test_stale_is_bounded_by_the_grace(nursery: trio.Nursery, autojump_clock: trio.testing.MockClock) -> None:
     origin = Origin()
     origin.answers = ["v1"]
-    f = flights(nursery, window=100.0, grace=5.0)
+    f = flights(nursery, origin, window=100.0, grace=5.0)
     start = trio.current_time()
     await f.get("k", origin.produce)
     origin.delay = 30.0  # the refresh hangs
@@ -175,7 +176,7 @@ async def test_stale_is_bounded_by_the_grace(nursery: trio.Nursery, autojump_clo
 async def test_one_refresh_however_many_callers(nursery: trio.Nursery, autojump_clock: trio.testing.MockClock) -> None:
     origin = Origin(delay=2.0)
     origin.answers = ["v1", "v2"]
-    f = flights(nursery, window=100.0)
+    f = flights(nursery, origin, window=100.0)
     start = trio.current_time()
     await f.get("k", origin.produce)
     await until(start + 12.5)
@@ -195,7 +196,7 @@ async def test_failed_refresh_keeps_the_last_good_value_up_to_the_bound(
 ) -> None:
     origin = Origin()
     origin.answers = ["good"]
-    f = flights(nursery, ttl=10.0, stale_max=30.0, retry_after=2.0)
+    f = flights(nursery, origin, ttl=10.0, stale_max=30.0, retry_after=2.0)
     start = trio.current_time()
     with caplog.at_level(logging.INFO, logger="smtpdcheck"):
         await f.get("k", origin.produce)
@@ -214,7 +215,7 @@ async def test_failed_refresh_keeps_the_last_good_value_up_to_the_bound(
 async def test_recovered_refresh_replaces_the_stale_value(nursery: trio.Nursery, autojump_clock: trio.testing.MockClock) -> None:
     origin = Origin()
     origin.answers = ["good"]
-    f = flights(nursery, ttl=10.0, stale_max=30.0, retry_after=2.0)
+    f = flights(nursery, origin, ttl=10.0, stale_max=30.0, retry_after=2.0)
     start = trio.current_time()
     await f.get("k", origin.produce)
     origin.answers = ["fail"]
@@ -228,7 +229,7 @@ async def test_recovered_refresh_replaces_the_stale_value(nursery: trio.Nursery,
 async def test_window_zero_is_the_old_behaviour(nursery: trio.Nursery, autojump_clock: trio.testing.MockClock) -> None:
     origin = Origin(delay=1.0)
     origin.answers = ["v1", "v2"]
-    f = flights(nursery, window=0.0)
+    f = flights(nursery, origin, window=0.0)
     start = trio.current_time()
     await f.get("k", origin.produce)
     await until(start + 30.0)
