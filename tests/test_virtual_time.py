@@ -264,3 +264,32 @@ async def test_shutdown_drain_waits_for_the_request_being_decided_and_no_longer(
     await service.wait_drained()
     assert trio.current_time() - start == pytest.approx(3.5)  # MX lookup 3 s, then the greeting 0.5 s
     assert answers == ["DEFER_IF_PERMIT"] and service.metrics.requests_in_flight == 0
+
+
+async def test_a_primary_going_down_is_seen_within_ttl_plus_timeout_and_nobody_waits(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Up TTL 10 s, --timeout 5: the refresh starts as long before expiry (10.5 s)
+    as the last probe took (0.5 s), less a first-store jitter of at most a tenth
+    of the TTL; the silent primary costs it the whole timeout, and the old 'up'
+    is served meanwhile; 'down' lands between 14 and 15 s."""
+    dns = VirtualDNS()
+    stop = backup_world(dns)
+    net = VirtualNet(nursery, {"127.0.0.2": Peer(greet_after=0.5)})
+    core = virtual_core(nursery, net, dns, up_ttl=10.0, down_ttl=10.0, refresh_window=600.0)
+    policy = Policy(dns, core.checker, stop, deadline=8.0)
+    start = trio.current_time()
+    assert (await policy.decide("d.test", stop)).verdict.kind is Kind.PRIMARY_LIVE  # probed 0 -> 0.5
+    net.peers["127.0.0.2"] = SILENT  # the primary goes down at 1 s
+    seen: list[tuple[float, Kind, object]] = []
+    for tick in range(1, 171):  # an RCPT every 0.1 s up to 17 s, each answered from caches
+        await trio.sleep_until(start + tick * 0.1)
+        decision = policy.decide_cached("d.test", stop)
+        assert decision is not None, f"an RCPT at {tick / 10:.1f} s would have waited"
+        seen.append((round(trio.current_time() - start, 1), decision.verdict.kind, decision.cache.value))
+    first_down = next(t for t, kind, _ in seen if kind is Kind.ALL_DOWN)
+    assert 14.0 <= first_down <= 15.0  # refresh started in [9, 10], timed out 5 s later
+    assert first_down - 1.0 <= 10.0 + 5.0  # within TTL + timeout of the flip
+    assert {c for t, _, c in seen if 10.5 < t < first_down} == {"stale"}  # expired, served while refreshing
+    assert {c for t, _, c in seen if t <= 10.4 or t > first_down} == {"hit"}
+    assert net.connections["127.0.0.2"] == 2  # one probe per TTL, no more
