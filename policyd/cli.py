@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -44,10 +45,12 @@ Postfix wiring (main.cf):
       check_policy_service { inet:127.0.0.1:10040, timeout=10s,
                              try_limit=1, default_action=DUNNO }
 
-signals: SIGHUP re-reads the configuration file (listen, nameserver, cache
-sizes and limits need a restart); SIGTERM and SIGINT stop accepting, let
-requests in progress finish for a few seconds, and exit 0.
-"""
+""" + textwrap.fill(
+    "signals: SIGHUP re-reads the configuration file; these options keep their running values "
+    f"until a restart ({', '.join(cfg.RESTART_ONLY)}).  SIGTERM and SIGINT stop accepting, let "
+    "requests in progress finish for a few seconds, and exit 0.",
+    width=76,
+) + "\n"
 
 
 class _Parser(argparse.ArgumentParser):

@@ -75,3 +75,11 @@ def test_groff_renders_without_warnings(name: str) -> None:
         ["groff", "-man", "-ww", "-z", str(MAN / name)], capture_output=True, text=True, timeout=60, check=False
     )
     assert (result.returncode, result.stderr) == (0, "")
+
+
+def test_policyd_page_names_every_option_a_reload_keeps() -> None:
+    from policyd.config import RESTART_ONLY
+
+    page = manpage.PAGES["smtpdcheck-policyd.8"]()
+    signals = page.split(".SH SIGNALS", 1)[1].split(".SH ", 1)[0]
+    assert [name for name in RESTART_ONLY if name not in signals] == []
