@@ -56,21 +56,8 @@ class Answer:
     reply: bytes
     decision: Decision
     checked: bool = True  # False for requests that are not RCPT (not logged)
-
     # The log line's part that depends only on the answer, built once for a memoised one.
     line: str = field(default="", compare=False, repr=False)
-
-    @property
-    def action(self) -> str:
-        return self.decision.verdict.action.value
-
-    @property
-    def kind(self) -> str:
-        return self.decision.verdict.kind.value
-
-    @property
-    def reason(self) -> str:
-        return self.decision.verdict.reason
 
 
 _NOT_RCPT = Answer(DUNNO_REPLY, Policy.undecided(Kind.NOT_RCPT, "not an RCPT request"), checked=False)

@@ -253,7 +253,7 @@ async def test_shutdown_drain_waits_for_the_request_being_decided_and_no_longer(
     answers: list[str] = []
 
     async def ask() -> None:
-        answers.append((await service.answer(request)).action)
+        answers.append((await service.answer(request)).decision.verdict.action.value)
 
     start = trio.current_time()
     await service.wait_drained()  # nothing in flight: at once
