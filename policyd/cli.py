@@ -24,7 +24,7 @@ from .exposition import MetricsUnavailable, make_registry, serve_metrics
 from .listeners import ListenError, endpoint_of, open_listeners, unix_paths
 from .logsetup import close_logging, current_sink, setup_logging
 from .server import PolicyServer, handle_connection, watched_connections
-from .service import PolicyService, core_settings
+from .responder import Responder, core_settings
 
 log = logging.getLogger("smtpdcheck.policyd")
 
@@ -88,39 +88,39 @@ def load(args: argparse.Namespace) -> cfg.Config:
     return cfg.build(args, args.config)
 
 
-async def _resolve_stop(config: cfg.Config, service: PolicyService) -> StopSet:
-    return await service.core.resolve_stop(config.stop, system_fallback=not config.nameserver)
+async def _resolve_stop(config: cfg.Config, responder: Responder) -> StopSet:
+    return await responder.core.resolve_stop(config.stop, system_fallback=not config.nameserver)
 
 
 async def run_daemon(config: cfg.Config, args: argparse.Namespace) -> int:
     inherited = systemd.inherited_sockets()
     try:
         async with open_core(core_settings(config)) as core:
-            service = PolicyService(config, core, sink=current_sink())
+            responder = Responder(config, core, sink=current_sink())
             try:
                 if inherited:
                     listeners = systemd.listeners_from(inherited)
                 else:
                     listeners = await open_listeners(config.listen, socket_mode=config.socket_mode)
                 if config.metrics:
-                    registry = make_registry(service)
+                    registry = make_registry(responder)
                     metric_listeners = await open_listeners((config.metrics,), socket_mode=0o600)
             except (ListenError, MetricsUnavailable) as exc:
                 log.critical("%s", exc)
                 return 2
             async with trio.open_nursery() as nursery:
-                if service.sink is not None:
-                    nursery.start_soon(service.sink.run)
+                if responder.sink is not None:
+                    nursery.start_soon(responder.sink.run)
                 if config.metrics:
                     await nursery.start(serve_metrics, metric_listeners, registry)
                     log.info("metrics on %s", ", ".join(endpoint_of(l) for l in metric_listeners))
-                server = PolicyServer(listeners, service, max_connections=config.max_connections)
+                server = PolicyServer(listeners, responder, max_connections=config.max_connections)
                 await nursery.start(server.serve)
                 how = " (socket activation)" if inherited else ""
                 log.info("listening on %s%s", ", ".join(endpoint_of(l) for l in listeners), how)
                 systemd.notify("READY=1")
-                await _serve_signals(service, server, args)
-                config = service.config
+                await _serve_signals(responder, server, args)
+                config = responder.config
                 nursery.cancel_scope.cancel()
     except StopHostError as exc:
         log.critical("%s", exc)
@@ -133,12 +133,12 @@ async def run_daemon(config: cfg.Config, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve_signals(service: PolicyService, server: PolicyServer, args: argparse.Namespace) -> None:
+async def _serve_signals(responder: Responder, server: PolicyServer, args: argparse.Namespace) -> None:
     """SIGHUP reloads; SIGTERM and SIGINT drain and return."""
     with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             if signum == signal.SIGHUP:
-                await _reload(service, args)
+                await _reload(responder, args)
                 continue
             log.info("stopping on %s", signal.Signals(signum).name)
             systemd.notify("STOPPING=1")
@@ -151,11 +151,11 @@ async def run_stdio(config: cfg.Config) -> int:
     stream = trio.StapledStream(trio.lowlevel.FdStream(os.dup(1)), trio.lowlevel.FdStream(os.dup(0)))
     try:
         async with open_core(core_settings(config)) as core, trio.open_nursery() as nursery:
-            service = PolicyService(config, core, sink=current_sink())
-            if service.sink is not None:
-                nursery.start_soon(service.sink.run)
-            async with watched_connections(service) as watchdog:
-                await handle_connection(stream, service, watchdog, " on stdin")
+            responder = Responder(config, core, sink=current_sink())
+            if responder.sink is not None:
+                nursery.start_soon(responder.sink.run)
+            async with watched_connections(responder) as watchdog:
+                await handle_connection(stream, responder, watchdog, " on stdin")
             nursery.cancel_scope.cancel()
     except StopHostError as exc:
         log.critical("%s", exc)
@@ -167,7 +167,7 @@ async def run_check(config: cfg.Config, address: str, server_address: str) -> in
     """Explain one decision: the MX list, each probe, and the reply."""
     try:
         async with open_core(core_settings(config)) as core:
-            explanation = await PolicyService(config, core).explain(address, server_address)
+            explanation = await Responder(config, core).explain(address, server_address)
             print(explanation.text, end="", flush=True)
             await core.let_probes_finish()
     except StopHostError as exc:
@@ -179,17 +179,17 @@ async def run_check(config: cfg.Config, address: str, server_address: str) -> in
     return 1 if explanation.defers else 0
 
 
-async def _reload(service: PolicyService, args: argparse.Namespace) -> None:
+async def _reload(responder: Responder, args: argparse.Namespace) -> None:
     try:
-        new, waiting = service.config.reloaded(load(args))
-        stop = await _resolve_stop(new, service)
+        new, waiting = responder.config.reloaded(load(args))
+        stop = await _resolve_stop(new, responder)
     except (cfg.ConfigError, StopHostError) as exc:
         log.error("reload failed, keeping the running configuration: %s", exc)
         return
     if waiting:
         log.warning("reload: %s changed; takes effect after a restart", ", ".join(waiting))
     setup_logging(new.log_level, new.log_target)
-    service.reconfigure(new, stop)
+    responder.reconfigure(new, stop)
     log.info("configuration reloaded")
 
 

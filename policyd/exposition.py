@@ -19,7 +19,7 @@ import trio
 from .metrics import LATENCY_BUCKETS_S
 
 if TYPE_CHECKING:
-    from .service import PolicyService
+    from .responder import Responder
 
 log = logging.getLogger("smtpdcheck.policyd")
 
@@ -31,7 +31,7 @@ class MetricsUnavailable(RuntimeError):
     """--metrics was asked for but prometheus-client is not installed."""
 
 
-def make_registry(service: PolicyService) -> object:
+def make_registry(responder: Responder) -> object:
     try:
         from prometheus_client.core import (
             CollectorRegistry,
@@ -44,7 +44,7 @@ def make_registry(service: PolicyService) -> object:
 
     class Collector:
         def collect(self) -> Iterator[object]:
-            m = service.metrics
+            m = responder.metrics
             requests = CounterMetricFamily(
                 "smtpdcheck_policy_requests", "Policy requests answered, by action and reason", labels=["action", "reason"]
             )
@@ -63,17 +63,17 @@ def make_registry(service: PolicyService) -> object:
                 buckets=buckets, sum_value=m.latency_sum,
             )
             probes = CounterMetricFamily("smtpdcheck_probes", "SMTP greeting probes made, by outcome", labels=["outcome"])
-            for outcome, value in service.core.prober.outcomes.items():
+            for outcome, value in responder.core.prober.outcomes.items():
                 probes.add_metric([outcome.value], value)
             yield probes
             hits = CounterMetricFamily("smtpdcheck_cache_hits", "Cache hits", labels=["cache"])
             misses = CounterMetricFamily("smtpdcheck_cache_misses", "Cache misses", labels=["cache"])
             size = GaugeMetricFamily("smtpdcheck_cache_entries", "Entries in each cache", labels=["cache"])
             for name, cache in (
-                ("answer", service.answers),
-                ("probe", service.core.prober.flights.cache),
-                ("mx", service.core.resolver.mx_flights.cache),
-                ("address", service.core.resolver.address_flights.cache),
+                ("answer", responder.answers),
+                ("probe", responder.core.prober.flights.cache),
+                ("mx", responder.core.resolver.mx_flights.cache),
+                ("address", responder.core.resolver.address_flights.cache),
             ):
                 hits.add_metric([name], cache.hits)
                 misses.add_metric([name], cache.misses)
@@ -87,9 +87,9 @@ def make_registry(service: PolicyService) -> object:
             stale = CounterMetricFamily("smtpdcheck_stale_answers", "Expired entries served while being refreshed", labels=["cache"])
             fresh = GaugeMetricFamily("smtpdcheck_cache_kept_fresh", "Entries used recently enough to be kept fresh", labels=["cache"])
             for name, flights in (
-                ("probe", service.core.prober.flights),
-                ("mx", service.core.resolver.mx_flights),
-                ("address", service.core.resolver.address_flights),
+                ("probe", responder.core.prober.flights),
+                ("mx", responder.core.resolver.mx_flights),
+                ("address", responder.core.resolver.address_flights),
             ):
                 for how in ("ok", "failed"):
                     refreshes.add_metric([name, how], flights.refreshes[how])
@@ -98,7 +98,7 @@ def make_registry(service: PolicyService) -> object:
             yield refreshes
             yield stale
             yield fresh
-            yield CounterMetricFamily("smtpdcheck_dns_failures", "DNS queries that failed or timed out", value=service.core.resolver.failures)
+            yield CounterMetricFamily("smtpdcheck_dns_failures", "DNS queries that failed or timed out", value=responder.core.resolver.failures)
             yield GaugeMetricFamily("smtpdcheck_connections_open", "Postfix connections open", value=m.connections_open)
             yield CounterMetricFamily("smtpdcheck_connections", "Postfix connections accepted", value=m.connections_total)
             yield CounterMetricFamily(
@@ -107,7 +107,7 @@ def make_registry(service: PolicyService) -> object:
             yield CounterMetricFamily(
                 "smtpdcheck_idle_closes", "Postfix connections closed after --idle-timeout of silence", value=m.idle_closes
             )
-            sink = service.sink
+            sink = responder.sink
             yield CounterMetricFamily(
                 "smtpdcheck_log_lines_dropped", "Log lines dropped because the log target did not keep up",
                 value=sink.dropped if sink is not None else 0,

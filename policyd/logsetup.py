@@ -48,7 +48,7 @@ def current_sink() -> LineSink | None:
 
     The logging configuration is the process's, so this is read from it
     rather than kept a second time; callers that need the sink on a hot
-    path (the policy service) take it once and keep it.
+    path (the responder) take it once and keep it.
     """
     for handler in logging.getLogger(LOGGER_NAME).handlers:
         if isinstance(handler, LineSink):

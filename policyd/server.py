@@ -26,7 +26,7 @@ import trio
 from .config import Config
 from .metrics import Metrics
 from .protocol import CLOSED, NEED_DATA, PolicyParser, ProtocolError
-from .service import PolicyService
+from .responder import Responder
 from .watchdog import Watchdog, tick_for
 
 log = logging.getLogger("smtpdcheck.policyd")
@@ -39,7 +39,7 @@ ACCEPT_RETRY_S = 0.1
 
 
 async def handle_connection(
-    stream: trio.abc.Stream, service: PolicyService, watchdog: Watchdog, peer: str = ""
+    stream: trio.abc.Stream, responder: Responder, watchdog: Watchdog, peer: str = ""
 ) -> None:
     """Serve one Postfix connection until it closes; never raises.
 
@@ -47,7 +47,7 @@ async def handle_connection(
     (waiting for a request, answering, sending); ``watchdog`` enforces it.
     When it passes, the connection is closed whatever the phase.
     """
-    metrics: Metrics = service.metrics
+    metrics: Metrics = responder.metrics
     parser = PolicyParser()
     metrics.connections_open += 1
     metrics.connections_total += 1
@@ -59,7 +59,7 @@ async def handle_connection(
             while True:
                 request = parser.next_request()
                 if request is NEED_DATA:
-                    config = service.config
+                    config = responder.config
                     # A request in progress must be complete within
                     # request_timeout of its first byte (a client trickling
                     # one byte a second must not pin us); between requests
@@ -84,18 +84,18 @@ async def handle_connection(
                 # The answer bounds itself (its deadline, fail-open); the
                 # reply must then be taken within request_timeout, so a peer
                 # that sends but never reads cannot hold us forever.
-                config = service.config
+                config = responder.config
                 phase = "reply"
                 now = trio.current_time()
-                answer = service.answer_now(request, now)
+                answer = responder.answer_now(request, now)
                 if answer is None:
                     deadline.at = now + config.deadline + config.request_timeout
-                    answer = await service.answer(request)
+                    answer = await responder.answer(request)
                     now = trio.current_time()
                 deadline.at = now + config.request_timeout
                 await stream.send_all(answer.reply)
         if deadline.expired:
-            config = service.config
+            config = responder.config
             if phase == "request":
                 metrics.protocol_errors["timeout"] += 1
                 log.warning("closing connection%s: request incomplete after %gs", peer, config.request_timeout)
@@ -125,11 +125,11 @@ def connection_tick(config: Config) -> float:
 
 
 @asynccontextmanager
-async def watched_connections(service: PolicyService) -> AsyncIterator[Watchdog]:
+async def watched_connections(responder: Responder) -> AsyncIterator[Watchdog]:
     """A watchdog for connections, running as long as the block."""
     watchdog = Watchdog()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(watchdog.run, lambda: connection_tick(service.config))
+        nursery.start_soon(watchdog.run, lambda: connection_tick(responder.config))
         try:
             yield watchdog
         finally:
@@ -148,7 +148,7 @@ def _peer_text(stream: trio.SocketStream) -> str:
 
 async def accept_loop(
     listener: trio.SocketListener,
-    service: PolicyService,
+    responder: Responder,
     handlers: trio.Nursery,
     slots: trio.Semaphore,
     watchdog: Watchdog,
@@ -169,15 +169,15 @@ async def accept_loop(
             except OSError as exc:
                 slots.release()
                 if exc.errno in _ACCEPT_CAPACITY_ERRNOS:
-                    _accept_failed(service, exc)
+                    _accept_failed(responder, exc)
                     await trio.sleep(ACCEPT_RETRY_S)
                     continue
                 raise
             except BaseException:
                 slots.release()
                 raise
-            handlers.start_soon(_run_handler, stream, service, slots, watchdog)
-            _accept_waiting(twin, service, handlers, slots, watchdog)
+            handlers.start_soon(_run_handler, stream, responder, slots, watchdog)
+            _accept_waiting(twin, responder, handlers, slots, watchdog)
 
 
 def _twin(listener: trio.SocketListener) -> socket.socket:
@@ -188,7 +188,7 @@ def _twin(listener: trio.SocketListener) -> socket.socket:
 
 
 def _accept_waiting(
-    twin: socket.socket, service: PolicyService, handlers: trio.Nursery, slots: trio.Semaphore, watchdog: Watchdog
+    twin: socket.socket, responder: Responder, handlers: trio.Nursery, slots: trio.Semaphore, watchdog: Watchdog
 ) -> None:
     """Start a handler for every connection already waiting, within the limit; never blocks."""
     while True:
@@ -204,25 +204,25 @@ def _accept_waiting(
         except OSError as exc:
             slots.release()
             if exc.errno in _ACCEPT_CAPACITY_ERRNOS:
-                _accept_failed(service, exc)
+                _accept_failed(responder, exc)
                 return  # the awaited accept() retries after its pause
             if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                 continue  # the peer gave up while waiting: next one
             raise
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
-        handlers.start_soon(_run_handler, stream, service, slots, watchdog)
+        handlers.start_soon(_run_handler, stream, responder, slots, watchdog)
 
 
-def _accept_failed(service: PolicyService, exc: OSError) -> None:
-    service.metrics.accept_errors += 1
+def _accept_failed(responder: Responder, exc: OSError) -> None:
+    responder.metrics.accept_errors += 1
     log.error("accept failed: %s; retrying in %gs", errno.errorcode.get(exc.errno or 0, exc), ACCEPT_RETRY_S)
 
 
 async def _run_handler(
-    stream: trio.SocketStream, service: PolicyService, slots: trio.Semaphore, watchdog: Watchdog
+    stream: trio.SocketStream, responder: Responder, slots: trio.Semaphore, watchdog: Watchdog
 ) -> None:
     try:
-        await handle_connection(stream, service, watchdog, _peer_text(stream))
+        await handle_connection(stream, responder, watchdog, _peer_text(stream))
     finally:
         slots.release()
 
@@ -237,22 +237,22 @@ class PolicyServer:
     short.
     """
 
-    def __init__(self, listeners: list[trio.SocketListener], service: PolicyService, *, max_connections: int) -> None:
+    def __init__(self, listeners: list[trio.SocketListener], responder: Responder, *, max_connections: int) -> None:
         self.listeners = listeners
-        self.service = service
+        self.responder = responder
         self.slots = trio.Semaphore(max_connections)
         self._accepting = trio.CancelScope()
         self._handlers: trio.Nursery | None = None
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
-            async with watched_connections(self.service) as watchdog, trio.open_nursery() as handlers:
+            async with watched_connections(self.responder) as watchdog, trio.open_nursery() as handlers:
                 self._handlers = handlers
                 with self._accepting:
                     async with trio.open_nursery() as acceptors:
                         for listener in self.listeners:
                             acceptors.start_soon(
-                                accept_loop, listener, self.service, handlers, self.slots, watchdog
+                                accept_loop, listener, self.responder, handlers, self.slots, watchdog
                             )
                         task_status.started()
                 self._close_listeners()
@@ -268,6 +268,6 @@ class PolicyServer:
     async def shutdown(self, grace: float) -> None:
         self._accepting.cancel()
         with trio.move_on_after(grace):
-            await self.service.wait_drained()
+            await self.responder.wait_drained()
         if self._handlers is not None:
             self._handlers.cancel_scope.cancel()

@@ -11,7 +11,7 @@ from policyd.client import encode_request, parse_reply
 from policyd.config import Config
 from policyd.listeners import endpoint_of, open_listeners, split_inet
 from policyd.server import PolicyServer
-from policyd.service import PolicyService, core_settings
+from policyd.responder import Responder, core_settings
 from smtpdcheck.core import build_core
 from smtpdcheck.stoprule import StopSet
 from tests.support.postfix_request import POSTFIX_37_RCPT_ATTRS
@@ -26,7 +26,7 @@ def rcpt(recipient: str, **extra: str) -> bytes:
 
 @dataclass
 class RunningPolicyd:
-    service: PolicyService
+    responder: Responder
     server: PolicyServer
     endpoints: list[str]
 
@@ -68,11 +68,11 @@ async def start_policyd(
 ) -> RunningPolicyd:
     core = build_core(nursery, core_settings(config))
     core.stop = stop
-    service = PolicyService(config, core)
+    responder = Responder(config, core)
     listeners = await open_listeners(config.listen, socket_mode=config.socket_mode)
-    server = PolicyServer(listeners, service, max_connections=config.max_connections)
+    server = PolicyServer(listeners, responder, max_connections=config.max_connections)
     await nursery.start(server.serve)
-    return RunningPolicyd(service, server, [endpoint_of(l) for l in listeners])
+    return RunningPolicyd(responder, server, [endpoint_of(l) for l in listeners])
 
 
 def policyd_config(dns_port: int, smtp_port: int, **changes: object) -> Config:

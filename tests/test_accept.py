@@ -9,7 +9,7 @@ import trio.testing
 
 from policyd.config import Config
 from policyd.server import accept_loop
-from policyd.service import PolicyService, core_settings
+from policyd.responder import Responder, core_settings
 from smtpdcheck.core import build_core
 from policyd.watchdog import Watchdog
 from smtpdcheck.stoprule import StopSet
@@ -39,7 +39,7 @@ async def test_waiting_connections_are_accepted_together_within_the_limit() -> N
             clients.append(client)
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
-                service = PolicyService(Config(nameserver=("127.0.0.1:9",)), build_core(nursery, core_settings(Config(nameserver=("127.0.0.1:9",)))))
+                service = Responder(Config(nameserver=("127.0.0.1:9",)), build_core(nursery, core_settings(Config(nameserver=("127.0.0.1:9",)))))
                 slots = trio.Semaphore(25)
                 nursery.start_soon(accept_loop, listener, service,  # type: ignore[arg-type]
                                     nursery, slots, Watchdog())

@@ -81,9 +81,9 @@ async def test_idle_closes_and_protocol_errors_are_separate(
 ) -> None:
     f = await farm(Mode.OK)
     running = await start_policyd(nursery, policyd_config(dns_server.port, f.port))
-    running.service.metrics.idle_closes = 3
-    running.service.metrics.protocol_errors["timeout"] = 1
-    port = await serving(nursery, make_registry(running.service))
+    running.responder.metrics.idle_closes = 3
+    running.responder.metrics.protocol_errors["timeout"] = 1
+    port = await serving(nursery, make_registry(running.responder))
     with trio.fail_after(10):
         text = (await scrape(port)).decode()
     assert "smtpdcheck_idle_closes_total 3.0" in text

@@ -178,7 +178,7 @@ def test_connection_memory_is_bounded(world: World) -> None:
     The counter is shared with the other tests of this module, so its change
     is what shows that this connection, and no other, was refused.
     """
-    errors = world.running.service.metrics.protocol_errors
+    errors = world.running.responder.metrics.protocol_errors
     before = errors["line too long"]
     received = exchange(world.port, b"recipient=" + b"A" * (4 << 20), [], 1)
     assert received == b""  # closed without a reply
@@ -210,9 +210,9 @@ async def test_thousands_of_connections_opened_and_dropped(policyd: RunningPolic
             for _ in range(10):
                 nursery.start_soon(churn, 200)
         assert (await policyd.ask(rcpt("a@up.example")))[0] == "DEFER_IF_PERMIT"
-        while policyd.service.metrics.connections_open:
+        while policyd.responder.metrics.connections_open:
             await trio.sleep(0.01)
-    assert policyd.service.metrics.connections_total >= 2001
+    assert policyd.responder.metrics.connections_total >= 2001
 
 
 async def test_slow_client_is_cut_off_others_unaffected(policyd: RunningPolicyd) -> None:
@@ -349,5 +349,5 @@ async def test_peer_that_never_reads_replies_is_cut_off(policyd: RunningPolicyd,
             # Meanwhile everyone else is served.
             assert (await policyd.ask(rcpt("b@up.example")))[0] == "DEFER_IF_PERMIT"
     assert sent < 200_000
-    assert policyd.service.metrics.protocol_errors["timeout"] >= 1
+    assert policyd.responder.metrics.protocol_errors["timeout"] >= 1
     assert "reply not read within 1s" in caplog.text

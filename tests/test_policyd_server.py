@@ -118,7 +118,7 @@ async def test_protocol_error_closes_only_that_connection(policyd: tuple[Running
             await bad.send_all(b"request=smtpd_access_policy\nthis line has no equals sign\n\n")
             assert await bad.receive_some(100) == b""  # closed, no reply
             assert (await running.ask(rcpt("x@up.example"), good))[0] == "DEFER_IF_PERMIT"
-    assert running.service.metrics.protocol_errors["line without '='"] == 1
+    assert running.responder.metrics.protocol_errors["line without '='"] == 1
 
 
 async def test_overlong_line_closes_connection(policyd: tuple[RunningPolicyd, Farm]) -> None:
@@ -171,9 +171,9 @@ async def test_dns_failure_fails_open(
     running = await start_policyd(nursery, policyd_config(dns_server.port, f.port))
     caplog.set_level(logging.INFO, logger="smtpdcheck")
     start = trio.current_time()
-    with trio.fail_after(running.service.config.deadline + 1):
+    with trio.fail_after(running.responder.config.deadline + 1):
         assert await running.ask(rcpt("user@broken.example")) == ("DUNNO", "")
-    assert trio.current_time() - start <= running.service.config.deadline + 0.2
+    assert trio.current_time() - start <= running.responder.config.deadline + 0.2
     assert expect_reason in caplog.text
 
 
@@ -200,7 +200,7 @@ async def test_deadline_bounds_slow_dns(nursery: trio.Nursery, dns_server: FakeD
     with trio.fail_after(3):
         assert await running.ask(rcpt("user@slow.example")) == ("DUNNO", "")
     assert 0.9 <= trio.current_time() - start < 1.5
-    assert running.service.metrics.requests[("DUNNO", "deadline")] == 1
+    assert running.responder.metrics.requests[("DUNNO", "deadline")] == 1
 
 
 async def test_null_and_implicit_mx(nursery: trio.Nursery, dns_server: FakeDNSServer, farm: Callable[..., Farm]) -> None:
@@ -338,12 +338,12 @@ async def test_answer_memo_lives_exactly_as_long_as_its_inputs(
         async with stream:
             for i in range(5):
                 assert (await running.ask(rcpt(f"u{i}@up.example"), stream))[0] == "DEFER_IF_PERMIT"
-            assert running.service.answers.hits == 3  # 1st: probe, 2nd: built from caches, then memo
+            assert running.responder.answers.hits == 3  # 1st: probe, 2nd: built from caches, then memo
             await trio.sleep(0.8)  # the probe result (and so the memo) has expired
             assert (await running.ask(rcpt("late@up.example"), stream))[0] == "DEFER_IF_PERMIT"
             assert f.greeters[0].connections == 2
             # A reload's new policy applies at once, memo or not.
-            running.service.reconfigure(replace(running.service.config, mode="warn"), running.service.core.stop)
+            running.responder.reconfigure(replace(running.responder.config, mode="warn"), running.responder.core.stop)
             assert (await running.ask(rcpt("after@up.example"), stream))[0] == "WARN"
 
 
@@ -354,7 +354,7 @@ async def test_idle_close_is_not_a_protocol_error(
     idle close, not as a protocol error, and logged at info."""
     f = await farm(Mode.OK)
     running = await start_policyd(nursery, policyd_config(dns_server.port, f.port, idle_timeout=0.3, request_timeout=5.0))
-    metrics = running.service.metrics
+    metrics = running.responder.metrics
     caplog.set_level(logging.INFO, logger="smtpdcheck.policyd")
     with trio.fail_after(10):
         stream = await running.connect()
@@ -368,7 +368,7 @@ async def test_idle_close_is_not_a_protocol_error(
 async def test_incomplete_request_still_counts_as_a_timeout(nursery: trio.Nursery, dns_server: FakeDNSServer, farm: Callable[..., Farm]) -> None:
     f = await farm(Mode.OK)
     running = await start_policyd(nursery, policyd_config(dns_server.port, f.port, idle_timeout=60.0, request_timeout=0.3))
-    metrics = running.service.metrics
+    metrics = running.responder.metrics
     with trio.fail_after(10):
         stream = await running.connect()
         async with stream:

@@ -126,7 +126,7 @@ async def test_silent_primary_under_a_steady_stream(
     assert f.greeters[0].connections >= 2, "the down result was renewed, not kept forever"
     # A silent primary's renewal lasts the whole timeout, so it starts that
     # long before expiry and lands in time: answers come from fresh results.
-    assert running.service.core.prober.flights.refreshes["ok"] >= 1
+    assert running.responder.core.prober.flights.refreshes["ok"] >= 1
 
 
 async def test_slow_greeting_primary_and_counts_per_ttl(
@@ -266,7 +266,7 @@ async def test_failing_dns_serves_the_last_good_answer_then_the_bound(
     stale = [s for s in out.samples if broke <= s.sent < failed.sent]
     assert len(stale) >= 30 and {s.action for s in stale} == {"DEFER_IF_PERMIT"}
     assert {s.action for s in out.samples if s.sent >= failed.sent} == {"DUNNO"}
-    assert running.service.metrics.requests[("DUNNO", "dns failure")] > 0
+    assert running.responder.metrics.requests[("DUNNO", "dns failure")] > 0
 
     warnings = [line for line in log_lines(caplog, logging.WARNING) if "stale" in line]
     apex = re.compile(r"(?<![\w.-])fail\.example\b")
@@ -296,7 +296,7 @@ async def test_refresh_window_zero_is_todays_behaviour(
     origin = out.samples[0].sent
     assert all(s.sent - origin >= ttl for s in waited), describe(waited, origin)
     assert f.greeters[0].connections == 1 + len(waited)  # no probe without a request
-    assert running.service.core.prober.flights.stale_served == 0
+    assert running.responder.core.prober.flights.stale_served == 0
     assert not any("cache=stale" in line for line in log_lines(caplog))
 
 
@@ -315,5 +315,5 @@ async def test_shutdown_during_a_refresh_logs_no_failure(
             assert (await running.ask(rcpt("user@stopping.example")))[0] == "DUNNO"
             await greeter.wait_until(lambda: greeter.connections == 2 and greeter.active == 1)
         daemon.cancel_scope.cancel()  # what SIGTERM does: the refresh probe is still waiting for a greeting
-    assert running.service.core.prober.flights.refreshes["failed"] == 0
+    assert running.responder.core.prober.flights.refreshes["failed"] == 0
     assert log_lines(caplog, logging.WARNING) == []

@@ -17,7 +17,7 @@ import trio
 
 from policyd import cli
 from policyd import config as cfg
-from policyd.service import PolicyService, core_settings
+from policyd.responder import Responder, core_settings
 from smtpdcheck.core import build_core
 
 
@@ -46,7 +46,7 @@ async def test_reload_applies_dns_timeout_fully_or_not_at_all(
     path.write_text('nameserver = ["127.0.0.1:53"]\ndns_timeout = 2\ntimeout = 5\n')
     args = cli.build_parser().parse_args(["--config", str(path)])
     config = cli.load(args)
-    service = PolicyService(config, build_core(nursery, core_settings(config)))
+    service = Responder(config, build_core(nursery, core_settings(config)))
     assert service.core.checker.timeout == 5 + 2
 
     path.write_text('nameserver = ["127.0.0.1:53"]\ndns_timeout = 7\ntimeout = 3\nmode = "warn"\n')

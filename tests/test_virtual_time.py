@@ -240,7 +240,7 @@ async def test_shutdown_drain_waits_for_the_request_being_decided_and_no_longer(
 ) -> None:
     """wait_drained returns the instant the last request in flight is answered."""
     from policyd.config import Config
-    from policyd.service import PolicyService
+    from policyd.responder import Responder
     from tests.support.postfix_request import POSTFIX_37_RCPT_ATTRS
     from policyd.request import PolicyRequest
 
@@ -248,7 +248,7 @@ async def test_shutdown_drain_waits_for_the_request_being_decided_and_no_longer(
     backup_world(dns, mx_delay=3.0)
     core = virtual_core(nursery, VirtualNet(nursery, {"127.0.0.2": Peer(greet_after=0.5)}), dns)
     core.resolver = dns  # type: ignore[assignment]
-    service = PolicyService(Config(deadline=8.0), core)
+    service = Responder(Config(deadline=8.0), core)
     request = PolicyRequest({**POSTFIX_37_RCPT_ATTRS, "recipient": "user@d.test", "server_address": "192.0.2.25"})
     answers: list[str] = []
 

@@ -81,7 +81,7 @@ class Explanation:
     failure: str | None = None  # why no real decision could be made (DNS, deadline, bug)
 
 
-class PolicyService:
+class Responder:
     """Answers requests with the core's policy; keeps the memo and the counters.
 
     The core (and its caches) outlives reloads: a reload that changes only
