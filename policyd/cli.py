@@ -23,7 +23,7 @@ from . import systemd
 from .exposition import MetricsUnavailable, make_registry, serve_metrics
 from .listeners import ListenError, endpoint_of, open_listeners, unix_paths
 from .logsetup import close_logging, current_sink, setup_logging
-from .server import PolicyServer, handle_connection, watched_connections
+from .server import PolicyServer, handle_connection, start_watchdog
 from .responder import Responder, core_settings
 
 log = logging.getLogger("smtpdcheck.policyd")
@@ -154,8 +154,8 @@ async def run_stdio(config: cfg.Config) -> int:
             responder = Responder(config, core, sink=current_sink())
             if responder.sink is not None:
                 nursery.start_soon(responder.sink.run)
-            async with watched_connections(responder) as watchdog:
-                await handle_connection(stream, responder, watchdog, " on stdin")
+            watchdog = start_watchdog(nursery, responder)
+            await handle_connection(stream, responder, watchdog, " on stdin")
             nursery.cancel_scope.cancel()
     except StopHostError as exc:
         log.critical("%s", exc)

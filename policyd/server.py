@@ -18,8 +18,6 @@ import logging
 import math
 import os
 import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import trio
 
@@ -124,16 +122,11 @@ def connection_tick(config: Config) -> float:
     return tick_for(config.request_timeout, config.idle_timeout)
 
 
-@asynccontextmanager
-async def watched_connections(responder: Responder) -> AsyncIterator[Watchdog]:
-    """A watchdog for connections, running as long as the block."""
+def start_watchdog(nursery: trio.Nursery, responder: Responder) -> Watchdog:
+    """A watchdog for connections, as a task of ``nursery`` (cancel it to stop)."""
     watchdog = Watchdog()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(watchdog.run, lambda: connection_tick(responder.config))
-        try:
-            yield watchdog
-        finally:
-            nursery.cancel_scope.cancel()
+    nursery.start_soon(watchdog.run, lambda: connection_tick(responder.config), name="connection watchdog")
+    return watchdog
 
 
 def _peer_text(stream: trio.SocketStream) -> str:
@@ -246,18 +239,21 @@ class PolicyServer:
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
-            async with watched_connections(self.responder) as watchdog, trio.open_nursery() as handlers:
-                self._handlers = handlers
-                with self._accepting:
-                    async with trio.open_nursery() as acceptors:
-                        for listener in self.listeners:
-                            acceptors.start_soon(
-                                accept_loop, listener, self.responder, handlers, self.slots, watchdog
-                            )
-                        task_status.started()
-                self._close_listeners()
-                # Accepting has stopped; handlers end when their peers leave
-                # or when shutdown() cancels them.
+            async with trio.open_nursery() as watching:
+                watchdog = start_watchdog(watching, self.responder)
+                async with trio.open_nursery() as handlers:
+                    self._handlers = handlers
+                    with self._accepting:
+                        async with trio.open_nursery() as acceptors:
+                            for listener in self.listeners:
+                                acceptors.start_soon(
+                                    accept_loop, listener, self.responder, handlers, self.slots, watchdog
+                                )
+                            task_status.started()
+                    self._close_listeners()
+                    # Accepting has stopped; handlers end when their peers
+                    # leave or when shutdown() cancels them.
+                watching.cancel_scope.cancel()  # no connection left to watch
         finally:
             self._close_listeners()
 
