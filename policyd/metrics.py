@@ -7,6 +7,7 @@ core's own counters, only when scraped.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Final
@@ -32,8 +33,5 @@ class Metrics:
     def observe_request(self, action: str, kind: str, seconds: float) -> None:
         self.requests[(action, kind)] += 1
         self.latency_sum += seconds
-        for i, bound in enumerate(LATENCY_BUCKETS_S):
-            if seconds <= bound:
-                self.latency_counts[i] += 1
-                return
-        self.latency_counts[-1] += 1
+        # The first bucket whose bound is >= seconds; past the last, the +Inf one.
+        self.latency_counts[bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
