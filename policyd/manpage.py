@@ -318,7 +318,8 @@ def _table_options() -> list[str]:
     for option in OPTIONS:
         label = f"{bold(option.flag)} {italic(option.metavar)}"
         default = f"{bold(default_text(option))}" if option.name != "defer_text" else f'"{text(default_text(option))}"'
-        out.extend(item(label, [*paragraph(_sentence(option.help)), ".br", f"File key {bold(option.name)}, default {default}."]))
+        allowed = f"allowed: {text(option.allowed)}; " if option.allowed else ""
+        out.extend(item(label, [*paragraph(_sentence(option.help)), ".br", f"File key {bold(option.name)}, {allowed}default {default}."]))
     return out
 
 
