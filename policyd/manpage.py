@@ -29,7 +29,7 @@ from .config import DEFAULT_LISTEN, OPTIONS, default_text
 
 VERSION: Final = "0.1.0"
 DATE: Final = "2026-12-02"
-CONFIG_PATH: Final = "/etc/smtpdcheck/policyd.toml"
+CONFIG_PATH: Final = str(daemon_cli.SystemFiles().config)
 
 # -- roff escaping and layout ----------------------------------------------
 
@@ -362,11 +362,14 @@ def policyd_page() -> str:
     out += _table_options()
     out += section("CONFIGURATION FILE")
     out += paragraphs(
-        "The file given with --config is TOML.  Every key is a long option with '_' for '-', "
+        f"The daemon and --check read {CONFIG_PATH} when it exists and no --config is given, as "
+        "Postfix's commands read main.cf; --config PATH reads another file instead, and --config '' "
+        "none.  The file is TOML.  Every key is a long option with '_' for '-', "
         "repeatable options take a list, and options on the command line override the file.  "
-        "Unknown keys, wrong types and impossible values stop start-up with a message naming the key "
-        f"and file.  The packaged service reads {CONFIG_PATH}, which lists every key with its default, "
-        "commented out."
+        "Unknown keys, wrong types and impossible values stop start-up (a reload keeps the running "
+        "configuration) with a message naming the key and file.  A file mode (socket_mode) is written "
+        "0o660 or \"0660\": a bare TOML integer such as 660 is decimal, and refused.  The package "
+        f"installs {CONFIG_PATH} with every key commented out at its default."
     )
     out += section("SIGNALS")
     out += paragraphs("\n".join(l.strip() for l in epilog["signals"]))

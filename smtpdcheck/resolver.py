@@ -38,6 +38,8 @@ from .refresh import RefreshRules
 from .servers import IPAddress, is_valid_hostname, normalize_hostname
 
 DEFAULT_DNS_TIMEOUT_S: Final = 5.0
+#: The system's resolver configuration, read when no nameserver is given.
+RESOLV_CONF: Final = "/etc/resolv.conf"
 MAX_MX_HOSTS: Final = 10
 MAX_ADDRESSES_PER_HOST: Final = 8
 
@@ -169,15 +171,22 @@ class Resolver:
         max_mx_hosts: int = MAX_MX_HOSTS,
         refresh_window: float = 0.0,
         stale_max: float = 0.0,
+        resolv_conf: str = RESOLV_CONF,
     ) -> None:
-        try:
-            if nameservers:
-                self._dns = dns.asyncresolver.Resolver(configure=False)
-                self._dns.nameservers = [dns.nameserver.Do53Nameserver(h, p) for h, p in nameservers]
-            else:
-                self._dns = dns.asyncresolver.Resolver()
-        except dns.exception.DNSException as exc:
-            raise DNSConfigError(f"no usable resolver configuration: {exc}") from exc
+        #: Where the nameservers came from, for an admin: None when they were given.
+        self.resolv_conf: str | None = None if nameservers else resolv_conf
+        if nameservers:
+            self._dns = dns.asyncresolver.Resolver(configure=False)
+            self._dns.nameservers = [dns.nameserver.Do53Nameserver(h, p) for h, p in nameservers]
+        else:
+            try:
+                self._dns = dns.asyncresolver.Resolver(filename=resolv_conf)
+            except OSError as exc:  # dnspython reads the file with open()
+                raise DNSConfigError(f"no DNS server to ask: cannot read {resolv_conf}: {exc.strerror or exc} (give --nameserver)") from None
+            except dns.exception.DNSException as exc:
+                # NoResolverConfiguration: "cannot open ..." or "no nameservers".
+                what = f"cannot read {resolv_conf}" if "open" in str(exc) else f"{resolv_conf} names no nameserver"
+                raise DNSConfigError(f"no DNS server to ask: {what} (give --nameserver)") from None
         self._dns.cache = None  # ours is in front, with capped TTLs
         self._dns.timeout = min(2.0, timeout) if timeout > 0 else 2.0
         # A backstop only: our own trio deadline in _query is what counts.
@@ -207,6 +216,18 @@ class Resolver:
             produce_for=self._mx_producer, rules=rules, is_failure=lambda v: v.kind is MXKind.FAILURE, describe=str,
             reason_of=lambda v: v.error or "?",
         )
+
+    @property
+    def nameservers(self) -> list[str]:
+        """The servers this resolver asks, as ``IP:PORT`` (``[IPv6]:PORT``)."""
+        out: list[str] = []
+        for server in self._dns.nameservers:
+            if isinstance(server, dns.nameserver.Do53Nameserver):
+                address, port = server.address, server.port
+            else:
+                address, port = str(server), self._dns.port
+            out.append(f"[{address}]:{port}" if ":" in address else f"{address}:{port}")
+        return out
 
     def _address_ttl(self, value: AddressLookup) -> float:
         return self.failure_ttl if _address_failed(value) else value.ttl

@@ -271,7 +271,8 @@ async def test_check_explains_a_decision(world: tuple[list[str], Farm], recipien
     out = result.stdout.decode()
     assert result.returncode == code, (out, result.stderr)
     domain = recipient.split("@")[1]
-    assert out.splitlines()[0] == f"domain {domain}: mx"
+    assert out.splitlines()[0] == f"nameservers {base[1]} (from --nameserver)"
+    assert out.splitlines()[1] == f"domain {domain}: mx"
     assert f"mx1.{domain}" in out and "probed:" in out and "this host" in out
     assert out.splitlines()[-1].startswith(f"action={action}")
 
