@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import get_args, get_type_hints
 
@@ -14,7 +16,7 @@ import pytest
 
 from policyd import config as cfg
 from policyd.cli import build_parser
-from policyd.listeners import open_listeners
+from policyd.listeners import ListenError, open_listeners
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "etc" / "smtpdcheck-policyd.toml"
@@ -338,3 +340,56 @@ def test_help_gives_each_default_once() -> None:
     assert text.count("default:") == len(cfg.OPTIONS) + 1  # and --config's
     for option in cfg.OPTIONS:
         assert "default" not in option.help, option.name
+
+
+# -- unix socket paths that cannot be listened on: one line naming the path --
+
+
+async def _listen_error(path: Path) -> str:
+    with pytest.raises(ListenError) as info:
+        await open_listeners((f"unix:{path}",), socket_mode=0o660)
+    return str(info.value)
+
+
+async def test_unix_socket_in_a_missing_directory(tmp_path: Path) -> None:
+    path = tmp_path / "missing" / "policy"
+    assert await _listen_error(path) == f"unix:{path}: no such directory: {path.parent}"
+
+
+async def test_unix_socket_path_too_long(tmp_path: Path) -> None:
+    path = tmp_path / ("d" * 100) / "policy"
+    assert await _listen_error(path) == f"unix:{path}: path too long for a unix socket (at most 107 bytes)"
+
+
+@pytest.mark.parametrize("traversable", [True, False], ids=["bind-refused", "lookup-refused"])
+async def test_unix_socket_in_a_directory_the_user_cannot_write(tmp_path: Path, traversable: bool) -> None:
+    # Reachable by everybody up to the directory (a queue directory is), or not at all.
+    directory = Path(tempfile.mkdtemp(prefix="sm", dir="/tmp" if traversable else tmp_path))
+    try:
+        directory.chmod(0o755)
+        path = directory / "policy"
+        if os.geteuid() != 0:
+            directory.chmod(0o555 if traversable else 0o000)
+            message = await _listen_error(path)
+        else:  # root may write anywhere: listen as nobody for a moment
+            os.seteuid(65534)
+            try:
+                message = await _listen_error(path)
+            finally:
+                os.seteuid(0)
+        assert message == f"unix:{path}: permission denied (the daemon's user must be able to write {directory})"
+    finally:
+        directory.chmod(0o755)
+        shutil.rmtree(directory)
+
+
+async def test_unix_socket_on_a_read_only_file_system(tmp_path: Path) -> None:
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount)], check=False).returncode:
+        pytest.skip("mounting a read-only file system needs root")
+    try:
+        path = mount / "policy"
+        assert await _listen_error(path) == f"unix:{path}: read-only file system ({mount})"
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)

@@ -148,3 +148,28 @@ def test_version_is_pyprojects(module: str) -> None:
     prog = "smtpdcheck-policyd" if module == "policyd.cli" else "smtpdcheck"
     assert (run.returncode, run.stdout, run.stderr) == (0, f"{prog} {_pyproject_version()}\n", "")
     assert release.version() == _pyproject_version()
+
+
+# -- unix socket paths that cannot be listened on --------------------------
+
+
+def _ns(files: SystemFiles) -> list[str]:
+    files.resolv_conf.write_text("nameserver 127.0.0.1\n")
+    return []
+
+
+@pytest.mark.parametrize(
+    ("where", "why"),
+    [
+        ("missing/policy", "no such directory: {dir}"),
+        ("file/policy", "Not a directory"),
+        ("long" + "/x" * 60, "path too long for a unix socket (at most 107 bytes)"),
+    ],
+)
+def test_bad_unix_socket_path_is_fatal_naming_it(files: SystemFiles, tmp_path: Path, where: str, why: str) -> None:
+    (tmp_path / "file").write_text("")
+    (tmp_path / "long").mkdir()
+    path = tmp_path / where
+    run = policyd(files, *_ns(files), "--listen", f"unix:{path}")
+    line = one_line(run)
+    assert line == f"fatal: unix:{path}: {why.format(dir=path.parent)}"
