@@ -42,14 +42,29 @@ answers DEFER_IF_PERMIT naming a live one, or DUNNO.  Any failure answers
 the failure action (DUNNO: fail-open).
 """
 
-EPILOG = """\
-Postfix wiring (main.cf):
-  smtpd_recipient_restrictions =
-      reject_unlisted_recipient,
-      check_policy_service { inet:127.0.0.1:10040, timeout=10s,
-                             try_limit=1, default_action=DUNNO }
+# The lines of etc/postfix-snippets/main.cf without its comments, which
+# say why each is there; tests/test_wiring.py keeps the two equal and every
+# other example (README, the manual page, the other snippets) in this order.
+MAIN_CF_EXAMPLE = """\
+relay_domains = example.com
+relay_recipient_maps = hash:/etc/postfix/relay_recipients
+smtpd_relay_restrictions =
+    permit_mynetworks,
+    permit_sasl_authenticated,
+    reject_unauth_destination
+smtpd_recipient_restrictions =
+    permit_mynetworks,
+    permit_sasl_authenticated,
+    reject_unlisted_recipient,
+    check_policy_service { inet:127.0.0.1:10040, timeout=10s, try_limit=1, default_action=DUNNO }
+"""
 
-""" + textwrap.fill(
+EPILOG = (
+    "Postfix wiring (main.cf):\n"
+    + textwrap.indent(MAIN_CF_EXAMPLE, "  ")
+    + "  (the relay check and the permit_* exemptions come before the policy check;\n"
+    "  see the commented snippets in the package's examples or etc/postfix-snippets/)\n\n"
+) + textwrap.fill(
     "signals: SIGHUP re-reads the configuration file; these options keep their running values "
     f"until a restart ({', '.join(cfg.RESTART_ONLY)}).  SIGTERM and SIGINT stop accepting, let "
     "requests in progress finish for a few seconds, and exit 0.",

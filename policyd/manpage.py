@@ -347,7 +347,7 @@ def policyd_page() -> str:
         "are cached for all of them; or, with --stdio, as one process per smtpd connection run by "
         "Postfix's spawn(8).  Postfix is told to ask it in main.cf:"
     )
-    out += display(_dedent([l for l in epilog["Postfix wiring (main.cf)"] if l.strip()]))
+    out += display(daemon_cli.MAIN_CF_EXAMPLE.splitlines())
     out += [".PP"]
     out += paragraph(
         "The policy check must come after the relay check, and permit_* exemptions before it: a "
