@@ -16,6 +16,7 @@ with ``python -m policyd.manpage man``.
 from __future__ import annotations
 
 import argparse
+import email.utils
 import re
 import sys
 from collections.abc import Iterable, Sequence
@@ -23,12 +24,13 @@ from pathlib import Path
 from typing import Final
 
 from smtpdcheck import cli as check_cli
+from smtpdcheck import release
 
 from . import cli as daemon_cli
 from .config import DEFAULT_LISTEN, OPTIONS, default_text
 
-VERSION: Final = "0.1.0"
-DATE: Final = "2026-12-02"
+#: Where this release's date is kept; the pages are generated in the source tree.
+CHANGELOG: Final = Path(__file__).resolve().parent.parent / "debian" / "changelog"
 CONFIG_PATH: Final = str(daemon_cli.SystemFiles().config)
 
 # -- roff escaping and layout ----------------------------------------------
@@ -89,10 +91,31 @@ def item(label: str, body: Sequence[str]) -> list[str]:
     return [f'.IP "{label}"', *body]
 
 
+def release_date(changelog: Path = CHANGELOG, version: str | None = None) -> str:
+    """The date of this release (pyproject's version): its entry in debian/changelog.
+
+    A page carries the date of the release it describes, not the day it was
+    generated, so regenerating gives the same bytes on any day.  The date is
+    not written a second time here: Debian keeps each release's date in its
+    changelog entry already, and dpkg-buildpackage dates the package's files
+    from the same line (SOURCE_DATE_EPOCH).  An entry must exist for the
+    version being released; its Debian revision, if any, is ignored.
+    """
+    version = version or release.version()
+    text = changelog.read_text()
+    head = re.match(r"\S+ \(([^)]+)\)", text)
+    trailer = re.search(r"^ -- .*?>  (.+)$", text, re.MULTILINE)
+    if head is None or trailer is None:
+        raise ValueError(f"{changelog}: no entry to take the release date from")
+    if re.split(r"[-~+]", head[1])[0] != version:
+        raise ValueError(f"{changelog}: the latest entry is {head[1]}, the version is {version}: add an entry for it")
+    return email.utils.parsedate_to_datetime(trailer[1]).date().isoformat()
+
+
 def header(name: str, number: int, volume: str) -> list[str]:
     title = lit(name.upper())
     return [
-        f'.TH {title} {number} "{DATE}" "smtpdcheck {VERSION}" "{volume}"',
+        f'.TH {title} {number} "{release_date()}" "smtpdcheck {release.version()}" "{volume}"',
         ".ad",
         ".fi",
     ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -83,3 +84,39 @@ def test_policyd_page_names_every_option_a_reload_keeps() -> None:
     page = manpage.PAGES["smtpdcheck-policyd.8"]()
     signals = page.split(".SH SIGNALS", 1)[1].split(".SH ", 1)[0]
     assert [name for name in RESTART_ONLY if name not in signals] == []
+
+
+# -- version and date: each from the one place it is kept -------------------
+
+
+def _pyproject_version() -> str:
+    import tomllib
+
+    version = tomllib.loads((MAN.parent / "pyproject.toml").read_text())["project"]["version"]
+    assert isinstance(version, str)
+    return version
+
+
+@pytest.mark.parametrize("name", sorted(manpage.PAGES))
+def test_page_carries_the_release_version_and_date(name: str) -> None:
+    th = (MAN / name).read_text().splitlines()[0]
+    assert f'"{manpage.release_date()}" "smtpdcheck {_pyproject_version()}"' in th
+
+
+def test_version_is_not_written_again_in_the_generator() -> None:
+    source = Path(manpage.__file__).read_text()
+    assert _pyproject_version() not in source
+    assert not re.search(r"\d{4}-\d\d-\d\d", source), "a date written into the generator"
+
+
+def test_release_date_is_the_changelog_entry_of_this_version(tmp_path: Path) -> None:
+    changelog = tmp_path / "changelog"
+    changelog.write_text(
+        "smtpdcheck (9.8.7) unstable; urgency=medium\n\n  * A release.\n\n"
+        " -- A Maintainer <a@example.org>  Tue, 05 Jan 2027 10:00:00 +0000\n\n"
+        "smtpdcheck (9.8.6) unstable; urgency=medium\n\n  * Before.\n\n"
+        " -- A Maintainer <a@example.org>  Mon, 04 Jan 2027 10:00:00 +0000\n"
+    )
+    assert manpage.release_date(changelog, "9.8.7") == "2027-01-05"
+    with pytest.raises(ValueError, match="the latest entry is 9.8.7, the version is 9.8.8: add an entry"):
+        manpage.release_date(changelog, "9.8.8")

@@ -182,8 +182,14 @@ async def test_spawn_mode_under_real_postfix(
 
 
 ROOT = Path(__file__).resolve().parent.parent
-UNIX_SOCKET_UNIT = ROOT / "etc" / "systemd" / "smtpdcheck-policyd-unix.socket"
-UNIX_SOCKET_SNIPPET = ROOT / "etc" / "postfix-snippets" / "main.cf-unix-socket"
+# The source tree's files, or (testing an installed package, whose tests
+# run without etc/) the package's copies of them.
+PACKAGE_EXAMPLES = Path("/usr/share/doc/smtpdcheck/examples")
+UNIX_SOCKET_UNIT, UNIX_SOCKET_SNIPPET = (
+    (ROOT / "etc" / "systemd" / "smtpdcheck-policyd-unix.socket", ROOT / "etc" / "postfix-snippets" / "main.cf-unix-socket")
+    if (ROOT / "etc").is_dir()
+    else (PACKAGE_EXAMPLES / "smtpdcheck-policyd-unix.socket", PACKAGE_EXAMPLES / "main.cf-unix-socket")
+)
 DEBIAN_QUEUE_DIRECTORY = "/var/spool/postfix"
 
 
