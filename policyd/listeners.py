@@ -60,7 +60,7 @@ def _check_stale_unix(path: str) -> None:
 MAX_UNIX_PATH: Final = 107
 
 
-def _unix_error(path: str, exc: OSError) -> ListenError:
+def unix_listen_error(path: str, exc: OSError) -> ListenError:
     """What went wrong with a unix socket path, in one line that names it."""
     directory = os.path.dirname(path) or "/"
     if exc.errno == errno.ENOENT:
@@ -83,7 +83,7 @@ async def open_unix_listener(path: str, mode: int, backlog: int = 128) -> trio.S
     except ListenError:
         raise
     except OSError as exc:
-        raise _unix_error(path, exc) from None
+        raise unix_listen_error(path, exc) from None
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         # Bind under a restrictive umask, then chmod: no window in which the
@@ -97,7 +97,7 @@ async def open_unix_listener(path: str, mode: int, backlog: int = 128) -> trio.S
         sock.listen(backlog)
     except OSError as exc:
         sock.close()
-        raise _unix_error(path, exc) from None
+        raise unix_listen_error(path, exc) from None
     return trio.SocketListener(sock)
 
 
