@@ -119,14 +119,9 @@ class Number:
         return str(self.range)
 
 
-def _port_in(value: object, within: values.Range) -> int:
-    assert within == values.PORTS
-    return values.port(value)
-
-
 _seconds = Number(values.seconds, values.ZERO_OR_MORE)
 _positive_seconds = Number(values.seconds, values.MORE_THAN_ZERO)
-_port = Number(_port_in, values.PORTS)
+_port = Number(values.port, values.PORTS)
 _count = Number(values.whole, values.ONE_OR_MORE)
 
 

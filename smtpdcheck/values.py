@@ -91,8 +91,8 @@ def whole(value: object, within: Range = ONE_OR_MORE) -> int:
     return number
 
 
-def port(value: object) -> int:
-    """A TCP or UDP port, from an integer or ASCII digits.
+def port(value: object, within: Range = PORTS) -> int:
+    """A TCP or UDP port (``within`` a narrower range, if given), from an integer or ASCII digits.
 
     Only ASCII digits: ``str.isdigit`` also says yes to characters such as
     "²" that ``int`` refuses.
@@ -103,6 +103,6 @@ def port(value: object) -> int:
         number = int(value)
     else:
         raise BadValueError(f"not a TCP port: {value!r}")
-    if number not in PORTS:
-        raise BadValueError(f"not a TCP port ({PORTS}): {value!r}")
+    if number not in within:
+        raise BadValueError(f"not a TCP port ({within}): {value!r}")
     return number
