@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -175,18 +176,17 @@ class Resolver:
     ) -> None:
         #: Where the nameservers came from, for an admin: None when they were given.
         self.resolv_conf: str | None = None if nameservers else resolv_conf
-        if nameservers:
-            self._dns = dns.asyncresolver.Resolver(configure=False)
-            self._dns.nameservers = [dns.nameserver.Do53Nameserver(h, p) for h, p in nameservers]
-        else:
-            try:
+        try:
+            if nameservers:
+                self._dns = dns.asyncresolver.Resolver(configure=False)
+                self._dns.nameservers = [dns.nameserver.Do53Nameserver(h, p) for h, p in nameservers]
+            else:
                 self._dns = dns.asyncresolver.Resolver(filename=resolv_conf)
-            except OSError as exc:  # dnspython reads the file with open()
-                raise DNSConfigError(f"no DNS server to ask: cannot read {resolv_conf}: {exc.strerror or exc} (give --nameserver)") from None
-            except dns.exception.DNSException as exc:
-                # NoResolverConfiguration: "cannot open ..." or "no nameservers".
-                what = f"cannot read {resolv_conf}" if "open" in str(exc) else f"{resolv_conf} names no nameserver"
-                raise DNSConfigError(f"no DNS server to ask: {what} (give --nameserver)") from None
+        except dns.exception.DNSException:
+            # NoResolverConfiguration, whose wording differs between dnspython
+            # releases: say in this project's words which of the two it is.
+            what = f"{resolv_conf} names no nameserver" if os.access(resolv_conf, os.R_OK) else f"cannot read {resolv_conf}"
+            raise DNSConfigError(f"no DNS server to ask: {what} (give --nameserver)") from None
         self._dns.cache = None  # ours is in front, with capped TTLs
         self._dns.timeout = min(2.0, timeout) if timeout > 0 else 2.0
         # A backstop only: our own trio deadline in _query is what counts.
@@ -222,10 +222,10 @@ class Resolver:
         """The servers this resolver asks, as ``IP:PORT`` (``[IPv6]:PORT``)."""
         out: list[str] = []
         for server in self._dns.nameservers:
-            if isinstance(server, dns.nameserver.Do53Nameserver):
-                address, port = server.address, server.port
-            else:
-                address, port = str(server), self._dns.port
+            # An address (with its port in nameserver_ports, if not the default)
+            # or, from dnspython 2.4 on, a nameserver object.
+            address = str(getattr(server, "address", server))
+            port = getattr(server, "port", None) or self._dns.nameserver_ports.get(address, self._dns.port)
             out.append(f"[{address}]:{port}" if ":" in address else f"{address}:{port}")
         return out
 
