@@ -442,7 +442,7 @@ class SingleFlight(Generic[K, V]):
 
     def _plan_next(self, key: K, entry: Entry[V], at: float) -> None:
         """Plan the next background fetch at ``at`` if the last use still pays for one."""
-        if entry.credits >= 1 and not self._is_failure(entry.value):
+        if entry.credits >= 1:
             self._plan(key, entry, at)
         else:
             entry.due = math.inf  # a use plans it again

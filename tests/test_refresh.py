@@ -303,6 +303,8 @@ async def test_a_failing_name_is_not_fetched_in_the_background(
     f = flights(nursery, origin, ttl=10.0, grace=5.0, fetches_per_use=3)
     start = trio.current_time()
     assert await f.get("k", origin.produce) == ("fail: SERVFAIL", Source.NETWORK)
+    await until(start + 5.0)
+    assert await f.get("k", origin.produce) == ("fail: SERVFAIL", Source.CACHE)  # a use, but it buys nothing
     await until(start + 12.0)  # past its TTL, within what would be its stale grace
     assert origin.calls == 1 and sum(f.background.values()) == 0
     # Not served stale either: the request that needs it asks, and waits.
@@ -323,6 +325,7 @@ async def test_the_floor_holds_under_steady_use(nursery: trio.Nursery, autojump_
         await until(start + i * 0.5)
         value, source = await f.get("k", origin.produce)
         assert source is not Source.NETWORK, i
+    await until(start + 31.0)
     gaps = [b - a for a, b in itertools.pairwise(origin.started_at)]
     assert gaps and min(gaps) >= 3.0, gaps
     assert len(origin.started_at) == 11  # 0, 3, ..., 30
@@ -436,3 +439,20 @@ async def test_a_probe_ttl_of_zero_means_do_not_keep(
         result, source = await prober.probe(address, 25)
     assert result.available is (flip == "up") and source is Source.NETWORK
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+async def test_background_probes_leave_a_share_of_the_limit_to_waiting_requests(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """--max-probes 4: refreshes of four silent primaries hold two slots, and a request's probe gets one at once."""
+    silent = [f"127.0.0.{i}" for i in range(2, 6)]
+    net = VirtualNet(nursery, {**dict.fromkeys(silent, SILENT), "127.0.0.9": Peer(greet_after=0.1)})
+    prober = Prober(nursery, timeout=2.0, down_ttl=5.0, max_concurrent=4, connect=net.connect, refresh_window=100.0)
+    checker = Checker(VirtualDNS(), prober, timeout=3.0)
+    start = trio.current_time()
+    await checker.check(parse_servers([f"10:{a}" for a in silent]), StopSet())  # four slots, down at 2 s
+    await until(start + 5.5)  # their refreshes (due from 4.5 s) are running, each for 2 s
+    assert prober.limiter.borrowed_tokens == 2 and prober.background_limiter.borrowed_tokens == 2
+    result = await checker.check(parse_servers(["10:127.0.0.9"]), StopSet())
+    assert result.winner is not None
+    assert trio.current_time() == pytest.approx(start + 5.6)
