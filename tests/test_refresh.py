@@ -456,3 +456,23 @@ async def test_background_probes_leave_a_share_of_the_limit_to_waiting_requests(
     result = await checker.check(parse_servers(["10:127.0.0.9"]), StopSet())
     assert result.winner is not None
     assert trio.current_time() == pytest.approx(start + 5.6)
+
+
+async def test_background_fetches_are_counted_by_why_they_started(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    origin = Origin()
+    origin.answers = ["good"]
+    f = flights(nursery, origin, ttl=10.0, window=5.0, grace=5.0, stale_max=60.0, retry_after=2.0, fetches_per_use=3)
+    start = trio.current_time()
+    await f.get("k", origin.produce)
+    await until(start + 12.0)  # idle past the window at its refresh time: expired, still servable
+    assert f.background == {}
+    origin.answers = ["fail"]
+    assert await f.get("k", origin.produce) == ("good", Source.STALE)  # starts a refresh, which fails
+    await until(start + 40.0)
+    # Two retries were left of the three that use paid for; then nothing until the next use.
+    assert f.background == {"stale-use": 1, "retry-after-failure": 2}
+    assert origin.calls == 4
+    assert await f.get("k", origin.produce) == ("good", Source.STALE)  # the last good value, still kept
+    assert f.background == {"stale-use": 1, "retry-after-failure": 3}
