@@ -237,3 +237,19 @@ async def test_window_zero_is_the_old_behaviour(nursery: trio.Nursery, autojump_
     before = trio.current_time()
     assert await f.get("k", origin.produce) == ("v2", Source.NETWORK)
     assert trio.current_time() - before == pytest.approx(1.0)  # the caller waited
+
+
+async def test_running_since_tells_when_the_flight_under_way_started(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    origin = Origin(delay=2.0)
+    origin.answers = ["v1", "v2"]
+    f = flights(nursery, origin)
+    start = trio.current_time()
+    assert f.running_since("k") is None
+    await f.get("k", origin.produce)  # 0 -> 2, expires at 12, refreshed from about 9
+    assert f.running_since("k") is None
+    await until(start + 10.5)
+    assert origin.calls == 2 and f.running_since("k") == origin.started_at[-1]
+    await until(start + 12.5)
+    assert f.running_since("k") is None
