@@ -72,6 +72,17 @@ class CheckResult:
         """True when a stale cached value was used."""
         return any(r.stale for r in self.reports)
 
+    @property
+    def confirmed_at(self) -> float:
+        """When the winner last greeted (trio time): the evidence a DEFER rests on; NaN without one."""
+        if self.winner is None:
+            return math.nan
+        times = [
+            p.at for r in self.reports if r.server is self.winner
+            for p in r.probes if p.available and not math.isnan(p.at)
+        ]
+        return max(times, default=math.nan)
+
 
 class _Board:
     """Shared state of one run, and a way to wait for it to change."""
