@@ -60,7 +60,7 @@ class CheckResult:
     winner: Server | None
     reports: list[ServerReport]
     elapsed: float
-    valid_until: float = math.inf  # for a result from caches: when the first input expires
+    valid_until: float = math.inf  # for a result from caches: when the first input expires (or a probe is renewed)
 
     @property
     def from_cache(self) -> bool:

@@ -259,7 +259,9 @@ class Prober:
         return self.down_ttl
 
     def cached(self, address: IPAddress, port: int) -> tuple[ProbeResult, float, Source] | None:
-        """A result usable without waiting, when it expires and whether it is stale; no I/O.
+        """A result usable without waiting, until when it holds and whether it is stale; no I/O.
+
+        It holds until it expires or its refresh starts, whichever is first.
 
         An "up" whose confirming probe is overdue comes back UNCONFIRMED (it
         expires at once: nothing built on it is reused).
@@ -289,7 +291,15 @@ class Prober:
         doubt = self._doubted(key, self.flights.cache.clock())
         if doubt is not None:
             return doubt, -math.inf, Source.STALE
-        return got
+        if got is None:
+            return None
+        result, expires, source = got
+        entry = self.flights.cache.raw(key)
+        # Its refresh may land a new state before it expires (a primary back
+        # up is seen a whole silent probe earlier): what is built on this
+        # result is not kept past the time that refresh starts.
+        due = entry.due if entry is not None else expires
+        return result, min(expires, due), source
 
     def _doubted(self, key: tuple[str, int], now: float) -> ProbeResult | None:
         """An UNCONFIRMED stand-in for a cached "up" that is no longer believed, else None.
