@@ -254,8 +254,11 @@ async def test_the_full_path_answers_an_overdue_up_at_once_without_waiting_for_i
     address = w.responder.core.checker.resolver.host_answers["mx1.d.test"][1].addresses[0]  # type: ignore[attr-defined]
     result, _ = await prober.probe(address, 25, "mx1.d.test")
     assert result.available
+    first = await w.next_probe_after(0.0)  # a little early (jitter, when first stored) ...
+    await trio.sleep_until(w.start + first + GREET + 0.001)
     w.primary(SILENT)
-    refresh = await w.next_probe_after(0.0)  # the confirming probe, due a TTL after the first
+    refresh = await w.next_probe_after(first)  # ... then as long before expiry as the greeting took
+    assert refresh == pytest.approx(first + DEFAULTS.cache_up_ttl)
     await trio.sleep_until(w.start + refresh + GRACE / 2)
     held, source = await prober.probe(address, 25, "mx1.d.test")
     assert held.available and source.name == "STALE"  # young: still believed
@@ -264,7 +267,7 @@ async def test_the_full_path_answers_an_overdue_up_at_once_without_waiting_for_i
     doubted, _ = await prober.probe(address, 25, "mx1.d.test")
     assert trio.current_time() == before  # answered at once, not after the probe's timeout
     assert doubted.outcome.value == "unconfirmed" and not doubted.available
-    assert doubted.detail == f"last greeting {refresh + GRACE + 0.01 - GREET:.1f}s ago"
+    assert doubted.detail == f"last greeting {refresh + GRACE + 0.01 - (first + GREET):.1f}s ago"
     assert prober.flights.cache.raw(("127.0.0.2", 25)).value.available  # type: ignore[union-attr]  # nothing of it cached
 
 
