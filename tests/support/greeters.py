@@ -204,6 +204,8 @@ class Greeter:
         self.banner_name = banner_name
         self.connections = 0
         """Connections accepted so far."""
+        self.accepted_at: list[float] = []
+        """When each connection was accepted (trio time): how often a prober comes."""
         self.listening = False
         """Whether the port is open (not in Mode.REFUSE, or not yet switched)."""
         self.active = 0
@@ -284,6 +286,7 @@ class Greeter:
     async def _handle(self, stream: trio.SocketStream) -> None:
         index = self.connections
         self.connections += 1
+        self.accepted_at.append(trio.current_time())
         self.active += 1
         self.received.append(b"")
         self.pregreet.append(b"")
