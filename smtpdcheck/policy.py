@@ -327,7 +327,7 @@ class Policy:
             stale = stale or result.stale
         elif verdict.kind is Kind.DNS_FAILURE:
             return None
-        self.resolver.count_cache_hits(mx=1)
+        self.resolver.count_cache_hits(mx=1, stale_mx=int(source is Source.STALE))
         # A stale input has already expired, so valid_until is past: a
         # decision made from one is never reused.
         confirmed_at = result.confirmed_at if result is not None else math.nan
