@@ -116,10 +116,10 @@ class Variant:
     grace: float  # how long past expiry an unconfirmed "up" is still served (by design)
     main: bool = False  # a release at its defaults (the targets are this tree's)
 
-    @property
-    def worst_window(self) -> float:
-        """The design's worst false-defer window: a TTL after the last greeting, plus the grace."""
-        return self.up_ttl + self.grace
+    def worst_window(self, refused: bool) -> float:
+        """The design's worst false-defer window: a TTL after the last greeting, plus the
+        grace while a probe hangs (a refused probe fails at once)."""
+        return self.up_ttl + (0.0 if refused else self.grace)
 
 
 VARIANTS: Final = (
@@ -583,7 +583,7 @@ def _report_outage(result: BenchResult, worlds: list[OutageWorld], phases: Phase
         for p in PRIMARIES:
             f = figures(w, p, phases)
             outage.add(w.variant.label, f"{p.domain} ({p.what})", secs(f.window, phases.down),
-                       f"{w.variant.worst_window:g}", f.defers_after, recovery_text(f, phases),
+                       f"{w.variant.worst_window(p.down_mode is Mode.REFUSE):g}", f.defers_after, recovery_text(f, phases),
                        unconfirmed.get(p.domain, 0), evidence_worst(w.metrics_text))
             latency.add(w.variant.label, p.domain, f.answers, ms(f.slowest), ms(f.slowest_holding),
                         ms(f.daemon_slowest), f.over_target, f.waited, f.over_wait,
@@ -598,8 +598,9 @@ def _report_outage(result: BenchResult, worlds: list[OutageWorld], phases: Phase
     result.tables += [outage, latency, probes]
     result.data["outage"] = data
     for w in worlds:
-        if w.variant.main:
-            result.notes.append(f"{w.variant.label} logged: " + " | ".join(state_lines(w.stderr)[:6]))
+        lines = state_lines(w.stderr)
+        if w.variant.main and lines:
+            result.notes.append(f"{w.variant.label} logged: " + " | ".join(lines[:6]))
 
 
 def _check_outage(result: BenchResult, p: Primary, f: OutageFigures, phases: Phases, quick: bool) -> None:
