@@ -72,7 +72,7 @@ def run_one(name: str, quick: bool) -> BenchResult:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="shorter runs for a smoke check (about 80 s in all)")
+    parser.add_argument("--quick", action="store_true", help="shorter runs for a smoke check (about 2 minutes in all)")
     parser.add_argument("--only", action="append", default=[], metavar="NAME",
                         help=f"run only these benchmarks (repeatable or comma-separated): {', '.join(BENCHMARKS)}")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write all results as JSON here")
