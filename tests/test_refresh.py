@@ -14,7 +14,9 @@ import trio.testing
 
 from smtpdcheck.cache import SingleFlight, Source, TTLCache
 from smtpdcheck.check import Checker
+from smtpdcheck.policy import Cache, Policy
 from smtpdcheck.probe import Prober
+from smtpdcheck.resolver import MXLookup
 from smtpdcheck.refresh import MAX_JITTER, RefreshRules, Schedule, background_slots
 from smtpdcheck.servers import parse_address, parse_servers
 from smtpdcheck.stoprule import StopSet
@@ -476,6 +478,41 @@ async def test_background_fetches_are_counted_by_why_they_started(
     assert origin.calls == 4
     assert await f.get("k", origin.produce) == ("good", Source.STALE)  # the last good value, still kept
     assert f.background == {"stale-use": 1, "retry-after-failure": 3}
+
+
+class StaleMX(VirtualDNS):
+    """Every cached MX list is handed out as stale; what the policy counts is recorded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counted: list[tuple[int, int]] = []
+
+    def cached_mx(self, domain: str) -> tuple[MXLookup, float, Source] | None:
+        found = super().cached_mx(domain)
+        return None if found is None else (found[0], found[1], Source.STALE)
+
+    def count_cache_hits(self, *, mx: int = 0, addresses: int = 0, stale_mx: int = 0, stale_addresses: int = 0) -> None:
+        if mx or stale_mx:
+            self.counted.append((mx, stale_mx))
+
+
+async def test_a_stale_mx_list_is_counted_by_the_cache_only_path_only_when_it_decides(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    dns = StaleMX()
+    dns.set_mx("d.example", [(10, "mx1.d.example"), (20, "backup.d.example")])
+    dns.set_host("mx1.d.example", ["127.0.0.2"])
+    dns.set_host("backup.d.example", ["127.0.0.1"])
+    prober = Prober(nursery, timeout=1.0, connect=VirtualNet(nursery, {"127.0.0.2": Peer()}).connect, refresh_window=60.0)
+    policy = Policy(dns, Checker(dns, prober, timeout=3.0), StopSet())
+    await policy.decide_recipient("a@d.example", "127.0.0.1")  # the full path fills the caches
+    dns.counted.clear()
+    decision = await policy.decide_recipient("b@d.example", "127.0.0.1")
+    assert decision.cache is Cache.STALE and dns.counted == [(1, 1)]
+    prober.flights.cache.clear()  # the cache-only attempt now falls through: the full path counts for itself
+    dns.counted.clear()
+    await policy.decide_recipient("c@d.example", "127.0.0.1")
+    assert all(stale == 0 for _, stale in dns.counted), dns.counted
 
 
 async def test_running_since_tells_when_the_flight_under_way_started(
