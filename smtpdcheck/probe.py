@@ -390,14 +390,14 @@ class Prober:
         before = old.value
         if before.available == result.available:
             # The same state, still believed: it began when the old one did.
-            if result.at < old.stale_until and before.since == before.since:
+            if result.at < old.stale_until and not math.isnan(before.since):
                 return replace(result, since=before.since)
             return result
         def state(r: ProbeResult) -> str:
             return "up" if r.available else "down"
         address = f"[{key[0]}]" if key[1] == 25 else f"[{key[0]}]:{key[1]}"
         label = f"{printable(name)} {address}" if name else address
-        held = f" after {result.at - before.since:.1f}s {state(before)}" if before.since == before.since else ""
-        last = f", last greeting {result.at - before.at:.1f}s ago" if before.available and before.at == before.at else ""
+        held = "" if math.isnan(before.since) else f" after {result.at - before.since:.1f}s {state(before)}"
+        last = f", last greeting {result.at - before.at:.1f}s ago" if before.available and not math.isnan(before.at) else ""
         log.info("%s %s -> %s (%s)%s%s", label, state(before), state(result), result.outcome.value, held, last)
         return result
