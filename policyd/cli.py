@@ -39,7 +39,9 @@ Postfix policy server for backup MX hosts.  On each RCPT it looks up the
 recipient domain's MX hosts, finds this host among them (the request's
 server_address plus --stop), probes the more-preferred ones at once, and
 answers DEFER_IF_PERMIT naming a live one, or DUNNO.  Any failure answers
-the failure action (DUNNO: fail-open).
+the failure action (DUNNO: fail-open).  When in doubt it accepts: a primary
+seen up is probed again every --cache-up-ttl while its domains get mail, and
+an "up" that its probe does not confirm in time answers DUNNO at once.
 """
 
 # The lines of etc/postfix-snippets/main.cf without its comments, which

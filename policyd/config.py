@@ -55,7 +55,7 @@ class Config:
     mode: Mode = "enforce"
     defer_text: str = DEFAULT_DEFER_TEXT
     failure_action: FailureAction = "DUNNO"
-    cache_up_ttl: float = 120.0
+    cache_up_ttl: float = 10.0
     cache_down_ttl: float = 60.0
     dns_max_ttl: float = 3600.0
     dns_negative_ttl: float = 300.0
@@ -269,12 +269,12 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option("mode", _choice(Mode), "enforce: answer DEFER_IF_PERMIT; warn: answer WARN with the same text (Postfix logs and accepts)", "MODE"),
     Option("defer_text", _defer_text, "reply text when deferring; {mx} is the live MX, {domain} the recipient domain", "TEMPLATE"),
     Option("failure_action", _choice(FailureAction), "answer when DNS fails, the deadline passes or anything breaks (DUNNO: fail-open)", "ACTION"),
-    Option("cache_up_ttl", _seconds, "how long an MX address that greeted with 220 is believed up", "SECONDS"),
+    Option("cache_up_ttl", _seconds, "how long an MX address that greeted with 220 is believed up; one in use is probed again this often, and past expiry its 'up' is believed only while that probe is young (twice the last greeting time plus 0.5 s, at most --timeout), then the RCPT gets DUNNO (reason unconfirmed) until the probe ends", "SECONDS"),
     Option("cache_down_ttl", _seconds, "how long an MX address that failed is believed down", "SECONDS"),
     Option("dns_max_ttl", _seconds, "cap on how long a DNS answer is reused (its own TTL otherwise)", "SECONDS", restart=True),
     Option("dns_negative_ttl", _seconds, "cap on how long NXDOMAIN / no-records answers are reused", "SECONDS", restart=True),
     Option("dns_failure_ttl", _seconds, "how long a failed lookup (SERVFAIL, timeout) is reused before asking again", "SECONDS", restart=True),
-    Option("refresh_window", _seconds, "cached MX lists, addresses and probe results used within this window are refreshed in the background before they expire, and served while a refresh runs (up to --timeout / --dns-timeout past expiry); each use of a DNS answer pays for at most 3 such fetches, no two within --dns-timeout (1 s at the least), and failed lookups are not refreshed; probe results are refreshed once per TTL (at most once a second) for the whole window; 0 = off: an expired entry makes the RCPT wait", "SECONDS", restart=True),
+    Option("refresh_window", _seconds, "cached MX lists, addresses and probe results used within this window are refreshed in the background before they expire, and served while a refresh runs (up to --timeout / --dns-timeout past expiry; an 'up' only as --cache-up-ttl says); each use of a DNS answer pays for at most 3 such fetches, no two within --dns-timeout (1 s at the least), and failed lookups are not refreshed; probe results are refreshed once per TTL (at most once a second) for the whole window; 0 = off: an expired entry makes the RCPT wait", "SECONDS", restart=True),
     Option("dns_stale_max", _seconds, "when a DNS refresh fails, keep answering with the last good answer for up to this long past its expiry, retrying every --dns-failure-ttl (1 s at the least) while uses pay for retries; 0 = never", "SECONDS", restart=True),
     Option("cache_size", _count, "entries per cache (probe results, MX lists, host addresses)", "N", restart=True),
     Option("max_probes", _count, "SMTP probes connecting at once, process-wide; background refreshes hold at most half of them (at least 1), the rest is kept for probes a request waits for", "N", restart=True),

@@ -471,7 +471,11 @@ DECISION_RULES: Final = (
         "TCP connection on --smtp-port and the first line of its greeting has code 220.  Results "
         "are cached per address (--cache-up-ttl, --cache-down-ttl) and shared by concurrent "
         "requests.  A more-preferred MX up: DEFER_IF_PERMIT with --defer-text (WARN in warn mode), "
-        "so Postfix answers 450 4.7.1.  All of them down, or none more preferred: DUNNO.",
+        "so Postfix answers 450 4.7.1.  All of them down, or none more preferred: DUNNO.  An "
+        "\"up\" past its --cache-up-ttl whose confirming probe has not answered within twice the "
+        "address's last greeting time plus 0.5 s (at most --timeout) is unconfirmed: the address "
+        "counts as not up and the answer is DUNNO at once (reason \"primary ... unconfirmed\"), "
+        "never cached; the probe's result is cached when it ends.",
     ),
     (
         "Deadline",
@@ -484,7 +488,8 @@ DECISION_RULES: Final = (
         "MX lists, addresses and probe results used within --refresh-window are refreshed in the "
         "background as long before they expire as their last answer took, so no RCPT waits on the "
         "network once a domain is known.  While a refresh runs past expiry the old value is served, "
-        "at most --timeout (probes) or --dns-timeout (DNS) past its TTL; the decision line then "
+        "at most --timeout (probes) or --dns-timeout (DNS) past its TTL, an \"up\" only while it "
+        "is not unconfirmed (see Probes); the decision line then "
         "says cache=stale.  A DNS refresh that fails keeps the last good answer up to "
         "--dns-stale-max past its expiry.  Background work is paid for by traffic: each use of a "
         "DNS answer pays for at most 3 background fetches of it (refreshes or retries), whatever "
@@ -492,7 +497,10 @@ DECISION_RULES: Final = (
         "lookup that failed is asked again only when a request needs it.  Probe results are "
         "refreshed once per TTL (at most once a second) until the window ends.  Background work "
         "holds at most half of --max-dns-queries and --max-probes; the rest is kept for requests.  "
-        "--refresh-window 0 turns this off.",
+        "--refresh-window 0 turns this off.  A primary that "
+        "stops greeting is answered DUNNO at most --cache-up-ttl plus that grace after its last "
+        "greeting (10.5 s with the defaults for a primary that greets at once); one that greets "
+        "again is seen within about --cache-down-ttl.",
     ),
 )
 

@@ -9,6 +9,7 @@ request gets bytes to send, within the deadline.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import trio
@@ -152,7 +153,8 @@ class Responder:
             log.exception("internal error in the cached path")
             return None
         if answer is not None:
-            self._finish(request, answer, trio.current_time() - now)
+            end = trio.current_time()
+            self._finish(request, answer, end - now, end)
         return answer
 
     async def answer(self, request: PolicyRequest) -> Answer:
@@ -170,7 +172,8 @@ class Responder:
             metrics.requests_in_flight -= 1
             if not metrics.requests_in_flight and self._drained is not None:
                 self._drained.set()
-        self._finish(request, outcome, trio.current_time() - start)
+        end = trio.current_time()
+        self._finish(request, outcome, end - start, end)
         return outcome
 
     async def wait_drained(self) -> None:
@@ -189,14 +192,17 @@ class Responder:
         ttl = decision.valid_until - trio.current_time()
         if ttl > 0:
             # Stored without what it was computed from: a memo must stay small.
-            small = Decision(decision.verdict, decision.domain, decision.cache, decision.valid_until)
+            small = Decision(decision.verdict, decision.domain, decision.cache, decision.valid_until, decision.confirmed_at)
             self.answers.put(_memo_key(request), Answer(answer.reply, small, line=_middle(small)), ttl)
         return answer
 
-    def _finish(self, request: PolicyRequest, outcome: Answer, elapsed: float) -> None:
-        """Count and log one answered request."""
-        verdict = outcome.decision.verdict
+    def _finish(self, request: PolicyRequest, outcome: Answer, elapsed: float, now: float) -> None:
+        """Count and log one answered request (answered at ``now``)."""
+        decision = outcome.decision
+        verdict = decision.verdict
         self.metrics.observe_request(verdict.action.value, verdict.kind.value, elapsed)
+        if verdict.kind is Kind.PRIMARY_LIVE and not math.isnan(decision.confirmed_at):
+            self.metrics.observe_defer_evidence(now - decision.confirmed_at)
         if not outcome.checked:
             return
         sink = self.sink

@@ -37,7 +37,7 @@ class CoreSettings:
     probe_timeout: float = 10.0
     check_timeout: float = 10.0
     smtp_port: int = 25
-    up_ttl: float = 120.0
+    up_ttl: float = 10.0
     down_ttl: float = 60.0
     dns_max_ttl: float = 3600.0
     dns_negative_ttl: float = 300.0
