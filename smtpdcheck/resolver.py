@@ -22,11 +22,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
-import dns.asyncbackend
 import dns.asyncresolver
 import dns.exception
 import dns.name
-import dns.nameserver
 import dns.rcode
 import dns.rdatatype
 import dns.resolver
@@ -34,6 +32,7 @@ import trio
 
 from . import values
 from .cache import Producer, SingleFlight, Source, TTLCache
+from .compat import dns_backend, use_nameservers
 from .refresh import RefreshRules
 from .servers import IPAddress, is_valid_hostname, normalize_hostname
 
@@ -173,16 +172,16 @@ class Resolver:
         try:
             if nameservers:
                 self._dns = dns.asyncresolver.Resolver(configure=False)
-                self._dns.nameservers = [dns.nameserver.Do53Nameserver(h, p) for h, p in nameservers]
+                use_nameservers(self._dns, nameservers)
             else:
                 self._dns = dns.asyncresolver.Resolver()
-        except dns.exception.DNSException as exc:
+        except (dns.exception.DNSException, ValueError) as exc:
             raise DNSConfigError(f"no usable resolver configuration: {exc}") from exc
         self._dns.cache = None  # ours is in front, with capped TTLs
         self._dns.timeout = min(2.0, timeout) if timeout > 0 else 2.0
         # A backstop only: our own trio deadline in _query is what counts.
         self._dns.lifetime = timeout + 1.0 if timeout > 0 else 3600.0
-        self._backend = dns.asyncbackend.get_backend("trio")
+        self._backend = dns_backend()
         self.timeout = timeout
         self.max_ttl = max_ttl
         self.negative_ttl = negative_ttl
