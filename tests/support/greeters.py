@@ -25,6 +25,8 @@ from typing import Any
 
 import trio
 
+from smtpdcheck.compat import TaskStatus
+
 __all__ = ["Farm", "Greeter", "Mode", "start_farm", "start_greeters", "unused_port"]
 
 
@@ -225,7 +227,7 @@ class Greeter:
         self._changed.set()
         self._changed = trio.Event()
 
-    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(self, *, task_status: TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen, report the port, and handle connections until cancelled."""
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         sock = trio.socket.socket(family, socket.SOCK_STREAM)
