@@ -14,6 +14,7 @@ from typing import NoReturn
 
 import trio
 
+from smtpdcheck.compat import STRICT_EXCEPTION_GROUPS
 from smtpdcheck.core import open_core
 from smtpdcheck.stophost import StopHostError
 from smtpdcheck.stoprule import StopSet
@@ -214,16 +215,16 @@ def _main(argv: Sequence[str] | None = None) -> int:
         target = "syslog" if config.log_target == "syslog" or os.path.exists("/dev/log") else "none"
         setup_logging(config.log_level, target)
         try:
-            return trio.run(run_stdio, config)
+            return trio.run(run_stdio, config, strict_exception_groups=STRICT_EXCEPTION_GROUPS)
         except Exception:  # a traceback on stderr would land in Postfix's socket
             log.critical("stdio mode failed", exc_info=True)
             return 2
     if args.check is not None:
         setup_logging("warning" if config.log_level == "info" else config.log_level, "stderr")
-        return trio.run(run_check, config, args.check, args.server_address)
+        return trio.run(run_check, config, args.check, args.server_address, strict_exception_groups=STRICT_EXCEPTION_GROUPS)
     setup_logging(config.log_level, config.log_target)
     try:
-        return trio.run(run_daemon, config, args)
+        return trio.run(run_daemon, config, args, strict_exception_groups=STRICT_EXCEPTION_GROUPS)
     except KeyboardInterrupt:
         return 0
 
