@@ -27,6 +27,8 @@ from typing import IO, Any, Final
 
 import trio
 
+from smtpdcheck.compat import run_sync_in_thread_abandoning
+
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent
 LOOPBACK: Final = "127.0.0.1"
 #: Where the daemon's logs go in a benchmark: ``quiet`` (``--log-level
@@ -150,7 +152,7 @@ class Child:
         assert self.proc.stdout is not None
         stdout = self.proc.stdout
         with trio.fail_after(timeout):
-            line = await trio.to_thread.run_sync(stdout.readline, abandon_on_cancel=True)
+            line = await run_sync_in_thread_abandoning(stdout.readline)
         return line.decode("ascii", "replace").strip()
 
     async def stop(self, grace: float = 7.0) -> int:
