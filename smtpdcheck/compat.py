@@ -31,10 +31,9 @@ _TRIO = tuple(int(part) for part in metadata.version("trio").split(".")[:2])
 _T = TypeVar("_T")
 
 # trio < 0.25 defaults to strict_exception_groups=False (0.25 made True the
-# default).  Everything here is written for strict groups (``except*`` and
-# BaseExceptionGroup handling), so every trio.run and every nursery whose
-# errors are handled passes STRICT_EXCEPTION_GROUPS rather than relying on
-# the default.
+# default).  The code is written for strict groups, so every trio.run of the
+# commands, the benchmarks and the tests passes STRICT_EXCEPTION_GROUPS
+# rather than relying on the default; nurseries inherit it from the run.
 STRICT_EXCEPTION_GROUPS = True
 
 
