@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import trio
 
 from smtpdcheck.check import Checker
+from smtpdcheck.compat import TaskStatus
 from smtpdcheck.probe import Prober
 from smtpdcheck.resolver import Resolver
 from smtpdcheck.servers import Server, parse_server
@@ -45,7 +46,7 @@ SILENT_COUNTS = (0, 1, 3, 5)
 ALL_SILENT = 5
 
 
-async def serve_fakes(lifetime: float, *, task_status: trio.TaskStatus[tuple[Farm, FakeDNSServer]]) -> None:
+async def serve_fakes(lifetime: float, *, task_status: TaskStatus[tuple[Farm, FakeDNSServer]]) -> None:
     """The live greeter (127.0.0.2), the silent ones after it, and an empty
     DNS server, until cancelled or ``lifetime`` passes."""
     with trio.move_on_after(lifetime):

@@ -173,7 +173,7 @@ class SyslogTarget(_Target):
         return bool(writable)
 
     async def wait_writable(self) -> None:
-        await trio.lowlevel.wait_writable(self.sock)
+        await trio.lowlevel.wait_writable(self.sock.fileno())
 
     def close(self) -> None:
         self.sock.close()

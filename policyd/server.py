@@ -21,6 +21,8 @@ import socket
 
 import trio
 
+from smtpdcheck.compat import TaskStatus
+
 from .config import Config
 from .metrics import Metrics
 from .protocol import CLOSED, NEED_DATA, PolicyParser, ProtocolError
@@ -237,7 +239,7 @@ class PolicyServer:
         self._accepting = trio.CancelScope()
         self._handlers: trio.Nursery | None = None
 
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             async with trio.open_nursery() as watching:
                 watchdog = start_watchdog(watching, self.responder)

@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from policyd.client import encode_request, parse_reply
+from smtpdcheck.compat import STRICT_EXCEPTION_GROUPS
 from tests.conftest import Farm, start_farm
 from tests.policyd_helpers import BASE_REQUEST, RunningPolicyd, policyd_config, rcpt, read_replies, start_policyd
 from tests.support.dnsserver import FakeDNSServer
@@ -65,7 +66,7 @@ def world() -> Iterator[World]:
             await trio.to_thread.run_sync(stop.wait)
             nursery.cancel_scope.cancel()
 
-    thread = threading.Thread(target=trio.run, args=(main,), daemon=True)
+    thread = threading.Thread(target=trio.run, args=(main,), kwargs={"strict_exception_groups": STRICT_EXCEPTION_GROUPS}, daemon=True)
     thread.start()
     assert started.wait(15), "policy server did not start"
     yield ready[0]

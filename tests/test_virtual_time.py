@@ -16,6 +16,7 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from smtpdcheck.compat import STRICT_EXCEPTION_GROUPS
 from smtpdcheck.core import Core, CoreSettings, build_core
 from smtpdcheck.policy import Action, Kind, Policy, mx_servers
 from smtpdcheck.probe import Outcome, ProbeResult
@@ -227,7 +228,7 @@ def test_cache_only_decision_agrees_with_the_full_decision(world: dict[str, obje
                 assert sum(net.connections.values()) == 0 and not dns.queries
             nursery.cancel_scope.cancel()
 
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0), strict_exception_groups=STRICT_EXCEPTION_GROUPS)
 
 
 def test_mx_servers_keeps_order_and_preference() -> None:
