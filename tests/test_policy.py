@@ -14,7 +14,7 @@ from smtpdcheck.policy import (
 )
 from smtpdcheck.check import CheckResult, ServerReport
 from smtpdcheck.resolver import MXKind, MXLookup
-from smtpdcheck.stoprule import StopSet, eligible
+from smtpdcheck.stoprule import StopSet, eligibility
 
 
 @pytest.mark.parametrize(
@@ -82,7 +82,7 @@ def _result(mx: list[tuple[int, str]], this_host: set[str], up: set[str], timed_
     servers = mx_servers(lookup)
     stop = StopSet.build(this_host)
     matches = [stop.matches_name(s) for s in servers]
-    allowed = set(eligible(servers, matches))
+    allowed = {i for i, ok in enumerate(eligibility(servers, matches)) if ok}
     reports = []
     winner = None
     for i, server in enumerate(servers):

@@ -7,7 +7,7 @@ import ipaddress
 import pytest
 
 from smtpdcheck.servers import parse_servers
-from smtpdcheck.stoprule import StopSet, eligibility, eligible
+from smtpdcheck.stoprule import StopSet, eligibility
 
 S2 = StopSet.build(["s2.domain.com"])
 
@@ -43,7 +43,7 @@ S2 = StopSet.build(["s2.domain.com"])
 def test_stop_rule_by_name(words: list[str], stop: StopSet, expected: list[str]) -> None:
     servers = parse_servers(words)
     matches = [stop.matches_name(s) for s in servers]
-    chosen = [servers[i] for i in eligible(servers, matches)]
+    chosen = [s for s, ok in zip(servers, eligibility(servers, matches)) if ok]
     wanted = parse_servers(expected)
     assert [s.host for s in chosen] == [s.host for s in wanted]
 
@@ -58,7 +58,7 @@ def test_match_by_resolved_address() -> None:
     }
     matches = [stop.matches(s, resolved[s.host]) for s in servers]
     assert matches == [False, True, False]
-    assert eligible(servers, matches) == [0]
+    assert eligibility(servers, matches) == [True, False, False]
 
 
 @pytest.mark.parametrize(
