@@ -30,9 +30,7 @@ NO_STOP = StopSet()
 def virtual_core(nursery: trio.Nursery, net: VirtualNet, dns: VirtualDNS, **changes: object) -> Core:
     """The real prober and checker on virtual peers, with the virtual DNS in front."""
     settings = CoreSettings(probe_timeout=5.0, check_timeout=7.0, quit_grace=0.5, **changes)  # type: ignore[arg-type]
-    core = build_core(nursery, settings, connect=net.connect)
-    core.checker.resolver = dns
-    return core
+    return build_core(nursery, settings, connect=net.connect, lookups=dns)
 
 
 async def test_first_live_server_wins_at_its_greeting(nursery: trio.Nursery, autojump_clock: trio.testing.MockClock) -> None:
@@ -308,7 +306,6 @@ async def test_shutdown_drain_waits_for_the_request_being_decided_and_no_longer(
     dns = VirtualDNS()
     backup_world(dns, mx_delay=3.0)
     core = virtual_core(nursery, VirtualNet(nursery, {"127.0.0.2": Peer(greet_after=0.5)}), dns)
-    core.resolver = dns  # type: ignore[assignment]
     service = Responder(Config(deadline=8.0), core)
     request = PolicyRequest({**POSTFIX_37_RCPT_ATTRS, "recipient": "user@d.test", "server_address": "192.0.2.25"})
     answers: list[str] = []
