@@ -13,10 +13,11 @@ take this path instead:
   task writes everything buffered once per scheduler pass, so under load
   one system call carries many lines, and when idle a line is written at
   once;
-* the target never blocks the loop: a pipe or socket that is not writable
-  is waited for, meanwhile lines stay in a bounded buffer (1 MiB), and
-  beyond it they are dropped, counted, and reported in one warning line
-  once writing resumes.
+* a pipe or socket that is not writable never blocks the loop: it is
+  waited for, meanwhile lines stay in a bounded buffer (1 MiB), and beyond
+  it they are dropped, counted, and reported in one warning line once
+  writing resumes.  A regular file is written with a plain ``write()``,
+  which takes as long as the disk does.
 
 Syslog takes one datagram per line (that is what a syslog message is), sent
 by the same flusher, after the replies of the scheduler pass.
@@ -69,7 +70,7 @@ def decision_line(queue_id: str, recipient: str, middle: str, elapsed: float) ->
 
 
 class _Target:
-    """Where bytes go.  ``send`` takes what it can now and never blocks the loop."""
+    """Where bytes go.  ``send`` takes what it can now, never waiting for a pipe or socket."""
 
     datagrams = False
 
@@ -273,7 +274,11 @@ class LineSink(logging.Handler):
     # -- writing ------------------------------------------------------------
 
     def decision(self, queue_id: str, recipient: str, middle: str, elapsed: float) -> None:
-        """Add one decision line (see :func:`decision_line`); never blocks."""
+        """Add one decision line (see :func:`decision_line`).
+
+        With the flusher running it only buffers; without it (start-up,
+        shutdown, ``--check``) it writes at once, waiting a bounded time.
+        """
         self._add(f"{self._info}{decision_line(queue_id, recipient, middle, elapsed)}{self._end}")
 
     def emit(self, record: logging.LogRecord) -> None:

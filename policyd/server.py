@@ -235,9 +235,9 @@ async def _run_handler(
 class PolicyServer:
     """Listeners plus handlers, with a shutdown that drains before closing.
 
-    On shutdown the accept loops stop first; connections waiting for their
-    next request are closed at once, and a request already being decided
-    gets up to ``grace`` seconds to be answered.  Postfix then applies its
+    On shutdown the accept loops stop first; requests already being decided
+    get up to ``grace`` seconds to be answered, then every connection is
+    closed (idle ones too: at once when nothing is being decided).  Postfix then applies its
     own default action to anything after that, which is why the grace is
     short.
     """
