@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
+from smtpdcheck.check import Checker
 from smtpdcheck.policy import (
     Action,
+    Cache,
+    Decision,
     DomainError,
+    Kind,
+    Policy,
+    Verdict,
     mx_servers,
     recipient_domain,
     verdict_for_check,
@@ -15,6 +23,7 @@ from smtpdcheck.policy import (
 from smtpdcheck.check import CheckResult, ServerReport
 from smtpdcheck.resolver import MXKind, MXLookup
 from smtpdcheck.stoprule import StopSet, eligibility
+from tests.support.virtual import VirtualDNS
 
 
 @pytest.mark.parametrize(
@@ -136,3 +145,74 @@ def test_reason_counts_down_mxes_and_timeouts() -> None:
     assert verdict.reason == "all 2 more-preferred MXes down, 1 timed out"
     single = verdict_for_check(_result([(10, "a"), (20, "b")], {"b"}, set()))
     assert single.reason == "all 1 more-preferred MX down"
+
+
+# -- undecided requests and failures, through Policy --------------------------
+
+
+def _policy(failure_action: Action = Action.DUNNO) -> tuple[Policy, VirtualDNS]:
+    """A Policy on virtual DNS; the checker is never reached by these tests."""
+    dns = VirtualDNS()
+    checker = Checker(dns, None, port=25)  # type: ignore[arg-type]
+    return Policy(dns, checker, StopSet(), failure_action=failure_action), dns
+
+
+@pytest.mark.parametrize(
+    ("recipient", "kind", "reason"),
+    [
+        ("", Kind.NO_DOMAIN, "no recipient domain"),
+        ("postmaster", Kind.NO_DOMAIN, "no recipient domain"),
+        ("user@[192.0.2.1]", Kind.NO_DOMAIN, "no recipient domain"),
+        ("user@exa mple.com", Kind.BAD_DOMAIN, "not a valid domain name"),
+        ("user@\udcfcexample.com", Kind.BAD_DOMAIN, "bad international domain: InvalidCodepoint"),
+    ],
+)
+async def test_a_recipient_without_a_usable_domain_is_undecided_and_says_why(
+    recipient: str, kind: Kind, reason: str
+) -> None:
+    """Kind and reason feed the decision line and the metrics; there is no domain to log."""
+    policy, dns = _policy(failure_action=Action.DEFER_IF_PERMIT)
+    decision = await policy.decide_recipient(recipient, "192.0.2.25")
+    assert decision == Decision(Verdict(Action.DUNNO, kind, reason), "")
+    assert decision.cache is Cache.MISS and decision.valid_until == -math.inf
+    assert not kind.failed  # DUNNO whatever the failure action: not a failure
+    assert not dns.queries
+
+
+def test_undecided_is_dunno_with_what_it_is_given() -> None:
+    decision = Policy.undecided(Kind.NOT_RCPT, "not an RCPT request", "d.example")
+    assert decision == Decision(Verdict(Action.DUNNO, Kind.NOT_RCPT, "not an RCPT request"), "d.example")
+
+
+@pytest.mark.parametrize("failure_action", [Action.DUNNO, Action.DEFER_IF_PERMIT])
+async def test_a_cached_dns_failure_answers_the_failure_action_and_is_never_reused(
+    failure_action: Action, autojump_clock: object
+) -> None:
+    """The cache-only path leaves a cached failure to the full path, which
+    answers it from the cache with the configured failure action."""
+    policy, dns = _policy(failure_action)
+    dns.mx_cache.put("d.example", MXLookup("d.example", MXKind.FAILURE, error="SERVFAIL", ttl=10), 10)
+    assert policy.decide_cached("d.example", StopSet()) is None
+    decision = await policy.decide_recipient("u@d.example")
+    assert decision.verdict == Verdict(failure_action, Kind.DNS_FAILURE, "dns failure: SERVFAIL")
+    assert decision.domain == "d.example" and decision.valid_until == -math.inf
+    assert not dns.queries  # answered from the cache
+
+
+@pytest.mark.parametrize(
+    ("lookup", "kind", "reason"),
+    [
+        (MXLookup("d.example", MXKind.NXDOMAIN, error="NXDOMAIN", ttl=10), Kind.NXDOMAIN, "domain does not exist"),
+        (MXLookup("d.example", MXKind.NULL, ttl=10), Kind.NULL_MX, "null MX"),
+    ],
+)
+async def test_a_cached_mx_answer_that_decides_alone_is_a_reusable_cache_hit(
+    lookup: MXLookup, kind: Kind, reason: str, autojump_clock: object
+) -> None:
+    policy, dns = _policy(Action.DEFER_IF_PERMIT)
+    dns.mx_cache.put("d.example", lookup, 10)
+    decision = policy.decide_cached("d.example", StopSet())
+    assert decision is not None
+    assert decision.verdict == Verdict(Action.DUNNO, kind, reason)
+    assert (decision.domain, decision.cache, decision.valid_until) == ("d.example", Cache.HIT, 10.0)
+    assert dns.mx_cache.hits == 1
