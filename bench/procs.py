@@ -27,6 +27,8 @@ from typing import IO, Any, Final
 
 import trio
 
+from .previous import THIS, Release
+
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent
 LOOPBACK: Final = "127.0.0.1"
 #: Where the daemon's logs go in a benchmark: ``quiet`` (``--log-level
@@ -39,10 +41,10 @@ LOG_MODES: Final = ("quiet", "file", "pipe", "syslog")
 _PROBLEM_WORDS: Final = re.compile(rb"warning:|error:|fatal:|Traceback|Error")
 
 
-def child_env() -> dict[str, str]:
-    """The environment of children: ours, with the repository importable."""
+def child_env(root: Path = REPO_ROOT) -> dict[str, str]:
+    """The environment of children: ours, with the source tree ``root`` importable first."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
     env.setdefault("PYTHONHASHSEED", "0")
     return env
 
@@ -55,10 +57,14 @@ def guarded(argv: list[str], lifetime: float) -> list[str]:
     ]
 
 
-def daemon_command() -> list[str]:
-    """The installed ``smtpdcheck-policyd`` next to this interpreter, or the module."""
+def daemon_command(release: Release = THIS) -> list[str]:
+    """The installed ``smtpdcheck-policyd`` next to this interpreter, or the module.
+
+    Another release always runs as the module, from its own tree (the
+    child's working directory, which ``-m`` puts first on the path).
+    """
     script = Path(sys.executable).with_name("smtpdcheck-policyd")
-    if script.exists():
+    if release.commit is None and script.exists():
         return [str(script)]
     return [sys.executable, "-m", "policyd.cli"]
 
@@ -83,6 +89,7 @@ class Child:
     def __init__(
         self, argv: list[str], *, lifetime: float, name: str, capture_stdout: bool = False,
         stderr_pipe: bool = False, syslog_socket: str | None = None, env: dict[str, str] | None = None,
+        root: Path = REPO_ROOT,
     ) -> None:
         self.name = name
         self.argv = argv
@@ -103,8 +110,8 @@ class Child:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE if capture_stdout else subprocess.DEVNULL,
                 stderr=stderr,
-                env={**child_env(), **(env or {})},
-                cwd=REPO_ROOT,
+                env={**child_env(root), **(env or {})},
+                cwd=root,
             )
             if stderr_pipe:
                 self.reader = self._start_reader(["pipe"], lifetime + 10, None, read_end)
@@ -231,19 +238,21 @@ async def wait_for_port(port: int, child: Child, timeout: float) -> None:
 
 async def start_daemon(
     dns_port: int, smtp_port: int, extra: list[str] | None = None, *, lifetime: float, attempts: int = 3,
-    log: str = "quiet",
+    log: str = "quiet", release: Release = THIS,
 ) -> tuple[Child, int]:
     """Start the real smtpdcheck-policyd on a free loopback port; return it and the port.
 
-    ``log`` is one of :data:`LOG_MODES`.
+    ``log`` is one of :data:`LOG_MODES`; ``release`` picks this tree's
+    daemon or another release's (:mod:`bench.previous`).
     """
+    root = release.tree()
     if log not in LOG_MODES:
         raise ValueError(f"unknown log mode {log!r}")
     last: Exception | None = None
     for _ in range(attempts):
         port = free_port()
         argv = [
-            *daemon_command(),
+            *daemon_command(release),
             "--listen", f"inet:{LOOPBACK}:{port}",
             "--nameserver", f"{LOOPBACK}:{dns_port}",
             "--smtp-port", str(smtp_port),
@@ -255,7 +264,7 @@ async def start_daemon(
         syslog_path = os.path.join(syslog_dir, "log") if syslog_dir else None
         child = Child(
             argv, lifetime=lifetime, name="policyd", stderr_pipe=log == "pipe", syslog_socket=syslog_path,
-            env={"SMTPDCHECK_SYSLOG_SOCKET": syslog_path} if syslog_path else None,
+            root=root, env={"SMTPDCHECK_SYSLOG_SOCKET": syslog_path} if syslog_path else None,
         )
         try:
             await wait_for_port(port, child, timeout=15.0)
