@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 
 import pytest
+import trio
 
-from smtpdcheck.check import Checker
+from smtpdcheck.core import CoreSettings, build_core
 from smtpdcheck.policy import (
     Action,
     Cache,
@@ -23,7 +24,7 @@ from smtpdcheck.policy import (
 from smtpdcheck.check import CheckResult, ServerReport
 from smtpdcheck.resolver import MXKind, MXLookup
 from smtpdcheck.stoprule import StopSet, eligibility
-from tests.support.virtual import VirtualDNS
+from tests.support.virtual import VirtualDNS, VirtualNet
 
 
 @pytest.mark.parametrize(
@@ -150,11 +151,11 @@ def test_reason_counts_down_mxes_and_timeouts() -> None:
 # -- undecided requests and failures, through Policy --------------------------
 
 
-def _policy(failure_action: Action = Action.DUNNO) -> tuple[Policy, VirtualDNS]:
-    """A Policy on virtual DNS; the checker is never reached by these tests."""
+def _policy(nursery: trio.Nursery, failure_action: Action = Action.DUNNO) -> tuple[Policy, VirtualDNS]:
+    """A Policy on virtual DNS and a virtual network (these tests never reach it)."""
     dns = VirtualDNS()
-    checker = Checker(dns, None, port=25)  # type: ignore[arg-type]
-    return Policy(dns, checker, StopSet(), failure_action=failure_action), dns
+    core = build_core(nursery, CoreSettings(), connect=VirtualNet(nursery).connect, lookups=dns)
+    return Policy(core.lookups, core.checker, StopSet(), failure_action=failure_action), dns
 
 
 @pytest.mark.parametrize(
@@ -168,10 +169,10 @@ def _policy(failure_action: Action = Action.DUNNO) -> tuple[Policy, VirtualDNS]:
     ],
 )
 async def test_a_recipient_without_a_usable_domain_is_undecided_and_says_why(
-    recipient: str, kind: Kind, reason: str
+    nursery: trio.Nursery, recipient: str, kind: Kind, reason: str
 ) -> None:
     """Kind and reason feed the decision line and the metrics; there is no domain to log."""
-    policy, dns = _policy(failure_action=Action.DEFER_IF_PERMIT)
+    policy, dns = _policy(nursery, failure_action=Action.DEFER_IF_PERMIT)
     decision = await policy.decide_recipient(recipient, "192.0.2.25")
     assert decision == Decision(Verdict(Action.DUNNO, kind, reason), "")
     assert decision.cache is Cache.MISS and decision.valid_until == -math.inf
@@ -186,11 +187,11 @@ def test_undecided_is_dunno_with_what_it_is_given() -> None:
 
 @pytest.mark.parametrize("failure_action", [Action.DUNNO, Action.DEFER_IF_PERMIT])
 async def test_a_cached_dns_failure_answers_the_failure_action_and_is_never_reused(
-    failure_action: Action, autojump_clock: object
+    nursery: trio.Nursery, failure_action: Action, autojump_clock: object
 ) -> None:
     """The cache-only path leaves a cached failure to the full path, which
     answers it from the cache with the configured failure action."""
-    policy, dns = _policy(failure_action)
+    policy, dns = _policy(nursery, failure_action)
     dns.mx_cache.put("d.example", MXLookup("d.example", MXKind.FAILURE, error="SERVFAIL", ttl=10), 10)
     assert policy.decide_cached("d.example", StopSet()) is None
     decision = await policy.decide_recipient("u@d.example")
@@ -207,9 +208,9 @@ async def test_a_cached_dns_failure_answers_the_failure_action_and_is_never_reus
     ],
 )
 async def test_a_cached_mx_answer_that_decides_alone_is_a_reusable_cache_hit(
-    lookup: MXLookup, kind: Kind, reason: str, autojump_clock: object
+    nursery: trio.Nursery, lookup: MXLookup, kind: Kind, reason: str, autojump_clock: object
 ) -> None:
-    policy, dns = _policy(Action.DEFER_IF_PERMIT)
+    policy, dns = _policy(nursery, Action.DEFER_IF_PERMIT)
     dns.mx_cache.put("d.example", lookup, 10)
     decision = policy.decide_cached("d.example", StopSet())
     assert decision is not None
