@@ -131,3 +131,31 @@ def test_a_pending_line_of_exactly_the_limit_waits_for_its_end() -> None:
     assert reader.first is None
     with pytest.raises(GreetingError):
         reader.feed(b"\n")
+
+
+def test_a_fresh_reader_knows_nothing() -> None:
+    reader = GreetingReader()
+    assert (reader.first, reader.complete, reader.eof) == (None, False, False)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"\n", "not an SMTP reply line"),  # an empty first line
+        (b"220-a\r\n\n", "not an SMTP reply line"),  # an empty line inside the greeting
+        (b"HTTP/1.1 400\r\n", "not an SMTP reply line"),
+        (b"220x\r\n", "not an SMTP reply line"),
+        (b"220-a\r\n421 b\r\n", "reply code changed inside a multi-line greeting"),
+    ],
+)
+def test_what_is_wrong_with_a_greeting_is_said(data: bytes, message: str) -> None:
+    """The message is the probe's detail in ``--check`` and the debug log."""
+    for feed in (lambda r: r.feed(data), lambda r: [r.feed(data[i : i + 1]) for i in range(len(data))]):
+        with pytest.raises(GreetingError, match=f"^{message}$"):
+            feed(GreetingReader())
+
+
+def test_greeting_text_that_is_not_ascii_is_kept_readable() -> None:
+    reader = GreetingReader()
+    reader.feed(b"220 caf\xc3\xa9 ESMTP\r\n")
+    assert reader.first == FirstLine(220, False, "caf\ufffd\ufffd ESMTP")

@@ -784,3 +784,40 @@ def test_request_built_from_a_mapping_answers_the_same() -> None:
 def test_is_smtpd_rcpt(wire: bytes, rcpt: bool) -> None:
     assert parse_one(wire).is_smtpd_rcpt is rcpt
     assert PolicyRequest(parse_one(wire).attrs).is_smtpd_rcpt is rcpt
+
+
+# --- what the warning says when a connection is closed ----------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "eof", "limits", "reason", "message"),
+    [
+        (b"a=1\nb=x\x00y\n\n", False, {}, "NUL byte", "NUL byte at offset 3 of a line"),
+        (b"a=1234567", False, {"max_line_bytes": 5}, "line too long", "line longer than 5 bytes"),
+        (b"a=12\n\n", False, {"max_request_bytes": 5}, "request too large", "request larger than 5 bytes"),
+        (b"a=1\nb=2", True, {}, "connection closed mid-request",
+         "connection closed mid-request after 1 attribute(s) and 3 byte(s) of an unfinished line"),
+        (b"a=1\n", True, {}, "connection closed mid-request",
+         "connection closed mid-request after 1 attribute(s) and 0 byte(s) of an unfinished line"),
+        (b"a=1\nnoequals\n\n", False, {}, "line without '='", "line without '=': b'noequals'"),
+        (b"a=1\n=value\n\n", False, {}, "attribute name empty", "attribute name empty: b'=value'"),
+        (b"x" * 100 + b"\n\n", False, {}, "line without '='", f"line without '=': {bytes(64 * b'x')!r}"),
+    ],
+)
+def test_protocol_errors_say_what_was_wrong(
+    data: bytes, eof: bool, limits: dict[str, int], reason: str, message: str
+) -> None:
+    """The reason labels the metric; the message is the warning line an admin reads."""
+    error = protocol_error(data, eof=eof, **limits)
+    assert (error.reason, error.message, str(error)) == (reason, message, message)
+
+
+def test_a_connection_closed_between_requests_stays_closed() -> None:
+    parser = PolicyParser()
+    parser.receive_data(b"a=1\n\n")
+    parser.receive_data(b"")
+    assert isinstance(parser.next_request(), PolicyRequest)
+    assert parser.next_request() is CLOSED
+    assert parser.next_request() is CLOSED
+    with pytest.raises(RuntimeError, match="^received data after EOF$"):
+        parser.receive_data(b"b=2\n\n")

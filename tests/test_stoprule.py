@@ -105,3 +105,11 @@ def test_ipv4_mapped_server_address_matches_the_ipv4_stop() -> None:
     stop = StopSet().with_address("::ffff:192.0.2.25")
     servers = parse_servers(["10:mx1", "20:192.0.2.25"])
     assert [stop.matches_name(s) for s in servers] == [False, True]
+
+
+def test_text_that_is_not_an_address_leaves_the_stop_set_as_it_is() -> None:
+    stop = StopSet.build(["backup.example"])
+    assert stop.with_address("") is stop and stop.with_address("backup.example") is stop
+    added = stop.with_address("192.0.2.25")
+    assert added.addresses == frozenset({ipaddress.ip_address("192.0.2.25")})
+    assert added.with_address("[192.0.2.25]") is added  # already there
