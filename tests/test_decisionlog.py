@@ -338,13 +338,23 @@ def high_fd_limit() -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+def _unused_fd_from(first: int) -> int:
+    """A descriptor number not in use (dup2 onto one in use would close it)."""
+    for fd in range(first, first + 100):
+        try:
+            os.fstat(fd)
+        except OSError:
+            return fd
+    raise AssertionError(f"descriptors {first} to {first + 99} are all in use")
+
+
 def test_a_syslog_socket_numbered_above_1024_can_be_waited_for(
     high_fd_limit: None, syslog_pair: tuple[socket.socket, socket.socket], tmp_path: Path
 ) -> None:
     """select() refuses descriptors >= 1024; a daemon with many connections has such numbers."""
     old_syslog, _ = syslog_pair
     target = SyslogTarget(str(tmp_path / "old"))
-    high = socket.socket(fileno=os.dup2(target.sock.fileno(), 1500))
+    high = socket.socket(fileno=os.dup2(target.sock.fileno(), _unused_fd_from(1500)))
     target.sock.close()
     target.sock = high
     assert target.sock.fileno() >= 1024
