@@ -264,12 +264,17 @@ async def test_a_reload_while_the_flusher_waits_on_syslog_moves_every_line_to_th
                 written += 1
         await trio.testing.wait_all_tasks_blocked()  # the flusher waits for the old socket
         sink.retarget(SyslogTarget(str(tmp_path / "new")))
-        # The old socket's number is free again; a new socket taking it can be waited on.
-        reuse = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        # The old socket's number is free again; a new socket given it (as
+        # the next accept() may be) can be waited on.
+        with pytest.raises(OSError):
+            os.fstat(old_fd)
+        reuse = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # the lowest free number, likely the old one
+        if reuse.fileno() != old_fd:
+            spare, reuse = reuse, socket.socket(fileno=os.dup2(reuse.fileno(), old_fd))
+            spare.close()
         try:
             with trio.fail_after(5):
-                if reuse.fileno() == old_fd:
-                    await trio.lowlevel.wait_writable(reuse)
+                await trio.lowlevel.wait_writable(reuse)
                 for _ in range(3):  # lines after the reload
                     sink.decision("", f"u{written}@d.example", MIDDLE, 0.001)
                     written += 1
