@@ -397,3 +397,45 @@ def test_stop_sets_per_server_address_are_memoised_up_to_a_bound() -> None:
     assert policy.stop_for(past) == policy.stop.with_address(past)
     assert policy.stop_for(past) is not policy.stop_for(past)  # beyond the bound: built each time
     assert policy.stop_for("192.0.2.25") is first
+
+
+# -- the decision explained (--check) -----------------------------------------
+
+
+async def test_a_decision_explains_itself_step_by_step(nursery: trio.Nursery, autojump_clock: object) -> None:
+    dns = VirtualDNS()
+    hosts = ((10, "mx1.d.example"), (10, "mx2.d.example"), (20, "backup.d.example"), (30, "mx3.d.example"))
+    dns.mx_answers["d.example"] = (0.0, MXLookup("d.example", MXKind.LIST, hosts=hosts, ignored=("bad name",), ttl=300))
+    dns.set_host("mx1.d.example", ["127.0.0.2", "::1"])
+    dns.set_host("mx2.d.example", ["127.0.0.3"])
+    dns.set_host("backup.d.example", ["192.0.2.25"])
+    net = VirtualNet(nursery, {"127.0.0.2": Peer(greet_after=0.1, code=421), "::1": Peer(greet_after=0.25), "127.0.0.3": SILENT})
+    core = build_core(nursery, CoreSettings(probe_timeout=5.0, check_timeout=7.0, quit_grace=0.5),
+                      connect=net.connect, lookups=dns)
+    policy = Policy(core.lookups, core.checker, StopSet())
+    mx1 = ("     10 mx1.d.example    [127.0.0.2,::1] probed: UP: 127.0.0.2:25 declined (421 virtual.test ESMTP) 100.0 ms; "
+           "[::1]:25 available (220 virtual.test ESMTP) 250.0 ms")
+    rest = [
+        "     10 mx2.d.example    [127.0.0.3] probed: down: not probed",
+        "     20 backup.d.example [192.0.2.25] this host",
+        "     30 mx3.d.example    [-] not checked (stop rule)",
+    ]
+    first = await policy.decide_recipient("u@d.example", "192.0.2.25")
+    assert first.explain() == [
+        "domain d.example: mx", "  ignored unusable MX target bad name", mx1, *rest,
+        "checked in 250.0 ms", "verdict: DEFER_IF_PERMIT (primary mx1.d.example live)",
+    ]
+    again = await policy.decide_recipient("u@d.example", "192.0.2.25")
+    assert again.explain() == [
+        "domain d.example: mx [cached]", "  ignored unusable MX target bad name", mx1 + " [cached]", *rest,
+        "checked in 0.0 ms", "verdict: DEFER_IF_PERMIT (primary mx1.d.example live)",
+    ]
+
+
+async def test_decisions_without_probes_explain_what_there_is(nursery: trio.Nursery, autojump_clock: object) -> None:
+    policy, dns = _policy(nursery, Action.DEFER_IF_PERMIT)
+    assert (await policy.decide_recipient("postmaster")).explain() == ["verdict: DUNNO (no recipient domain)"]
+    dns.mx_answers["d.example"] = (0.0, MXLookup("d.example", MXKind.FAILURE, error="SERVFAIL", ttl=10))
+    assert (await policy.decide_recipient("u@d.example")).explain() == [
+        "domain d.example: dns failure (SERVFAIL)", "verdict: DEFER_IF_PERMIT (dns failure: SERVFAIL)",
+    ]
