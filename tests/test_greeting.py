@@ -159,3 +159,13 @@ def test_greeting_text_that_is_not_ascii_is_kept_readable() -> None:
     reader = GreetingReader()
     reader.feed(b"220 caf\xc3\xa9 ESMTP\r\n")
     assert reader.first == FirstLine(220, False, "caf\ufffd\ufffd ESMTP")
+
+
+def test_an_empty_line_followed_by_much_more_is_not_a_reply_line() -> None:
+    """Judged as the empty line it is, not as the bytes after it."""
+    with pytest.raises(GreetingError, match="^not an SMTP reply line$"):
+        GreetingReader().feed(b"\n" + b"x" * (2 * MAX_GREETING_BYTES))
+    reader = GreetingReader()
+    reader.feed(b"220-a\r\n")
+    with pytest.raises(GreetingError, match="^not an SMTP reply line$"):
+        reader.feed(b"\n" + b"x" * (2 * MAX_GREETING_BYTES))
