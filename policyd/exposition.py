@@ -118,7 +118,7 @@ def make_registry(responder: Responder) -> object:
             )
             sink = responder.sink
             yield CounterMetricFamily(
-                "smtpdcheck_log_lines_dropped", "Log lines dropped because the log target did not keep up",
+                "smtpdcheck_log_lines_dropped", "Log lines dropped: the log target did not keep up, or writing to it failed",
                 value=sink.dropped if sink is not None else 0,
             )
             errors = CounterMetricFamily("smtpdcheck_protocol_errors", "Connections closed for protocol errors", labels=["reason"])

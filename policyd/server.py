@@ -35,6 +35,18 @@ RECEIVE_BYTES = 65536
 # accept() errors that mean "out of resources for now": wait and retry
 # instead of dying (the list trio's serve_listeners uses).
 _ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+# accept() errors that concern only the connection being accepted (the peer
+# reset or gave up, a firewall rule refused it, the network under it went
+# away): skip it and accept the next.  The list trio's SocketListener.accept
+# ignores; the non-blocking accept() of _accept_waiting must ignore them too.
+_ACCEPT_IGNORED_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "EPERM", "ECONNABORTED", "EPROTO", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN", "ENONET", "EHOSTUNREACH",
+        "EOPNOTSUPP", "ENETUNREACH", "ENOSR", "ESOCKTNOSUPPORT", "EPROTONOSUPPORT", "ETIMEDOUT", "ECONNRESET",
+    )
+    if hasattr(errno, name)
+)
 ACCEPT_RETRY_S = 0.1
 
 
@@ -201,8 +213,8 @@ def _accept_waiting(
             if exc.errno in _ACCEPT_CAPACITY_ERRNOS:
                 _accept_failed(responder, exc)
                 return  # the awaited accept() retries after its pause
-            if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
-                continue  # the peer gave up while waiting: next one
+            if exc.errno in _ACCEPT_IGNORED_ERRNOS:
+                continue  # that one connection failed: next one
             raise
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
         handlers.start_soon(_run_handler, stream, responder, slots, watchdog)
@@ -225,9 +237,9 @@ async def _run_handler(
 class PolicyServer:
     """Listeners plus handlers, with a shutdown that drains before closing.
 
-    On shutdown the accept loops stop first; connections waiting for their
-    next request are closed at once, and a request already being decided
-    gets up to ``grace`` seconds to be answered.  Postfix then applies its
+    On shutdown the accept loops stop first; requests already being decided
+    get up to ``grace`` seconds to be answered, then every connection is
+    closed (idle ones too: at once when nothing is being decided).  Postfix then applies its
     own default action to anything after that, which is why the grace is
     short.
     """

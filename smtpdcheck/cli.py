@@ -178,7 +178,7 @@ async def _explain_mx(recipient: str, core: Core, sequential: bool) -> int:
     command's timeouts, no deadline beyond them and no ``server_address``:
     only ``--stop`` says which MX is this host.
     """
-    policy = Policy(core.resolver, core.checker, core.stop, sequential=sequential)
+    policy = Policy(core.lookups, core.checker, core.stop, sequential=sequential)
     decision = await policy.decide_recipient(recipient if "@" in recipient else "@" + recipient)
     kind = decision.verdict.kind
     if kind in (Kind.BAD_DOMAIN, Kind.NO_DOMAIN):

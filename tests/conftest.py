@@ -46,10 +46,11 @@ async def dns_server(nursery: trio.Nursery) -> AsyncIterator[FakeDNSServer]:
 
 @pytest.fixture
 def make_core(nursery: trio.Nursery, dns_server: FakeDNSServer) -> Callable[..., Core]:
-    def make(port: int = 25, *, timeout: float = 2.0, dns_timeout: float = 2.0, **settings: object) -> Core:
+    def make(port: int = 25, *, timeout: float = 2.0, dns_timeout: float = 2.0, quit_grace: float = 0.5,
+             **settings: object) -> Core:
         return build_core(nursery, CoreSettings(
             nameservers=[dns_server.address], dns_timeout=dns_timeout, probe_timeout=timeout,
-            check_timeout=timeout, smtp_port=port, quit_grace=0.5, **settings,  # type: ignore[arg-type]
+            check_timeout=timeout, smtp_port=port, quit_grace=quit_grace, **settings,  # type: ignore[arg-type]
         ))
 
     return make

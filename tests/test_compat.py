@@ -18,7 +18,8 @@ import pytest
 import trio
 
 from smtpdcheck.compat import run_sync_in_thread_abandoning
-from smtpdcheck.resolver import DNSConfigError, MXKind, Resolver
+from smtpdcheck.core import CoreSettings, build_core
+from smtpdcheck.resolver import DNSConfigError, MXKind
 
 
 async def test_trio_tests_run_with_strict_exception_groups() -> None:
@@ -34,7 +35,7 @@ async def test_trio_tests_run_with_strict_exception_groups() -> None:
 async def test_same_nameserver_address_with_two_ports_is_refused(nursery: trio.Nursery) -> None:
     # One port per address is all dnspython < 2.4 can hold; no release asks the wrong one.
     with pytest.raises(DNSConfigError, match="nameserver 127.0.0.1 given with two ports, 53 and 5353"):
-        Resolver(nursery, nameservers=[("127.0.0.1", 53), ("127.0.0.1", 5353)])
+        build_core(nursery, CoreSettings(nameservers=[("127.0.0.1", 53), ("127.0.0.1", 5353)]))
 
 
 async def test_nameservers_are_asked_at_their_own_ports_in_order(nursery: trio.Nursery) -> None:
@@ -57,7 +58,8 @@ async def test_nameservers_are_asked_at_their_own_ports_in_order(nursery: trio.N
 
         nursery.start_soon(serve, refusing, "first", False)
         nursery.start_soon(serve, answering, "second", True)
-        resolver = Resolver(nursery, nameservers=[refusing.getsockname(), answering.getsockname()], timeout=3.0)
+        settings = CoreSettings(nameservers=[refusing.getsockname(), answering.getsockname()], dns_timeout=3.0)
+        resolver = build_core(nursery, settings).resolver
         with trio.fail_after(5):
             mx, _ = await resolver.mx("example.test")
     assert mx.kind is MXKind.LIST and mx.hosts == ((10, "mx.example.test"),)
@@ -88,7 +90,7 @@ async def test_stray_datagrams_before_the_answer_are_waited_out(nursery: trio.Nu
                 await server.sendto(answer.to_wire(), peer)
 
         nursery.start_soon(serve)
-        resolver = Resolver(nursery, nameservers=[server.getsockname()], timeout=3.0)
+        resolver = build_core(nursery, CoreSettings(nameservers=[server.getsockname()], dns_timeout=3.0)).resolver
         with trio.fail_after(5):
             mx, _ = await resolver.mx("example.test")
     assert mx.kind is MXKind.LIST and mx.hosts == ((10, "mx.example.test"),), mx

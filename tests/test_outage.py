@@ -105,9 +105,7 @@ class World:
         dns.set_host("mx1.d.test", ["127.0.0.2"], ttl=86400)
         dns.set_host("backup.d.test", ["192.0.2.25"], ttl=86400)
         self.net = VirtualNet(nursery, {"127.0.0.2": Peer(greet_after=GREET)})
-        core = build_core(nursery, core_settings(DEFAULTS), connect=self.net.connect)
-        core.checker.resolver = dns
-        core.resolver = dns  # type: ignore[assignment]
+        core = build_core(nursery, core_settings(DEFAULTS), connect=self.net.connect, lookups=dns)
         self.responder = Responder(DEFAULTS, core)
         self.start = trio.current_time()
         self.answers: list[Answered] = []
