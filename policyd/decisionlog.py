@@ -196,8 +196,11 @@ def _release(handle: socket.socket | int) -> None:
     waited on (BusyResourceError).  Woken, it gets ClosedResourceError and
     goes on with the new target.
     """
+    fd = handle if isinstance(handle, int) else handle.fileno()
+    if fd < 0:
+        return  # already closed: nobody can be waiting on it
     try:
-        trio.lowlevel.notify_closing(handle)
+        trio.lowlevel.notify_closing(fd)
     except RuntimeError:
         pass  # no trio run in this thread: nobody waits on it
 
