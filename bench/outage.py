@@ -43,7 +43,7 @@ from tests.support.greeters import Farm, Mode, start_farm
 
 from .previous import PREVIOUS_RELEASE, THIS, Release, ReleaseUnavailable
 from .procs import LOOPBACK, Child, free_port, start_daemon
-from .refresh import read_reply
+from .stream import REPLY_LIMIT_S, action_of, read_reply, steady_stream
 from .report import BenchResult, Check, Table
 from .workload import RequestTemplate
 
@@ -66,8 +66,6 @@ TARGET_WAIT_S: Final = 1.0
 WAITED_S: Final = 0.100
 TARGET_PROBE_PERIOD_S: Final = 10.0
 TARGET_FETCHES_PER_USE: Final = 3
-#: A reply later than this is an error (the daemon's --deadline is 8 s).
-REPLY_LIMIT_S: Final = 12.0
 STDERR_LIMIT: Final = 16 << 20
 ONE_OFF: Final = 100
 FAILING: Final = 100
@@ -276,27 +274,12 @@ async def names_world(variant: Variant, lifetime: float) -> AsyncIterator[NamesW
 async def drive(w: OutageWorld, p: Primary, until: float) -> None:
     """One Postfix-like connection: an RCPT every PERIOD_S, one outstanding, until ``until`` (run time)."""
     series = w.series[p.key]
-    template = RequestTemplate()
-    buffer = bytearray()
-    stream = await trio.open_tcp_stream(LOOPBACK, w.port)
-    async with stream:
-        next_at = w.start
-        for k in range(int(until / PERIOD_S) + 2):
-            if next_at - w.start >= until:
-                break
-            await trio.sleep_until(next_at)
-            sent = trio.current_time()
-            try:
-                with trio.fail_after(REPLY_LIMIT_S):
-                    await stream.send_all(template.render(f"user{k}@{p.domain}"))
-                    reply = await read_reply(stream, buffer)
-            except (trio.TooSlowError, trio.BrokenResourceError, EOFError, ValueError) as exc:
-                series.errors.append(f"{type(exc).__name__}: {exc}")
-                return
-            done = trio.current_time()
-            action = reply.decode("ascii", "replace").partition("action=")[2].split(None, 1)
-            series.samples.append((sent - w.start, done - sent, action[0] if action else "?"))
-            next_at = max(next_at + PERIOD_S, done)
+
+    def record(k: int, sent: float, latency: float, action: str) -> None:
+        series.samples.append((sent - w.start, latency, action))
+
+    await steady_stream(w.port, p.domain, period=PERIOD_S, start=w.start, until=until,
+                        record=record, errors=series.errors)
 
 
 async def scrape(port: int) -> str:
@@ -352,8 +335,7 @@ async def ask_once(w: NamesWorld, names: list[str]) -> None:
                 with trio.fail_after(REPLY_LIMIT_S):
                     await stream.send_all(template.render(f"user@{name}"))
                     reply = await read_reply(stream, buffer)
-                action = reply.decode("ascii", "replace").partition("action=")[2].split(None, 1)
-                w.answered[action[0] if action else "?"] += 1
+                w.answered[action_of(reply)] += 1
 
     async with trio.open_nursery() as nursery:
         for c in range(DNS_CONNECTIONS):

@@ -41,9 +41,9 @@ import trio
 from tests.support.dnsserver import FakeDNSServer, Slow, Zone
 from tests.support.greeters import Greeter, Mode, unused_port
 
-from .procs import LOOPBACK, Child, start_daemon
+from .procs import Child, start_daemon
 from .report import BenchResult, Check, Table, fmt_ratio
-from .workload import RequestTemplate
+from .stream import steady_stream
 
 NAME = "refresh"
 
@@ -56,8 +56,6 @@ GREET_DELAY_S: Final = 0.2
 DNS_DELAY_S: Final = 0.3
 #: With refresh, the slowest answer after a domain's first must stay under this.
 TARGET_SLOWEST_S: Final = 0.020
-#: A reply later than this is an error (the daemon's --deadline is 8 s).
-REPLY_LIMIT_S: Final = 12.0
 #: Daemon stderr kept for the log counts (about 150 bytes per decision line).
 STDERR_LIMIT: Final = 16 << 20
 
@@ -191,47 +189,16 @@ async def world(label: str, extra: list[str], lifetime: float) -> AsyncIterator[
             nursery.cancel_scope.cancel()
 
 
-async def read_reply(stream: trio.SocketStream, buffer: bytearray) -> bytes:
-    """One policy reply (up to the empty line); bytes after it stay in ``buffer``."""
-    for _ in range(1000):  # a reply is a few dozen bytes; this bounds a misbehaving peer
-        end = buffer.find(b"\n\n")
-        if end >= 0:
-            reply = bytes(buffer[: end + 2])
-            del buffer[: end + 2]
-            return reply
-        chunk = await stream.receive_some(65536)
-        if not chunk:
-            raise EOFError("the daemon closed the connection")
-        buffer += chunk
-    raise ValueError("no reply terminator in a long answer")
-
-
 async def drive(w: World, d: Domain, duration: float) -> None:
     """One Postfix-like connection: an RCPT every PERIOD_S, one outstanding, for ``duration``."""
     series = w.series[d.key]
-    template = RequestTemplate()
-    buffer = bytearray()
-    stream = await trio.open_tcp_stream(LOOPBACK, w.port)
-    async with stream:
-        start = trio.current_time()
-        next_at = start
-        for k in range(int(duration / PERIOD_S) + 1):
-            if next_at - start >= duration:
-                break
-            await trio.sleep_until(next_at)
-            sent = trio.current_time()
-            try:
-                with trio.fail_after(REPLY_LIMIT_S):
-                    await stream.send_all(template.render(f"user{k}@{d.name}"))
-                    reply = await read_reply(stream, buffer)
-            except (trio.TooSlowError, trio.BrokenResourceError, EOFError, ValueError) as exc:
-                series.errors.append(f"{type(exc).__name__}: {exc}")
-                return
-            done = trio.current_time()
-            series.samples.append((sent, done - sent))
-            action = reply.decode("ascii", "replace").partition("action=")[2].split(None, 1)
-            series.actions[action[0] if action else "?"] += 1
-            next_at = max(next_at + PERIOD_S, done)
+
+    def record(k: int, sent: float, latency: float, action: str) -> None:
+        series.samples.append((sent, latency))
+        series.actions[action] += 1
+
+    await steady_stream(w.port, d.name, period=PERIOD_S, start=trio.current_time(), until=duration,
+                        record=record, errors=series.errors)
 
 
 async def measure(w: World, duration: float) -> None:
