@@ -36,6 +36,84 @@ _ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, e
 ACCEPT_RETRY_S = 0.1
 
 
+class _StreamWire:
+    """Any trio stream (stdin and stdout under ``--stdio``): read and written through trio's API."""
+
+    __slots__ = ("stream",)
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+
+    async def receive(self) -> bytes | bytearray:
+        return await self.stream.receive_some(RECEIVE_BYTES)
+
+    async def send(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+
+class _SocketWire:
+    """A connected socket, read and written with one system call where trio's wrappers make several steps.
+
+    Postfix sends a request only after reading the previous reply, so when
+    a reply has just been sent the next request is not there yet: reading
+    first, as ``receive_some`` does, fails with EAGAIN (an exception) and
+    then waits anyway.  Here a read waits for readiness first, which is
+    also the connection's one checkpoint per request.  A reply fits the
+    socket buffer and is written at once, without the checkpoint (a task
+    switch) that ``send_all`` adds; only a peer that stops reading makes
+    a write wait, and that wait is a checkpoint.
+
+    Errors are trio's: :class:`trio.BrokenResourceError` for a failed
+    connection, :class:`trio.ClosedResourceError` for a closed socket, so
+    the connection loop treats both wires alike.
+    """
+
+    __slots__ = ("fd", "socket")
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self.socket = sock
+        self.fd = sock.fileno()
+
+    async def receive(self) -> bytes:
+        fd = self.fd
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            try:
+                return os.read(fd, RECEIVE_BYTES)
+            except BlockingIOError:
+                continue  # readiness without data (rare): wait again
+            except OSError as exc:
+                raise _stream_error(exc) from exc
+
+    async def send(self, data: bytes) -> None:
+        fd = self.fd
+        rest: bytes | memoryview = data
+        while True:
+            try:
+                sent = os.write(fd, rest)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                raise _stream_error(exc) from exc
+            if sent == len(rest):
+                return
+            rest = memoryview(rest)[sent:]
+            await trio.lowlevel.wait_writable(fd)
+
+
+def _stream_error(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
+    """The stream error trio's SocketStream raises for the same failure."""
+    if exc.errno == errno.EBADF:
+        return trio.ClosedResourceError("this socket was already closed")
+    return trio.BrokenResourceError(f"socket connection broken: {exc}")
+
+
+def _wire(stream: trio.abc.Stream) -> _SocketWire | _StreamWire:
+    if isinstance(stream, trio.SocketStream):
+        return _SocketWire(stream.socket)
+    return _StreamWire(stream)
+
+
 async def handle_connection(
     stream: trio.abc.Stream, responder: Responder, watchdog: Watchdog, peer: str = ""
 ) -> None:
@@ -47,6 +125,7 @@ async def handle_connection(
     """
     metrics: Metrics = responder.metrics
     parser = PolicyParser()
+    wire = _wire(stream)
     metrics.connections_open += 1
     metrics.connections_total += 1
     request_deadline = math.inf
@@ -74,7 +153,7 @@ async def handle_connection(
                         idle = config.idle_timeout
                         deadline.at = now + idle if idle > 0 else math.inf
                         phase = "idle"
-                    parser.receive_data(await stream.receive_some(RECEIVE_BYTES))
+                    parser.receive_data(await wire.receive())
                     continue
                 request_deadline = math.inf
                 if request is CLOSED:
@@ -91,7 +170,7 @@ async def handle_connection(
                     answer = await responder.answer(request)
                     now = trio.current_time()
                 deadline.at = now + config.request_timeout
-                await stream.send_all(answer.reply)
+                await wire.send(answer.reply)
         if deadline.expired:
             config = responder.config
             if phase == "request":
