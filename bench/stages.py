@@ -141,7 +141,9 @@ def responder_memo(responder: Responder, request: PolicyRequest, decision: Decis
     from policyd.responder import Answer, _memo_key, _middle
 
     answer = Answer(responder._reply(decision), decision, line=_middle(decision))
-    responder.answers.put(_memo_key(request), answer, 3600)
+    key = _memo_key(request.recipient, request.server_address)
+    assert key is not None
+    responder.answers.put(key, answer, 3600)
 
 
 def _io_stages(wire: bytes, responder: Responder, overhead: int) -> list[tuple[str, float]]:
@@ -149,8 +151,7 @@ def _io_stages(wire: bytes, responder: Responder, overhead: int) -> list[tuple[s
     parser = PolicyParser()
     try:
         def send_request() -> None:
-            client.sendall(wire)
-            time.sleep(0)  # let the loopback delivery finish (it is synchronous, but be sure)
+            client.sendall(wire)  # loopback delivers before sendall returns
 
         def read_and_split() -> object:
             parser.receive_data(server.recv(65536))
@@ -183,11 +184,14 @@ def _logic_stages(wire: bytes, responder: Responder, sink: decisionlog.LineSink,
 
     request = _parse(wire)
     now = trio.current_time()
-    answer = responder.answers.get(_memo_key(request), now)
+    key = _memo_key(request.recipient, request.server_address)
+    assert key is not None
+    answer = responder.answers.get(key, now)
     assert answer is not None
     noop = lambda: None  # noqa: E731
     parse = _measure(noop, lambda: (request.is_smtpd_rcpt, request.queue_id, request.recipient), overhead)
-    memo = _measure(noop, lambda: responder.answers.get(_memo_key(request), now), overhead)
+    memo = _measure(noop, lambda: responder.answers.get(_memo_key(request.recipient, request.server_address), now),  # type: ignore[arg-type]
+                    overhead)
     middle = answer.line
     count = 0
 

@@ -69,9 +69,19 @@ def _middle(decision: Decision) -> str:
     return decisionlog.decision_middle(decision.domain, verdict.action.value, verdict.reason, decision.cache.value)
 
 
-def _memo_key(request: PolicyRequest) -> tuple[str, str]:
-    """Answers depend only on the recipient's domain part and the server address."""
-    return (request.recipient.rpartition("@")[2], request.server_address)
+def _memo_key(recipient: str, server_address: str) -> tuple[str, str] | None:
+    """The memo key of an RCPT, or None when its answer is never memoised.
+
+    An answer depends only on the recipient from its last ``@`` on and on
+    the server address.  The ``@`` is part of the key: a recipient without
+    one (``recipient=example.com``) has no domain to check and must not
+    share the answer for ``user@example.com``; it takes the long way, which
+    decides it as what it is.
+    """
+    at = recipient.rfind("@")
+    if at < 0:
+        return None
+    return (recipient[at:], server_address)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,12 +157,16 @@ class Responder:
         if not request.is_smtpd_rcpt:
             return None
         try:
-            answer = self.answers.get(_memo_key(request), now)
+            recipient = request.recipient
+            key = _memo_key(recipient, request.server_address)
+            if key is None:
+                return None
+            answer = self.answers.get(key, now)
         except Exception:  # never let the shortcut fail a request: take the long way
             log.exception("internal error in the cached path")
             return None
         if answer is not None:
-            self._finish(request, answer, trio.current_time() - now)
+            self._finish(request, answer, trio.current_time() - now, recipient)
         return answer
 
     async def answer(self, request: PolicyRequest) -> Answer:
@@ -189,12 +203,14 @@ class Responder:
         ttl = decision.valid_until - trio.current_time()
         if ttl > 0:
             # Stored without what it was computed from: a memo must stay small.
-            small = Decision(decision.verdict, decision.domain, decision.cache, decision.valid_until)
-            self.answers.put(_memo_key(request), Answer(answer.reply, small, line=_middle(small)), ttl)
+            key = _memo_key(request.recipient, request.server_address)
+            if key is not None:
+                small = Decision(decision.verdict, decision.domain, decision.cache, decision.valid_until)
+                self.answers.put(key, Answer(answer.reply, small, line=_middle(small)), ttl)
         return answer
 
-    def _finish(self, request: PolicyRequest, outcome: Answer, elapsed: float) -> None:
-        """Count and log one answered request."""
+    def _finish(self, request: PolicyRequest, outcome: Answer, elapsed: float, recipient: str | None = None) -> None:
+        """Count and log one answered request (``recipient``: the request's, if already read)."""
         verdict = outcome.decision.verdict
         self.metrics.observe_request(verdict.action.value, verdict.kind.value, elapsed)
         if not outcome.checked:
@@ -205,7 +221,7 @@ class Responder:
                 log.info("%s", decisionlog.decision_line(request.queue_id, request.recipient, _middle(outcome.decision), elapsed))
         elif sink.decisions:
             middle = outcome.line or _middle(outcome.decision)
-            sink.decision(request.queue_id, request.recipient, middle, elapsed)
+            sink.decision(request.queue_id, request.recipient if recipient is None else recipient, middle, elapsed)
 
     async def explain(self, recipient: str, server_address: str = "") -> Explanation:
         """Decide one RCPT as the server would, and say how."""
