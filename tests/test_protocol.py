@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable, Sequence
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from policyd.client import encode_request, parse_reply
@@ -656,6 +656,40 @@ def test_any_bytes_any_chunking_only_protocol_errors(
     result = outcome(data, sizes, eof, limits)
     # Chunking never changes the result: same requests, same error.
     assert result == outcome(data, [len(data) or 1], eof, limits)
+
+
+# Lines as Postfix writes them, and the near misses the whole-request
+# shortcut must leave to the line loop: a "=" in a value, an empty name, no
+# "=", CR, NUL, an empty line inside a block, a stray LF first.
+_PLAIN_LINES = st.sampled_from([b"name=value", b"recipient=u@example.com", b"k=", b"a=\xff\xfe", b"x" * 30 + b"=y"])
+_ODD_LINES = st.sampled_from([b"k==v", b"=v", b"=", b"novalue", b"", b"a=b\r", b"a=\rb", b"a=\x00"])
+_LINE_PIECES = st.one_of(_PLAIN_LINES, _PLAIN_LINES, _ODD_LINES)
+_REQUESTS = st.lists(st.lists(_LINE_PIECES, min_size=1, max_size=8).map(b"\n".join), min_size=1, max_size=3).map(
+    lambda blocks: b"".join(block + b"\n\n" for block in blocks)
+)
+
+
+# Limits near the sizes of these requests, so each is often just kept or just broken.
+_NEAR_LIMITS = st.one_of(
+    st.just({}),
+    st.fixed_dictionaries({"max_attributes": st.integers(1, 8)}),
+    st.fixed_dictionaries({"max_line_bytes": st.integers(8, 40)}),
+    st.fixed_dictionaries({"max_request_bytes": st.integers(20, 300)}),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@example(data=b"a=b\nc=d\n\n", limits={"max_attributes": 1})  # one line too many
+@example(data=b"a=b\nc=d\n\n", limits={"max_attributes": 2})  # just within
+@example(data=b"a=b\n=v\n\n", limits={})  # an empty name after the first line
+@example(data=b"a=b\n\n\n", limits={})  # a stray LF after the request
+@given(data=_REQUESTS | st.tuples(st.sampled_from([b"\n", b"\r\n", b"a=b\n"]), _REQUESTS).map(b"".join),
+       limits=_NEAR_LIMITS)
+def test_whole_request_shortcut_agrees_with_the_line_loop(data: bytes, limits: dict[str, int]) -> None:
+    """A read that ends with an empty line takes the whole-request shortcut;
+    the same bytes one at a time never do.  Both must give the same
+    requests, sizes and error, whatever the lines hold."""
+    assert outcome(data, [len(data)], False, limits) == outcome(data, [1], False, limits)
 
 
 # Surrogates cannot be told apart from raw bytes after surrogateescape, and a
