@@ -8,6 +8,7 @@ request gets bytes to send, within the deadline.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -58,6 +59,18 @@ class Answer:
     checked: bool = True  # False for requests that are not RCPT (not logged)
     # The log line's part that depends only on the answer, built once for a memoised one.
     line: str = field(default="", compare=False, repr=False)
+    # The request counter's labels (action, kind), read per request without enum lookups.
+    counted: tuple[str, str] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        verdict = self.decision.verdict
+        object.__setattr__(self, "counted", _counted(verdict.action, verdict.kind))
+
+
+@functools.cache
+def _counted(action: Action, kind: Kind) -> tuple[str, str]:
+    """One shared label pair per action and kind: memoised answers do not each hold one."""
+    return (action.value, kind.value)
 
 
 _NOT_RCPT = Answer(DUNNO_REPLY, Policy.undecided(Kind.NOT_RCPT, "not an RCPT request"), checked=False)
@@ -154,11 +167,11 @@ class Responder:
         caller's :func:`trio.current_time`, which it needs anyway: the clock
         is read once less per request.
         """
-        if not request.is_smtpd_rcpt:
-            return None
         try:
-            recipient = request.recipient
-            key = _memo_key(recipient, request.server_address)
+            fields = request.rcpt_fields()
+            if fields is None:
+                return None
+            key = _memo_key(fields[0], fields[1])
             if key is None:
                 return None
             answer = self.answers.get(key, now)
@@ -166,7 +179,7 @@ class Responder:
             log.exception("internal error in the cached path")
             return None
         if answer is not None:
-            self._finish(request, answer, trio.current_time() - now, recipient)
+            self._finish(request, answer, trio.current_time() - now, fields)
         return answer
 
     async def answer(self, request: PolicyRequest) -> Answer:
@@ -209,10 +222,11 @@ class Responder:
                 self.answers.put(key, Answer(answer.reply, small, line=_middle(small)), ttl)
         return answer
 
-    def _finish(self, request: PolicyRequest, outcome: Answer, elapsed: float, recipient: str | None = None) -> None:
-        """Count and log one answered request (``recipient``: the request's, if already read)."""
-        verdict = outcome.decision.verdict
-        self.metrics.observe_request(verdict.action.value, verdict.kind.value, elapsed)
+    def _finish(
+        self, request: PolicyRequest, outcome: Answer, elapsed: float, fields: tuple[str, str, str] | None = None
+    ) -> None:
+        """Count and log one answered request (``fields``: its :meth:`~PolicyRequest.rcpt_fields`, if read)."""
+        self.metrics.observe(outcome.counted, elapsed)
         if not outcome.checked:
             return
         sink = self.sink
@@ -221,7 +235,10 @@ class Responder:
                 log.info("%s", decisionlog.decision_line(request.queue_id, request.recipient, _middle(outcome.decision), elapsed))
         elif sink.decisions:
             middle = outcome.line or _middle(outcome.decision)
-            sink.decision(request.queue_id, request.recipient if recipient is None else recipient, middle, elapsed)
+            if fields is None:
+                sink.decision(request.queue_id, request.recipient, middle, elapsed)
+            else:
+                sink.decision(fields[2], fields[0], middle, elapsed)
 
     async def explain(self, recipient: str, server_address: str = "") -> Explanation:
         """Decide one RCPT as the server would, and say how."""

@@ -740,6 +740,7 @@ _ACCESSORS = ("request", "protocol_state", "recipient", "sender", "queue_id", "s
 def _lookups(req: PolicyRequest, names: Iterable[str]) -> dict[str, str]:
     found = {name: getattr(req, name) for name in _ACCESSORS}
     found["is_smtpd_rcpt"] = str(req.is_smtpd_rcpt)
+    found["rcpt_fields"] = repr(req.rcpt_fields())
     found.update({f"get:{name}": req.get(name, "<missing>") for name in names})
     return found
 
@@ -767,6 +768,10 @@ def test_attribute_lookups_agree_with_the_mapping(data: bytes, extra: list[str])
         expected["protocol_state"] = expected["protocol_state"].upper()
         expected["is_smtpd_rcpt"] = str(
             expected["request"] == "smtpd_access_policy" and expected["protocol_state"] == "RCPT"
+        )
+        expected["rcpt_fields"] = repr(
+            (expected["recipient"], expected["server_address"], expected["queue_id"])
+            if expected["is_smtpd_rcpt"] == "True" else None
         )
         expected.update({f"get:{name}": mapping.get(name, "<missing>") for name in names})
         assert _lookups(lazy_req, names) == expected  # before the mapping exists
@@ -818,3 +823,36 @@ def test_request_built_from_a_mapping_answers_the_same() -> None:
 def test_is_smtpd_rcpt(wire: bytes, rcpt: bool) -> None:
     assert parse_one(wire).is_smtpd_rcpt is rcpt
     assert PolicyRequest(parse_one(wire).attrs).is_smtpd_rcpt is rcpt
+
+
+_RCPT_PAIRS = st.lists(
+    st.tuples(
+        st.sampled_from(["request", "protocol_state", "recipient", "server_address", "queue_id", "recipient_count",
+                         "xrecipient", "sender"]),
+        st.sampled_from(["", "RCPT", "rcpt", "smtpd_access_policy", "u@example.com", "127.0.0.1", "4F2A", "a=b"]),
+    ),
+    min_size=1,
+    max_size=10,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@example(pairs=[("request", "smtpd_access_policy"), ("protocol_state", "RCPT"), ("recipient", "u@example.com"),
+                ("server_address", "127.0.0.1"), ("queue_id", "4F2A"), ("recipient", "second@example.com"),
+                ("queue_id", "second")], head=False)
+@example(pairs=[("protocol_state", "rcpt"), ("request", "smtpd_access_policy")], head=False)
+@given(head=st.booleans(), pairs=_RCPT_PAIRS)
+def test_rcpt_fields_agree_with_the_mapping(pairs: list[tuple[str, str]], head: bool) -> None:
+    """``rcpt_fields()``, what a memoised answer reads of a request in one
+    call, is the first value of each of its three attributes, and None
+    unless the request is an smtpd RCPT, as the line-by-line mapping says."""
+    if head:
+        pairs = [("request", "smtpd_access_policy"), ("protocol_state", "RCPT"), *pairs]
+    wire = encode_request(pairs)
+    whole = requests_of(feed_all(PolicyParser(), [wire], eof=True))
+    [eager] = requests_of(feed_all(PolicyParser(), chunked(wire, [1]), eof=True))
+    mapping = dict(eager.attrs)
+    rcpt = (mapping.get("request") == "smtpd_access_policy" and mapping.get("protocol_state", "").upper() == "RCPT")
+    expected = (mapping.get("recipient", ""), mapping.get("server_address", ""), mapping.get("queue_id", "")) if rcpt else None
+    assert [r.rcpt_fields() for r in whole] == [expected]
+    assert eager.rcpt_fields() == expected
