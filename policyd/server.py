@@ -47,7 +47,10 @@ class _StreamWire:
     async def receive(self) -> bytes | bytearray:
         return await self.stream.receive_some(RECEIVE_BYTES)
 
-    async def send(self, data: bytes) -> None:
+    def send_now(self, data: bytes) -> bytes | memoryview | None:
+        return data  # nothing goes without an await
+
+    async def send(self, data: bytes | memoryview) -> None:
         await self.stream.send_all(data)
 
 
@@ -85,20 +88,30 @@ class _SocketWire:
             except OSError as exc:
                 raise _stream_error(exc) from exc
 
-    async def send(self, data: bytes) -> None:
+    def send_now(self, data: bytes) -> bytes | memoryview | None:
+        """Write what the socket takes now; None when all went, else the rest (for :meth:`send`)."""
+        try:
+            sent = os.write(self.fd, data)
+        except BlockingIOError:
+            return data
+        except OSError as exc:
+            raise _stream_error(exc) from exc
+        return None if sent == len(data) else memoryview(data)[sent:]
+
+    async def send(self, data: bytes | memoryview) -> None:
+        """Write all of ``data``, waiting while the peer does not read."""
         fd = self.fd
-        rest: bytes | memoryview = data
         while True:
+            await trio.lowlevel.wait_writable(fd)
             try:
-                sent = os.write(fd, rest)
+                sent = os.write(fd, data)
             except BlockingIOError:
-                sent = 0
+                continue
             except OSError as exc:
                 raise _stream_error(exc) from exc
-            if sent == len(rest):
+            if sent == len(data):
                 return
-            rest = memoryview(rest)[sent:]
-            await trio.lowlevel.wait_writable(fd)
+            data = memoryview(data)[sent:]
 
 
 def _stream_error(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
@@ -170,7 +183,9 @@ async def handle_connection(
                     answer = await responder.answer(request)
                     now = trio.current_time()
                 deadline.at = now + config.request_timeout
-                await wire.send(answer.reply)
+                rest = wire.send_now(answer.reply)
+                if rest is not None:
+                    await wire.send(rest)
         if deadline.expired:
             config = responder.config
             if phase == "request":
