@@ -234,7 +234,8 @@ async def run(quick: bool) -> BenchResult:
     for label, point in rows:
         ceil, pol = point["ceiling"], point["policyd"]
         errors = ceil["error_total"] + pol["error_total"]
-        prev, prev_ceil = point.get("previous"), point.get("previous_ceiling")
+        prev: dict[str, Any] | None = point.get("previous")
+        prev_ceil: dict[str, Any] = point.get("previous_ceiling") or {}
         cfg.add(label, fmt_num(pol["rps"]), fmt_ratio(pol["rps"], ceil["rps"]), f"{pol['p50_ms']:.2f}",
                 f"{pol['p99_ms']:.2f}", fmt_num(_cpu_us(pol), 1), fmt_ratio(_cpu_us(pol), _cpu_us(ceil)),
                 fmt_ratio(prev["rps"], prev_ceil["rps"]) if prev else "-", f"{prev['p99_ms']:.2f}" if prev else "-",
