@@ -234,12 +234,12 @@ async def run(quick: bool) -> BenchResult:
     for label, point in rows:
         ceil, pol = point["ceiling"], point["policyd"]
         errors = ceil["error_total"] + pol["error_total"]
-        prev: dict[str, Any] | None = point.get("previous")
-        prev_ceil: dict[str, Any] = point.get("previous_ceiling") or {}
+        old: dict[str, Any] | None = point.get("previous")
+        old_ceil: dict[str, Any] = point.get("previous_ceiling") or {}
         cfg.add(label, fmt_num(pol["rps"]), fmt_ratio(pol["rps"], ceil["rps"]), f"{pol['p50_ms']:.2f}",
                 f"{pol['p99_ms']:.2f}", fmt_num(_cpu_us(pol), 1), fmt_ratio(_cpu_us(pol), _cpu_us(ceil)),
-                fmt_ratio(prev["rps"], prev_ceil["rps"]) if prev else "-", f"{prev['p99_ms']:.2f}" if prev else "-",
-                fmt_num(_cpu_us(prev), 1) if prev else "-",
+                fmt_ratio(old["rps"], old_ceil["rps"]) if old else "-", f"{old['p99_ms']:.2f}" if old else "-",
+                fmt_num(_cpu_us(old), 1) if old else "-",
                 f"{_other_pct(pol):.0f}", str(point.get("log_lines_dropped", "-")),
                 "0" if not errors else f"{errors} {_error_text(ceil, pol)}")
     result.tables += [thr, lat, cfg]
