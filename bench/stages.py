@@ -5,58 +5,69 @@ says where the difference goes.  Each stage of the daemon's hot path is run
 in-process on its own, with the daemon's own code, on one full Postfix 3.7
 RCPT request whose answer is memoised, and timed per call:
 
-* read and split: ``recv`` of one request waiting on a loopback TCP socket,
-  and the parser's framing (``receive_data``, ``next_request``);
+* read and split: reading one request waiting on a loopback TCP socket
+  (one system call), and the parser's framing and checks
+  (``receive_data``, ``next_request``); for a release that read through
+  trio's ``receive_some``, also the read that finds nothing yet and raises
+  before the wait, which that path paid on every request with Postfix's
+  lock-step;
 * parse: what the hot path reads of the request (is it an RCPT, the
-  recipient, the queue id, the server address) beyond the framing;
+  recipient, the server address, the queue id) beyond the framing;
 * memo lookup: the memo key and the memo's lookup;
-* decision line: building the line, queueing it, and its share of the
-  flusher's batched write (50 lines to a file per write);
+* decision line: building and queueing the line, and its share of the
+  flusher's batched write (50 lines per write, to a file);
 * metrics: counting the request;
-* reply write: sending the reply over loopback TCP (the kernel's delivery
-  to the peer included, as it is billed to the sender);
-* trio: one task switch with 50 tasks runnable, as the scheduler does it
-  for every ``await`` that yields.
+* reply write: the system call that sends the reply over loopback TCP
+  (the kernel's delivery to the peer included, as it is billed to the
+  sender);
+* trio scheduling and the connection loop: with ``--total``, the daemon's
+  CPU time per request under load (a subprocess at C = 50 on the cached
+  path, decision lines to a file, CPU from /proc) minus the stages above:
+  the task switches and epoll calls around the stages, trio's socket
+  wrappers where a release used them, waking the peer, and the loop's own
+  bookkeeping.
 
-With ``--total`` the daemon (this tree, and the previous release beside it)
-is also run as a subprocess at C = 50 on the cached path, and its CPU time
-per request is given: what the stages above do not explain is trio's
-scheduling around them (task switches, epoll registration, the socket
-wrappers' checkpoints) and the connection loop.
-
-Figures are minimums over a few repeats (the least disturbed by other
-work on the machine); the total is the median of a few rounds.
+``--release previous`` measures the previous release's code the same way
+(run from its extracted tree, :mod:`bench.previous`), so a before/after
+table comes from one machine in one sitting.  Figures are minimums over a
+few repeats (the least disturbed by other work on the machine); the total
+is the median of a few rounds.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import os
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from typing import Final
+from pathlib import Path
+from typing import Any, Final
 
 import trio
 
 from policyd import decisionlog
 from policyd.config import Config
 from policyd.metrics import Metrics
-from policyd.protocol import NEED_DATA, PolicyParser, PolicyRequest
-from policyd.responder import Responder
+from policyd.protocol import PolicyParser, PolicyRequest
+from policyd.responder import Responder, core_settings
 from smtpdcheck.core import build_core
 from smtpdcheck.policy import Action, Cache, Decision, Kind, Verdict
 
 from .workload import RequestTemplate
 
 ROUNDS: Final = 7
-CALLS: Final = 4000
+CALLS: Final = 3000
 BATCH: Final = 50  # decision lines per flusher write, as under load at C = 50
+STAGES: Final = ("read and split", "parse", "memo lookup", "decision line", "metrics", "reply write")
+REST: Final = "trio scheduling and the connection loop"
 
 
 def _timer_overhead() -> int:
@@ -71,7 +82,7 @@ def _timer_overhead() -> int:
     return int(best)
 
 
-def _measure(setup: Callable[[], None], timed: Callable[[], object], overhead: int) -> float:
+def _measure(setup: Callable[[], object], timed: Callable[[], object], overhead: int) -> float:
     """Microseconds per ``timed()`` call, ``setup()`` run untimed before each."""
     clock = time.perf_counter_ns
     best = math.inf
@@ -98,36 +109,6 @@ def _tcp_pair() -> tuple[socket.socket, socket.socket]:
     return client, server
 
 
-def stage_table(overhead: int) -> list[tuple[str, float]]:
-    """Each stage in microseconds per cached RCPT."""
-    return trio.run(_stages, overhead)
-
-
-async def _stages(overhead: int) -> list[tuple[str, float]]:
-    from policyd.responder import core_settings
-
-    config = Config()
-    wire = RequestTemplate().render("user@d1.example")
-    rows: list[tuple[str, float]] = []
-    async with trio.open_nursery() as nursery:
-        core = build_core(nursery, core_settings(config))
-        with tempfile.TemporaryFile() as logfile:
-            sink = decisionlog.LineSink(decisionlog.StreamTarget(logfile.fileno()))
-            responder = Responder(config, core, Metrics(), sink=sink)
-            request = _parse(wire)
-            verdict = Verdict(Action.DEFER_IF_PERMIT, Kind.PRIMARY_LIVE, "primary mx1.d1.example live", "mx1.d1.example")
-            decision = Decision(verdict, "d1.example", Cache.HIT, trio.current_time() + 3600)
-            responder_memo(responder, request, decision)
-            now = trio.current_time()
-            assert responder.answer_now(request, now) is not None
-            rows += _io_stages(wire, responder, overhead)
-            rows += _logic_stages(wire, responder, sink, overhead)
-            rows.append(("trio: one task switch, 50 tasks runnable", await _task_switch()))
-            sink.close()
-        nursery.cancel_scope.cancel()
-    return rows
-
-
 def _parse(wire: bytes) -> PolicyRequest:
     parser = PolicyParser()
     parser.receive_data(wire)
@@ -136,33 +117,68 @@ def _parse(wire: bytes) -> PolicyRequest:
     return request
 
 
-def responder_memo(responder: Responder, request: PolicyRequest, decision: Decision) -> None:
-    """Memoise ``decision`` for ``request`` as the responder does after a cached decision."""
-    from policyd.responder import Answer, _memo_key, _middle
+def _key(request: PolicyRequest) -> Any:
+    """The memo key, as this code computes it (its signature changed between releases)."""
+    from policyd import responder
 
-    answer = Answer(responder._reply(decision), decision, line=_middle(decision))
-    key = _memo_key(request.recipient, request.server_address)
-    assert key is not None
-    responder.answers.put(key, answer, 3600)
+    memo_key: Any = responder._memo_key
+    if hasattr(PolicyRequest, "rcpt_fields"):
+        return memo_key(request.recipient, request.server_address)
+    return memo_key(request)
 
 
-def _io_stages(wire: bytes, responder: Responder, overhead: int) -> list[tuple[str, float]]:
-    client, server = _tcp_pair()
+async def _stages(overhead: int) -> dict[str, float]:
+    """Each stage in microseconds per cached RCPT, for the code importable here."""
+    from policyd import responder as responder_module
+
+    config = Config()
+    wire = RequestTemplate().render("user@d1.example")
+    rows: dict[str, float] = {}
+    async with trio.open_nursery() as nursery:
+        core = build_core(nursery, core_settings(config))
+        with tempfile.TemporaryFile() as logfile:
+            sink = decisionlog.LineSink(decisionlog.StreamTarget(logfile.fileno()))
+            responder = Responder(config, core, Metrics(), sink=sink)
+            request = _parse(wire)
+            verdict = Verdict(Action.DEFER_IF_PERMIT, Kind.PRIMARY_LIVE, "primary mx1.d1.example live", "mx1.d1.example")
+            decision = Decision(verdict, "d1.example", Cache.HIT, trio.current_time() + 3600)
+            answer = responder_module.Answer(responder._reply(decision), decision, line=responder_module._middle(decision))
+            responder.answers.put(_key(request), answer, 3600)
+            assert responder.answer_now(request, trio.current_time()) is not None
+            rows.update(_io_stages(wire, answer.reply, overhead))
+            rows.update(_logic_stages(wire, responder, sink, overhead))
+        nursery.cancel_scope.cancel()
+    return rows
+
+
+def _io_stages(wire: bytes, reply: bytes, overhead: int) -> dict[str, float]:
+    from policyd import server
+
+    client, sock = _tcp_pair()
     parser = PolicyParser()
+    fd = sock.fileno()
+    own_wire = hasattr(server, "_SocketWire")  # reads and writes with one system call
     try:
-        def send_request() -> None:
-            client.sendall(wire)  # loopback delivers before sendall returns
-
-        def read_and_split() -> object:
-            parser.receive_data(server.recv(65536))
+        def split() -> object:
             request = parser.next_request()
             parser.next_request()
             return request
 
-        read = _measure(send_request, read_and_split, overhead)
-        reply = responder.answer_now(_parse(wire), trio.current_time())
-        assert reply is not None
-        data = reply.reply
+        def nothing_yet() -> None:
+            try:
+                sock.recv(65536)
+            except BlockingIOError:
+                pass
+
+        def read_and_split() -> object:
+            parser.receive_data(os.read(fd, 65536))
+            return split()
+
+        read = _measure(lambda: client.sendall(wire), read_and_split, overhead)
+        if not own_wire:
+            # receive_some tries first: with Postfix's lock-step the request is
+            # not there yet, and the failed read raises before the wait.
+            read += _measure(lambda: None, nothing_yet, overhead)
         client.setblocking(False)
 
         def drain() -> None:
@@ -172,101 +188,139 @@ def _io_stages(wire: bytes, responder: Responder, overhead: int) -> list[tuple[s
             except BlockingIOError:
                 pass
 
-        write = _measure(drain, lambda: server.send(data), overhead)
+        write = _measure(drain, lambda: os.write(fd, reply), overhead)
     finally:
         client.close()
-        server.close()
-    return [("read and split", read), ("reply write", write)]
+        sock.close()
+    return {"read and split": read, "reply write": write}
 
 
-def _logic_stages(wire: bytes, responder: Responder, sink: decisionlog.LineSink, overhead: int) -> list[tuple[str, float]]:
-    from policyd.responder import _memo_key
-
+def _logic_stages(wire: bytes, responder: Responder, sink: decisionlog.LineSink, overhead: int) -> dict[str, float]:
     request = _parse(wire)
     now = trio.current_time()
-    key = _memo_key(request.recipient, request.server_address)
-    assert key is not None
-    answer = responder.answers.get(key, now)
+    answer = responder.answers.get(_key(request), now)
     assert answer is not None
-    noop = lambda: None  # noqa: E731
-    parse = _measure(noop, lambda: (request.is_smtpd_rcpt, request.queue_id, request.recipient), overhead)
-    memo = _measure(noop, lambda: responder.answers.get(_memo_key(request.recipient, request.server_address), now),  # type: ignore[arg-type]
-                    overhead)
+    noop: Callable[[], None] = lambda: None  # noqa: E731
+    if hasattr(PolicyRequest, "rcpt_fields"):
+        parse = _measure(noop, request.rcpt_fields, overhead)
+        fields = request.rcpt_fields()
+        assert fields is not None
+        from policyd.responder import _memo_key
+
+        memo = _measure(noop, lambda: responder.answers.get(_memo_key(fields[0], fields[1]), now), overhead)  # type: ignore[arg-type]
+        counted = answer.counted
+        metrics = _measure(noop, lambda: responder.metrics.observe(counted, 0.0000123), overhead)
+    else:
+        # The memo key read the recipient and the server address; the log
+        # line the queue id and the recipient again.
+        parse = _measure(noop, lambda: (request.is_smtpd_rcpt, request.queue_id, request.recipient), overhead)
+        memo = _measure(noop, lambda: responder.answers.get(_key(request), now), overhead)
+        verdict = answer.decision.verdict
+        metrics = _measure(noop, lambda: responder.metrics.observe_request(verdict.action.value, verdict.kind.value,
+                                                                           0.0000123), overhead)
     middle = answer.line
+    queue_id, recipient = request.queue_id, request.recipient
     count = 0
 
     def line() -> None:
         nonlocal count
-        sink.decision(request.queue_id, request.recipient, middle, 0.0000123)
+        sink.decision(queue_id, recipient, middle, 0.0000123)
         count += 1
         if count % BATCH == 0:
             sink._send_some()
 
-    log = _measure(noop, line, overhead)
-    metrics = responder.metrics
-    verdict = answer.decision.verdict
-    count_it = _measure(noop, lambda: metrics.observe_request(verdict.action.value, verdict.kind.value, 0.0000123), overhead)
-    return [("parse", parse), ("memo lookup", memo), ("decision line", log), ("metrics", count_it)]
+    # As under the running flusher: decision() only queues, the flusher writes a batch.
+    sink._task = trio.lowlevel.current_task()
+    try:
+        log = _measure(noop, line, overhead)
+    finally:
+        sink._task = None
+    return {"parse": parse, "memo lookup": memo, "decision line": log, "metrics": metrics}
 
 
-async def _task_switch() -> float:
-    """Microseconds per yield when 50 tasks take turns."""
-    tasks, switches = 50, 200
-    best = math.inf
-    for _ in range(3):
-        async def spin() -> None:
-            for _ in range(switches):
-                await trio.lowlevel.cancel_shielded_checkpoint()
-
-        t0 = time.perf_counter_ns()
-        async with trio.open_nursery() as nursery:
-            for _ in range(tasks):
-                nursery.start_soon(spin)
-        best = min(best, time.perf_counter_ns() - t0)
-    return best / (tasks * switches) / 1000
-
-
-async def _total(rounds: int, duration: float) -> dict[str, list[float]]:
-    """Daemon CPU microseconds per request at C = 50, this tree and the previous release, alternating."""
+async def _total(release_name: str, rounds: int, duration: float) -> list[float]:
+    """Daemon CPU microseconds per request at C = 50 on the cached path, decision lines to a file."""
     from .policyenv import policy_env
-    from .previous import PREVIOUS_RELEASE, THIS, ReleaseUnavailable
+    from .previous import PREVIOUS_RELEASE, THIS
     from .procs import run_loadgen
 
-    figures: dict[str, list[float]] = {}
-    releases = [THIS, PREVIOUS_RELEASE]
-    for k in range(rounds):
-        for release in releases if k % 2 == 0 else releases[::-1]:
-            try:
-                async with policy_env(lifetime=duration + 60, log="file", release=release) as env:
-                    await run_loadgen(env.job(mode="count", connections=10, count=100, domain_count=100, time_limit=30))
-                    run = await run_loadgen(env.job(mode="duration", connections=50, duration=duration, warmup=0.3,
-                                                    domain_count=100, time_limit=duration + 30))
-            except ReleaseUnavailable:
-                continue
-            figures.setdefault(release.label, []).append(run["server_cpu_s"] / max(run["counted"], 1) * 1e6)
+    release = PREVIOUS_RELEASE if release_name == "previous" else THIS
+    figures: list[float] = []
+    async with policy_env(lifetime=rounds * (duration + 10) + 60, log="file", release=release) as env:
+        await run_loadgen(env.job(mode="count", connections=10, count=100, domain_count=100, time_limit=30))
+        for _ in range(rounds):
+            run = await run_loadgen(env.job(mode="duration", connections=50, duration=duration, warmup=0.3,
+                                            domain_count=100, time_limit=duration + 30))
+            figures.append(run["server_cpu_s"] / max(run["counted"], 1) * 1e6)
+    return figures
+
+
+def measure_here() -> dict[str, float]:
+    """The stages of the code importable in this process."""
+    gc.collect()
+    return trio.run(_stages, _timer_overhead())
+
+
+def measure(release: str) -> dict[str, float]:
+    """The stages of ``release`` ("this" or "previous"), the previous one in a child from its own tree."""
+    if release == "this":
+        return measure_here()
+    from .previous import PREVIOUS_RELEASE
+    from .procs import REPO_ROOT, child_env
+
+    tree = PREVIOUS_RELEASE.tree()
+    # The child imports the release's packages from its tree (first on the
+    # path; the test suite's fakes from ours) and loads this harness by
+    # its file name, as a module of the release's bench package.
+    env = child_env(tree)
+    env["PYTHONPATH"] = os.pathsep.join([str(tree), str(REPO_ROOT), env.get("PYTHONPATH", "")])
+    code = (
+        "import importlib.util, json, sys, bench\n"
+        f"spec = importlib.util.spec_from_file_location('bench.stages', {str(Path(__file__))!r})\n"
+        "assert spec is not None and spec.loader is not None\n"
+        "module = importlib.util.module_from_spec(spec)\n"
+        "sys.modules['bench.stages'] = module\n"
+        "spec.loader.exec_module(module)\n"
+        "print(json.dumps(module.measure_here()))\n"
+    )
+    with tempfile.TemporaryDirectory() as cwd:
+        out = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
+                             timeout=300, check=True).stdout
+    figures: dict[str, float] = json.loads(out.strip().splitlines()[-1])
     return figures
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.stages", description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--total", action="store_true", help="also run the daemon at C=50 for its CPU time per request")
+    parser.add_argument("--release", choices=("this", "previous", "both"), default="both",
+                        help="whose code to measure (default both, side by side)")
+    parser.add_argument("--total", action="store_true",
+                        help="also run the daemon at C=50 for its CPU time per request (the rest is trio's)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of --total (default 3)")
     args = parser.parse_args(argv)
-    gc.collect()
-    overhead = _timer_overhead()
-    rows = stage_table(overhead)
-    print(f"CPU microseconds per cached RCPT, by stage (pid {os.getpid()}, load {os.getloadavg()[0]:.2f})")
-    width = max(len(name) for name, _ in rows)
-    for name, us in rows:
-        print(f"  {name:<{width}}  {us:6.2f}")
-    stages = sum(us for name, us in rows if not name.startswith("trio"))
-    print(f"  {'sum of the stages above trio':<{width}}  {stages:6.2f}")
+    releases = ["previous", "this"] if args.release == "both" else [args.release]
+    columns: dict[str, dict[str, float]] = {}
+    for _ in range(2):  # alternate, so a change in the machine's load hits both
+        for release in releases:
+            figures = measure(release)
+            if release in columns:
+                figures = {k: min(v, columns[release][k]) for k, v in figures.items()}
+            columns[release] = figures
     if args.total:
-        figures = trio.run(_total, args.rounds, 1.5)
-        for label, values in figures.items():
-            median = statistics.median(values)
-            print(f"daemon at C=50, {label}: {median:.1f} us CPU per request (rounds: "
-                  + ", ".join(f"{v:.1f}" for v in values) + f"); not in the stages: {median - stages:.1f}")
+        for _ in range(1):
+            for release in releases:
+                columns[release]["total"] = statistics.median(trio.run(_total, release, args.rounds, 1.5))
+    load = os.getloadavg()
+    print(f"CPU microseconds per cached RCPT, by stage (load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f})")
+    width = max(len(REST), 20)
+    print(f"  {'stage':<{width}}" + "".join(f"  {name:>9}" for name in releases))
+    for stage in STAGES:
+        print(f"  {stage:<{width}}" + "".join(f"  {columns[r][stage]:9.2f}" for r in releases))
+    sums = {r: sum(columns[r][s] for s in STAGES) for r in releases}
+    print(f"  {'sum of the stages':<{width}}" + "".join(f"  {sums[r]:9.2f}" for r in releases))
+    if args.total:
+        print(f"  {REST:<{width}}" + "".join(f"  {columns[r]['total'] - sums[r]:9.2f}" for r in releases))
+        print(f"  {'daemon CPU per request, C=50':<{width}}" + "".join(f"  {columns[r]['total']:9.2f}" for r in releases))
     return 0
 
 
