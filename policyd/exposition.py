@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from smtpdcheck.cache import REASONS
+
 from .metrics import LATENCY_BUCKETS_S
 
 if TYPE_CHECKING:
@@ -86,6 +88,11 @@ def make_registry(responder: Responder) -> object:
             )
             stale = CounterMetricFamily("smtpdcheck_stale_answers", "Expired entries served while being refreshed", labels=["cache"])
             fresh = GaugeMetricFamily("smtpdcheck_cache_kept_fresh", "Entries used recently enough to be kept fresh", labels=["cache"])
+            background = CounterMetricFamily(
+                "smtpdcheck_background_fetches",
+                "Fetches no request waited for (DNS queries, probes), by cache and why they were started",
+                labels=["cache", "reason"],
+            )
             for name, flights in (
                 ("probe", responder.core.prober.flights),
                 ("mx", responder.core.resolver.mx_flights),
@@ -95,9 +102,12 @@ def make_registry(responder: Responder) -> object:
                     refreshes.add_metric([name, how], flights.refreshes[how])
                 stale.add_metric([name], flights.stale_served)
                 fresh.add_metric([name], flights.kept_fresh())
+                for reason in REASONS:
+                    background.add_metric([name, reason], flights.background[reason])
             yield refreshes
             yield stale
             yield fresh
+            yield background
             yield CounterMetricFamily("smtpdcheck_dns_failures", "DNS queries that failed or timed out", value=responder.core.resolver.failures)
             yield GaugeMetricFamily("smtpdcheck_connections_open", "Postfix connections open", value=m.connections_open)
             yield CounterMetricFamily("smtpdcheck_connections", "Postfix connections accepted", value=m.connections_total)

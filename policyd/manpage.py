@@ -308,7 +308,13 @@ DECISION_RULES: Final = (
         "network once a domain is known.  While a refresh runs past expiry the old value is served, "
         "at most --timeout (probes) or --dns-timeout (DNS) past its TTL; the decision line then "
         "says cache=stale.  A DNS refresh that fails keeps the last good answer up to "
-        "--dns-stale-max past its expiry.  --refresh-window 0 turns this off.",
+        "--dns-stale-max past its expiry.  Background work is paid for by traffic: each use of a "
+        "DNS answer pays for at most 3 background fetches of it (refreshes or retries), whatever "
+        "its TTL, and none comes within --dns-timeout (1 s at the least) of the one before; a "
+        "lookup that failed is asked again only when a request needs it.  Probe results are "
+        "refreshed once per TTL (at most once a second) until the window ends.  Background work "
+        "holds at most half of --max-dns-queries and --max-probes; the rest is kept for requests.  "
+        "--refresh-window 0 turns this off.",
     ),
 )
 

@@ -10,6 +10,12 @@ Flights run in a long-lived nursery owned by the caller (the daemon's or the
 command's top level), not in the requester's task, so a requester that gives
 up (its own deadline passed) does not cancel an answer others wait for, and
 the answer still lands in the cache for the next one.
+
+A flight is *background* work when no request asked for it: a refresh
+ahead of expiry, a refresh started because a request was handed an expired
+value, or a retry after a failed refresh.  Each costs the network (a query,
+a connection to someone's primary), so each is paid for by a use of the
+entry (see :class:`smtpdcheck.refresh.RefreshRules`) and counted by reason.
 """
 
 from __future__ import annotations
@@ -44,6 +50,12 @@ class Source(enum.IntEnum):
 Deliver = Callable[[V], None]
 Producer = Callable[[Deliver[V]], Awaitable[None]]
 
+#: Why a background fetch was started (the ``reason`` label of its counter).
+REFRESH_AHEAD = "refresh-ahead"  # scheduled shortly before expiry
+STALE_USE = "stale-use"  # a request was handed the expired value
+RETRY_AFTER_FAILURE = "retry-after-failure"  # the last refresh failed; the last good value is served
+REASONS = (REFRESH_AHEAD, STALE_USE, RETRY_AFTER_FAILURE)
+
 
 @dataclass(slots=True, eq=False)
 class Entry(Generic[V]):
@@ -53,9 +65,11 @@ class Entry(Generic[V]):
     expires: float  # fresh until then
     used: float  # last handed to a caller
     stale_until: float  # may be served past expiry until then (while refreshing)
-    due: float = math.inf  # background refresh scheduled for then
-    retry_at: float = -math.inf  # no refresh before then (after a failed one)
+    due: float = math.inf  # background refresh scheduled for then (inf: none planned)
+    not_before: float = -math.inf  # no background fetch before then (the floor; after a failure, the retry time)
     failing: bool = False  # the last refresh failed; ``value`` is the last good one
+    credits: float = 0.0  # background fetches the last use still pays for
+    lead: float = 0.0  # how long before expiry its refresh is due
 
 
 class TTLCache(Generic[K, V]):
@@ -114,16 +128,24 @@ class TTLCache(Generic[K, V]):
     def count_hits(self, n: int) -> None:
         self.hits += n
 
-    def put(self, key: K, value: V, ttl: float, *, stale_until: float | None = None) -> Entry[V] | None:
-        """Store ``value`` for ``ttl`` seconds (0 or less removes the key); the new entry."""
+    def put(
+        self, key: K, value: V, ttl: float, *, stale_until: float | None = None, keep_order: bool = False
+    ) -> Entry[V] | None:
+        """Store ``value`` for ``ttl`` seconds (0 or less removes the key); the new entry.
+
+        ``keep_order`` replaces an existing key where it stands in LRU
+        order: a refresh nobody asked for must not make an entry look used.
+        """
         if ttl <= 0:
             self._data.pop(key, None)
             return None
         now = self._clock()
         expires = now + ttl
         entry = Entry(value, expires, now, expires if stale_until is None else stale_until)
-        self._data[key] = entry
-        self._data.move_to_end(key)
+        present = key in self._data
+        self._data[key] = entry  # an existing key keeps its place in an OrderedDict
+        if not (keep_order and present):
+            self._data.move_to_end(key)
         while len(self._data) > self.max_entries:
             self._data.popitem(last=False)
         return entry
@@ -143,6 +165,7 @@ class _Flight(Generic[V]):
     value: V | None = None
     refresh: bool = False  # started to refresh a cached value, not for a waiting caller
     started: float = 0.0
+    waiters: int = 0  # callers that waited for it (each a use of the key)
 
 
 class SingleFlight(Generic[K, V]):
@@ -159,8 +182,14 @@ class SingleFlight(Generic[K, V]):
     domain that sees one RCPT every few minutes is refreshed too), expired
     values are served while their refresh runs, and a refresh whose result
     ``is_failure`` keeps the last good value as long as the rules allow.
-    Refreshes are flights like any other: callers share them, and they stay
-    under the producers' own limits.
+    Background fetches are paid for by uses: each use restores the entry's
+    credits to ``rules.fetches_per_use`` and each background fetch spends
+    one; none comes sooner than ``rules.floor`` after the entry's last
+    fetch started; an entry holding a failure is neither refreshed nor
+    served stale (its name is only asked again when a request needs it).
+    Refreshes are flights like any other: callers share them.  They are
+    made by ``refresh_for(key)`` (default ``produce_for``), so a producer
+    can take its slot from the smaller background share of its limit.
     """
 
     def __init__(
@@ -172,6 +201,7 @@ class SingleFlight(Generic[K, V]):
         name: str = "flight",
         *,
         produce_for: Callable[[K], Producer[V]] | None = None,
+        refresh_for: Callable[[K], Producer[V]] | None = None,
         rules: RefreshRules | None = None,
         is_failure: Callable[[V], bool] | None = None,
         describe: Callable[[K], str] = repr,
@@ -193,12 +223,16 @@ class SingleFlight(Generic[K, V]):
         self._running = 0
         self._flight_ended: trio.Event | None = None
         # Refreshing needs a way to fetch a key without a caller's producer.
-        self.rules = rules if rules is not None and rules.enabled and produce_for is not None else None
-        self._is_failure = is_failure or (lambda value: ttl_of(value) <= 0)
+        self._refresh_for = refresh_for or produce_for
+        self.rules = rules if rules is not None and rules.enabled and self._refresh_for is not None else None
+        # A fetch that learnt nothing (SERVFAIL, a timeout), as opposed to an
+        # answer: a zero TTL is not a failure, it means "do not keep".
+        self._is_failure = is_failure or (lambda value: False)
         self._rng = rng or make_rng()
         self._schedule: Schedule[K] = Schedule()
         self._wake = trio.Event()
         self.refreshes: Counter[str] = Counter()  # "ok" / "failed"
+        self.background: Counter[str] = Counter()  # background fetches started, by reason (REASONS)
         self.stale_served = 0
         if self.rules is not None:
             nursery.start_soon(self._refresher, name=f"{name} refresher")
@@ -214,12 +248,15 @@ class SingleFlight(Generic[K, V]):
         return self._running - len(self._inflight)
 
     def kept_fresh(self) -> int:
-        """Entries currently kept fresh (used within the window); O(n), for scrapes."""
+        """Entries a use still pays background fetches for, within the window; O(n), for scrapes."""
         rules = self.rules
         if rules is None:
             return 0
         now = self._clock()
-        return sum(1 for _, e in self.cache.entries() if rules.kept_fresh(e.used, now))
+        return sum(
+            1 for _, e in self.cache.entries()
+            if rules.may_fetch(e.credits, e.used, now) and not self._is_failure(e.value)
+        )
 
     async def wait_lingering(self) -> None:
         """Return once no delivered flight is still finishing (bound it with a cancel scope)."""
@@ -228,21 +265,44 @@ class SingleFlight(Generic[K, V]):
             await event.wait()
 
     def _servable(self, key: K, entry: Entry[V], now: float) -> Source | None:
-        """CACHE or STALE if ``entry`` may be handed out now (starting a refresh if it needs one)."""
+        """CACHE or STALE if ``entry`` may be handed out now; handing it out is a use.
+
+        A stale value starts its refresh at once when the floor allows
+        (else the one already planned for then runs).
+        """
         if entry.expires > now:
-            return Source.CACHE
-        if self.rules is None or now >= entry.stale_until:
+            source = Source.CACHE
+        elif self.rules is None or now >= entry.stale_until:
             return None
-        if key not in self._inflight and now >= entry.retry_at and self._produce_for is not None:
-            self._start(key, self._produce_for(key), refresh=True)
-        self.stale_served += 1
-        return Source.STALE
+        else:
+            source = Source.STALE
+        self._use(key, entry, now)
+        if (
+            source is Source.STALE and key not in self._inflight and now >= entry.not_before
+            and entry.credits >= 1 and self._refresh_for is not None
+        ):
+            reason = RETRY_AFTER_FAILURE if entry.failing else STALE_USE
+            self._start(key, self._refresh_for(key), refresh=True, reason=reason)
+        return source
+
+    def _use(self, key: K, entry: Entry[V], now: float) -> None:
+        """A caller is handed ``entry``: LRU, the window, and the credits it buys."""
+        self.cache.touch(key, entry, now)
+        rules = self.rules
+        if rules is None:
+            return
+        entry.credits = rules.fetches_per_use
+        if entry.due == math.inf and key not in self._inflight and not self._is_failure(entry.value):
+            # Its credits had run out (or it went idle): plan its refresh again.
+            self._plan(key, entry, rules.refresh_at(entry.expires - entry.lead, entry.not_before))
 
     def cached(self, key: K) -> tuple[V, float, Source] | None:
         """A value usable without waiting, when it expires, and whether it is stale; no I/O.
 
-        The cache-only decision path uses this; hit statistics are the
-        caller's to count (:meth:`TTLCache.count_hits`) once it has used it.
+        The cache-only decision path uses this.  It may fall through to
+        :meth:`get` for the same key, so statistics (hits, stale answers)
+        are the caller's to count, with :meth:`count_served`, once it has
+        used the value.
         """
         entry = self.cache.raw(key)
         if entry is None:
@@ -251,8 +311,12 @@ class SingleFlight(Generic[K, V]):
         source = self._servable(key, entry, now)
         if source is None:
             return None
-        self.cache.touch(key, entry, now)
         return entry.value, entry.expires, source
+
+    def count_served(self, hits: int, stale: int = 0) -> None:
+        """Statistics for values taken with :meth:`cached`, as if each had come from :meth:`get`."""
+        self.cache.count_hits(hits)
+        self.stale_served += stale
 
     async def get(self, key: K, produce: Producer[V] | None = None) -> tuple[V, Source]:
         """Return ``(value, source)``; waits for a flight if nothing usable is cached.
@@ -264,8 +328,9 @@ class SingleFlight(Generic[K, V]):
             now = self._clock()
             source = self._servable(key, entry, now)
             if source is not None:
-                self.cache.touch(key, entry, now)
                 self.cache.hits += 1
+                if source is Source.STALE:
+                    self.stale_served += 1
                 await trio.lowlevel.checkpoint()
                 return entry.value, source
         self.cache.misses += 1
@@ -278,12 +343,19 @@ class SingleFlight(Generic[K, V]):
             flight = self._start(key, produce, refresh=False)
         else:
             self.joined += 1
+        flight.waiters += 1
         await flight.done.wait()
         assert flight.value is not None
         return flight.value, Source.NETWORK
 
-    def _start(self, key: K, produce: Producer[V], *, refresh: bool) -> _Flight[V]:
+    def _start(self, key: K, produce: Producer[V], *, refresh: bool, reason: str = "") -> _Flight[V]:
         flight: _Flight[V] = _Flight(refresh=refresh, started=self._clock())
+        if refresh:
+            self.background[reason] += 1
+            entry = self.cache.raw(key)
+            if entry is not None:
+                entry.credits -= 1
+                entry.due = math.inf  # the flight plans the next one when it lands
         self._inflight[key] = flight
         self.started += 1
         self._nursery.start_soon(self._fly, key, flight, produce, name=f"{self._name} {key!r}")
@@ -308,9 +380,11 @@ class SingleFlight(Generic[K, V]):
                     )
                 old.failing = True
                 old.stale_until = keep_until
-                old.retry_at = now + rules.retry_after
+                old.not_before = max(now + rules.retry_after, rules.not_before(flight.started))
+                if flight.waiters:
+                    self._use(key, old, now)
                 self._finish(key, flight, old.value)
-                self._plan(key, old, old.retry_at)
+                self._plan_next(key, old, old.not_before)
                 return
         if flight.refresh:
             self.refreshes["failed" if self._is_failure(value) else "ok"] += 1
@@ -319,17 +393,32 @@ class SingleFlight(Generic[K, V]):
         self._finish(key, flight, value)
         if not store:
             return
+        if old is None and not flight.waiters:
+            return  # a refresh of an entry evicted meanwhile, that nobody waited for
         ttl = self._ttl_of(value)
-        stale_until = None if rules is None else rules.stale_until(now + ttl)
-        entry = self.cache.put(key, value, ttl, stale_until=stale_until)
-        if entry is not None and rules is not None:
-            if old is not None and flight.refresh:
-                entry.used = old.used  # a refresh is not a use
-            # Jitter only when an entry is first stored: its refreshes keep
-            # that phase, so entries cached in one burst stay spread out,
-            # and refreshes come once per TTL on average, not more often.
-            jitter = 0.0 if flight.refresh else self._rng.random()
-            self._plan(key, entry, rules.due(entry.expires, ttl, now - flight.started, jitter))
+        failed = self._is_failure(value)
+        stale_until = None if rules is None or failed else rules.stale_until(now + ttl)
+        # A refresh nobody waited for is not a use: it keeps the entry's
+        # place in LRU order, its last use and the credits that use left.
+        unused = old is not None and not flight.waiters
+        entry = self.cache.put(key, value, ttl, stale_until=stale_until, keep_order=unused)
+        if entry is None or rules is None:
+            return
+        if unused:
+            assert old is not None
+            entry.used, entry.credits = old.used, old.credits
+        else:
+            entry.credits = rules.fetches_per_use
+        entry.not_before = rules.not_before(flight.started)
+        if failed:
+            return  # never refreshed in the background: asked again only when a request needs it
+        # Jitter only when an entry is first stored: its refreshes keep
+        # that phase, so entries cached in one burst stay spread out,
+        # and refreshes come once per TTL on average, not more often.
+        jitter = 0.0 if flight.refresh else self._rng.random()
+        due = rules.due(entry.expires, ttl, now - flight.started, jitter)
+        entry.lead = entry.expires - due
+        self._plan_next(key, entry, rules.refresh_at(due, entry.not_before))
 
     def _abandon(self, key: K, flight: _Flight[V]) -> None:
         """A flight that ended without an answer (cancelled at shutdown, or a
@@ -337,7 +426,12 @@ class SingleFlight(Generic[K, V]):
         nothing is counted or logged; waiters get the cached value if there
         is a good one, else the fallback."""
         old = self.cache.raw(key)
-        keep = old is not None and self.rules is not None and not self._is_failure(old.value)
+        keep = (
+            old is not None and self.rules is not None and not self._is_failure(old.value)
+            and self._clock() < old.stale_until
+        )
+        if old is not None:
+            old.due = math.inf  # a later use plans its refresh again
         self._finish(key, flight, old.value if keep and old is not None else self._fallback(None))
 
     def _finish(self, key: K, flight: _Flight[V], value: V) -> None:
@@ -345,6 +439,13 @@ class SingleFlight(Generic[K, V]):
         flight.done.set()
         if self._inflight.get(key) is flight:
             del self._inflight[key]
+
+    def _plan_next(self, key: K, entry: Entry[V], at: float) -> None:
+        """Plan the next background fetch at ``at`` if the last use still pays for one."""
+        if entry.credits >= 1:
+            self._plan(key, entry, at)
+        else:
+            entry.due = math.inf  # a use plans it again
 
     def _plan(self, key: K, entry: Entry[V], due: float) -> None:
         entry.due = due
@@ -355,20 +456,24 @@ class SingleFlight(Generic[K, V]):
 
     async def _refresher(self) -> None:
         """Start the refreshes that are due, sleeping until the next one."""
-        rules, produce_for = self.rules, self._produce_for
-        assert rules is not None and produce_for is not None
+        rules, refresh_for = self.rules, self._refresh_for
+        assert rules is not None and refresh_for is not None
         while True:
             now = self._clock()
             for key, due in self._schedule.pop_due(now):
                 entry = self.cache.raw(key)
                 if entry is None or entry.due != due:
                     continue  # gone, or rescheduled since
-                if not rules.kept_fresh(entry.used, now) or key in self._inflight:
-                    continue  # idle: let it expire; or a flight is already on it
-                if now < entry.retry_at:
-                    self._plan(key, entry, entry.retry_at)
+                if key in self._inflight or not rules.may_fetch(entry.credits, entry.used, now):
+                    # A flight is on it (it plans the next when it lands), or
+                    # no use pays for one: let it expire until a use plans it again.
+                    entry.due = math.inf
                     continue
-                self._start(key, produce_for(key), refresh=True)
+                if now < entry.not_before:
+                    self._plan(key, entry, entry.not_before)
+                    continue
+                reason = RETRY_AFTER_FAILURE if entry.failing else REFRESH_AHEAD
+                self._start(key, refresh_for(key), refresh=True, reason=reason)
             self._wake = trio.Event()
             with trio.move_on_at(self._schedule.next_due()):
                 await self._wake.wait()

@@ -151,7 +151,7 @@ class Checker:
         """
         reports = [ServerReport(s) for s in servers]
         matches: list[bool | None] = []
-        lookups_used = probes_used = 0
+        lookups_used = probes_used = stale_lookups = stale_probes = 0
         valid_until = math.inf
         for report in reports:
             server = report.server
@@ -169,6 +169,7 @@ class Checker:
             lookup, expires, source = entry
             report.note(source)
             lookups_used += 1
+            stale_lookups += source is Source.STALE
             valid_until = min(valid_until, expires)
             report.addresses = lookup.addresses
             report.lookup_error = lookup.error
@@ -191,6 +192,7 @@ class Checker:
                 result, expires, source = cached
                 report.note(source)
                 probes_used += 1
+                stale_probes += source is Source.STALE
                 valid_until = min(valid_until, expires)
                 report.probes.append(result)
                 if result.available:
@@ -199,8 +201,9 @@ class Checker:
                 winner = report.server
         if winner is None and not complete:
             return None
-        self.resolver.count_cache_hits(addresses=lookups_used)  # as if each had been a get()
-        self.prober.count_cache_hits(probes_used)
+        # As if each had been a get(); not before, as the full path may follow.
+        self.resolver.count_cache_hits(addresses=lookups_used, stale_addresses=stale_lookups)
+        self.prober.count_cache_hits(probes_used, stale_probes)
         return CheckResult(winner, reports, 0.0, valid_until)
 
     async def check(self, servers: Sequence[Server], stop: StopSet, *, sequential: bool = False) -> CheckResult:

@@ -319,7 +319,7 @@ class Policy:
             stale = stale or result.stale
         elif verdict.kind is Kind.DNS_FAILURE:
             return None
-        self.resolver.count_cache_hits(mx=1)
+        self.resolver.count_cache_hits(mx=1, stale_mx=int(source is Source.STALE))
         # A stale input has already expired, so valid_until is past: a
         # decision made from one is never reused.
         return Decision(verdict, domain, Cache.STALE if stale else Cache.HIT, valid_until, mx=mx, result=result)

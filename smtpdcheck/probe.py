@@ -20,13 +20,19 @@ from typing import Final, TypeAlias
 import trio
 
 from .cache import Producer, SingleFlight, Source, TTLCache
-from .refresh import RefreshRules
+from .refresh import RefreshRules, background_slots
 from .greeting import MAX_GREETING_BYTES, GreetingError, GreetingReader
 from .servers import IPAddress
 
 log = logging.getLogger("smtpdcheck.probe")
 
 QUIT_GRACE_S: Final = 2.0
+
+#: No address is probed in the background more often than this, whatever
+#: --cache-up-ttl / --cache-down-ttl say.  Probes are not limited per use
+#: (a primary's state must stay current while its domains see mail); the
+#: refresh window ends them once the mail stops.
+PROBE_REFRESH_FLOOR_S: Final = 1.0
 RECEIVE_CHUNK: Final = 1024
 
 #: How a probe opens its connection: ``trio.open_tcp_stream`` on the wire,
@@ -191,7 +197,10 @@ class Prober:
             line.  A probe that could not get a slot in time is "not
             probed" (our limit, not the server's fault) and is not cached.
         up_ttl / down_ttl: how long "available" / "not available" is believed.
-        max_concurrent: probes connecting at once, process-wide.
+        max_concurrent: probes connecting at once, process-wide; background
+            probes (refreshes) may hold only
+            :func:`~smtpdcheck.refresh.background_slots` of them, the rest
+            is kept for probes a request waits for.
         connect: opens the connection (a seam for tests on virtual time).
         refresh_window: results used within this many seconds are probed
             again before they expire, and served (up to ``timeout`` past
@@ -217,6 +226,8 @@ class Prober:
         self.quit_grace = quit_grace
         self._connect = connect
         self.limiter = trio.CapacityLimiter(max_concurrent)
+        # Background probes take a slot here first, then one of ``limiter``.
+        self.background_limiter = trio.CapacityLimiter(background_slots(max_concurrent))
         self.outcomes: dict[Outcome, int] = dict.fromkeys(Outcome, 0)
         self.flights: SingleFlight[tuple[str, int], ProbeResult] = SingleFlight(
             nursery,
@@ -225,7 +236,11 @@ class Prober:
             lambda exc: ProbeResult(Outcome.ERROR, "?", 0, type(exc).__name__ if exc else "no result"),
             name="probe",
             produce_for=self._refetch,
-            rules=RefreshRules(window=refresh_window, stale_grace=_grace(timeout), retry_after=1.0),
+            rules=RefreshRules(
+                window=refresh_window, stale_grace=_grace(timeout), retry_after=1.0, floor=PROBE_REFRESH_FLOOR_S,
+            ),
+            # Only "we could not probe" is a failure; a TTL of 0 means "do not keep".
+            is_failure=lambda result: result.outcome in (Outcome.OVERLOADED, Outcome.ERROR),
             describe=lambda key: f"{key[0]}:{key[1]}",
         )
 
@@ -248,8 +263,8 @@ class Prober:
         """A usable cached result, when it expires and whether it is stale; no I/O."""
         return self.flights.cached((str(address), port))
 
-    def count_cache_hits(self, n: int) -> None:
-        self.flights.cache.count_hits(n)
+    def count_cache_hits(self, n: int, stale: int = 0) -> None:
+        self.flights.count_served(n, stale)
 
     async def probe(self, address: IPAddress, port: int, name: str = "") -> tuple[ProbeResult, Source]:
         """Return ``(result, where it came from)`` for one address; ``name`` is for the log."""
@@ -257,12 +272,13 @@ class Prober:
         return await self.flights.get(key, self._producer(key, name))
 
     def _refetch(self, key: tuple[str, int]) -> Producer[ProbeResult]:
-        """A refresh probes for the MX host the cached result was probed for."""
+        """A refresh probes for the MX host the cached result was probed for, in the background share."""
         entry = self.flights.cache.raw(key)
-        return self._producer(key, entry.value.name if entry is not None else "")
+        return self._producer(key, entry.value.name if entry is not None else "", background=True)
 
-    def _producer(self, key: tuple[str, int], name: str) -> Producer[ProbeResult]:
+    def _producer(self, key: tuple[str, int], name: str, *, background: bool = False) -> Producer[ProbeResult]:
         address, port = key
+        limiters = (self.background_limiter, self.limiter) if background else (self.limiter,)
 
         async def produce(deliver: Callable[[ProbeResult], None]) -> None:
             def counted(result: ProbeResult) -> None:
@@ -272,14 +288,15 @@ class Prober:
 
             timeout = self.timeout
             deadline = trio.current_time() + timeout if timeout > 0 else math.inf
-            acquired = False
-            with trio.move_on_at(deadline):
-                await self.limiter.acquire()
-                acquired = True
-            if not acquired:
-                counted(ProbeResult(Outcome.OVERLOADED, address, port, "probe limit reached", name=name))
-                return
+            held: list[trio.CapacityLimiter] = []
             try:
+                with trio.move_on_at(deadline):
+                    for limiter in limiters:
+                        await limiter.acquire()
+                        held.append(limiter)
+                if len(held) < len(limiters):
+                    counted(ProbeResult(Outcome.OVERLOADED, address, port, "probe limit reached", name=name))
+                    return
                 # The slot wait came out of the same budget: --timeout bounds
                 # the whole probe as the caller sees it.
                 await probe_greeting(
@@ -287,7 +304,8 @@ class Prober:
                     deadline=deadline, name=name,
                 )
             finally:
-                self.limiter.release()
+                for limiter in reversed(held):
+                    limiter.release()
 
         return produce
 

@@ -7,6 +7,13 @@ expires (as unbound's ``prefetch`` does), and while a refresh is still
 running past expiry the old value is served, for a bounded time (RFC 8767
 "serve stale", with the upper bound unbound was criticised for lacking).
 
+Background work must be paid for by traffic, or one RCPT for a name with a
+TTL of a second buys a query a second for the whole window.  So a use
+buys a fixed number of background fetches (``fetches_per_use``), no entry
+is fetched in the background more often than a floor (``floor``), an entry
+that holds a failure is never refreshed in the background, and background
+work gets only part of each concurrency limit (:func:`background_slots`).
+
 Everything here is arithmetic on times and keys -- no I/O, no trio -- so the
 rules are tested with plain calls; :class:`smtpdcheck.cache.SingleFlight`
 applies them.
@@ -42,12 +49,19 @@ class RefreshRules:
         failure_stale_max: a refresh that *fails* keeps the last good value
             up to this long past its expiry (0: only ``stale_grace``).
         retry_after: after a failed refresh, wait this long before the next.
+        fetches_per_use: a use of an entry buys this many background
+            fetches (refreshes and retries), counted from the last use, not
+            added up; ``math.inf``: as many as the window allows.
+        floor: no entry is fetched in the background twice within this many
+            seconds, whatever its TTL.
     """
 
     window: float
     stale_grace: float
     failure_stale_max: float = 0.0
     retry_after: float = 1.0
+    fetches_per_use: float = math.inf
+    floor: float = 0.0
 
     @property
     def enabled(self) -> bool:
@@ -65,9 +79,21 @@ class RefreshRules:
         """
         return expires - took - jitter * min(MAX_JITTER * ttl, self.stale_grace)
 
+    def not_before(self, fetched: float) -> float:
+        """The earliest background fetch of an entry whose last fetch started at ``fetched``."""
+        return fetched + self.floor
+
+    def refresh_at(self, due: float, not_before: float) -> float:
+        """When a refresh due at ``due`` may start: never before the floor allows."""
+        return max(due, not_before)
+
     def kept_fresh(self, used: float, now: float) -> bool:
         """Whether an entry last used at ``used`` is still worth refreshing."""
         return self.enabled and now - used <= self.window
+
+    def may_fetch(self, credits: float, used: float, now: float) -> bool:
+        """Whether an entry may be fetched in the background now: a use paid for it, within the window."""
+        return credits >= 1 and self.kept_fresh(used, now)
 
     def stale_until(self, expires: float) -> float:
         """How long an expired value may be served while its refresh runs."""
@@ -120,6 +146,16 @@ class Schedule(Generic[K]):
         """Keep only the given ``(key, due)`` pairs (finite times only)."""
         self._heap = [(due, next(self._seq), key) for key, due in live if due < math.inf]
         heapq.heapify(self._heap)
+
+
+def background_slots(limit: int) -> int:
+    """How many of ``limit`` concurrent fetches background work may hold.
+
+    Half, rounded down (at least one): the rest is kept for lookups and
+    probes that a request is waiting for, so refreshes piling up behind a
+    dead server cannot make new requests queue.
+    """
+    return max(1, limit // 2)
 
 
 def make_rng(seed: int | None = None) -> random.Random:

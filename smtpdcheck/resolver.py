@@ -19,6 +19,7 @@ import ipaddress
 import math
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
@@ -34,12 +35,23 @@ import trio
 
 from . import values
 from .cache import Producer, SingleFlight, Source, TTLCache
-from .refresh import RefreshRules
+from .refresh import RefreshRules, background_slots
 from .servers import IPAddress, is_valid_hostname, normalize_hostname
 
 DEFAULT_DNS_TIMEOUT_S: Final = 5.0
 MAX_MX_HOSTS: Final = 10
 MAX_ADDRESSES_PER_HOST: Final = 8
+
+#: One use of a DNS answer pays for this many background fetches of it
+#: (refreshes and retries): a name asked once costs at most this many
+#: queries more (twice as many for addresses: A and AAAA), whatever its TTL.
+DNS_FETCHES_PER_USE: Final = 3
+
+#: No DNS answer is fetched in the background more often than this, nor
+#: more often than its stale grace (``--dns-timeout``): the longest floor
+#: at which an answer in steady use is still refreshed before it may no
+#: longer be served.
+MIN_DNS_REFRESH_FLOOR_S: Final = 1.0
 
 
 class DNSConfigError(ValueError):
@@ -135,7 +147,7 @@ class Lookups(Protocol):
 
     def cached_mx(self, domain: str) -> tuple[MXLookup, float, Source] | None: ...
 
-    def count_cache_hits(self, *, mx: int = 0, addresses: int = 0) -> None: ...
+    def count_cache_hits(self, *, mx: int = 0, addresses: int = 0, stale_mx: int = 0, stale_addresses: int = 0) -> None: ...
 
 
 class Resolver:
@@ -147,9 +159,15 @@ class Resolver:
         timeout: budget for one lookup (both A and AAAA, or one MX query).
         max_ttl / negative_ttl / failure_ttl: caps on how long answers,
             authoritative negatives and failures are reused.
+        max_concurrent: queries in flight at once; background fetches
+            (refreshes) may hold only :func:`~smtpdcheck.refresh.background_slots`
+            of them, the rest is kept for lookups a request waits for.
         refresh_window: answers used within this many seconds are refreshed
             before they expire and served stale (up to ``timeout`` past
-            expiry) while the refresh runs; 0 = neither.
+            expiry) while the refresh runs; 0 = neither.  Each use pays for
+            :data:`DNS_FETCHES_PER_USE` background fetches, at most one per
+            ``max(timeout, MIN_DNS_REFRESH_FLOOR_S)``; failed lookups are
+            not refreshed.
         stale_max: a refresh that fails keeps the last good answer up to
             this long past its expiry, retried every ``failure_ttl``.
     """
@@ -190,21 +208,30 @@ class Resolver:
         self.max_addresses = max_addresses
         self.max_mx_hosts = max_mx_hosts
         self.limiter = trio.CapacityLimiter(max_concurrent)
+        # Background fetches take a slot here first, then one of ``limiter``:
+        # they never hold more than their share of it.
+        self.background_limiter = trio.CapacityLimiter(background_slots(max_concurrent))
         self.failures = 0
+        grace = timeout if timeout > 0 else DEFAULT_DNS_TIMEOUT_S
         rules = RefreshRules(
-            window=refresh_window, stale_grace=timeout if timeout > 0 else DEFAULT_DNS_TIMEOUT_S,
+            window=refresh_window, stale_grace=grace,
             failure_stale_max=stale_max, retry_after=max(failure_ttl, 1.0),
+            fetches_per_use=DNS_FETCHES_PER_USE, floor=max(grace, MIN_DNS_REFRESH_FLOOR_S),
         )
         self.address_flights: SingleFlight[str, AddressLookup] = SingleFlight(
             nursery, TTLCache(max_entries), self._address_ttl,
             lambda exc: AddressLookup("?", error="internal error"), name="address lookup",
-            produce_for=self._address_producer, rules=rules, is_failure=_address_failed, describe=str,
+            produce_for=self._address_producer,
+            refresh_for=lambda host: self._address_producer(host, background=True),
+            rules=rules, is_failure=_address_failed, describe=str,
             reason_of=lambda v: v.error or "?",
         )
         self.mx_flights: SingleFlight[str, MXLookup] = SingleFlight(
             nursery, TTLCache(max_entries), self._mx_ttl,
             lambda exc: MXLookup("?", MXKind.FAILURE, error="internal error"), name="mx lookup",
-            produce_for=self._mx_producer, rules=rules, is_failure=lambda v: v.kind is MXKind.FAILURE, describe=str,
+            produce_for=self._mx_producer,
+            refresh_for=lambda domain: self._mx_producer(domain, background=True),
+            rules=rules, is_failure=lambda v: v.kind is MXKind.FAILURE, describe=str,
             reason_of=lambda v: v.error or "?",
         )
 
@@ -224,19 +251,25 @@ class Resolver:
         """A usable cached MX list, when it expires and whether it is stale; no I/O."""
         return self.mx_flights.cached(normalize_hostname(domain))
 
-    def count_cache_hits(self, *, mx: int = 0, addresses: int = 0) -> None:
+    def count_cache_hits(self, *, mx: int = 0, addresses: int = 0, stale_mx: int = 0, stale_addresses: int = 0) -> None:
         """Statistics for answers taken with ``cached_*``, as if each had been a get()."""
-        self.mx_flights.cache.count_hits(mx)
-        self.address_flights.cache.count_hits(addresses)
+        self.mx_flights.count_served(mx, stale_mx)
+        self.address_flights.count_served(addresses, stale_addresses)
 
     # -- raw queries --------------------------------------------------------
 
-    async def _query(self, name: str, rdtype: str) -> tuple[dns.resolver.Answer | None, float, str | None]:
-        """One query: ``(answer or None, ttl, error)``.  Never raises DNS errors."""
+    async def _query(
+        self, name: str, rdtype: str, *, background: bool = False
+    ) -> tuple[dns.resolver.Answer | None, float, str | None]:
+        """One query: ``(answer or None, ttl, error)``.  Never raises DNS errors.
+
+        The deadline covers the wait for a slot too; when it passes,
+        dnspython's query is cancelled and closes its socket.
+        """
         budget = self.timeout if self.timeout > 0 else math.inf
         with trio.move_on_after(budget):
             try:
-                async with self.limiter:
+                async with self.background_limiter if background else nullcontext(), self.limiter:
                     answer = await self._dns.resolve(
                         name, rdtype, raise_on_no_answer=False, search=False, backend=self._backend
                     )
@@ -258,14 +291,14 @@ class Resolver:
         """A and AAAA of ``host``, queried in parallel; ``(lookup, where it came from)``."""
         return await self.address_flights.get(normalize_hostname(host))
 
-    def _address_producer(self, host: str) -> Producer[AddressLookup]:
-        """How to look ``host`` up (for a miss and for each refresh)."""
+    def _address_producer(self, host: str, *, background: bool = False) -> Producer[AddressLookup]:
+        """How to look ``host`` up (for a miss, or in the background for a refresh)."""
 
         async def produce(deliver: Callable[[AddressLookup], None]) -> None:
             results: dict[str, tuple[dns.resolver.Answer | None, float, str | None]] = {}
 
             async def one(rdtype: str) -> None:
-                results[rdtype] = await self._query(host, rdtype)
+                results[rdtype] = await self._query(host, rdtype, background=background)
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(one, "AAAA")
@@ -310,11 +343,11 @@ class Resolver:
         """The MX list of ``domain`` (an A-label name); ``(lookup, where it came from)``."""
         return await self.mx_flights.get(normalize_hostname(domain))
 
-    def _mx_producer(self, domain: str) -> Producer[MXLookup]:
-        """How to look up ``domain``'s MX list (for a miss and for each refresh)."""
+    def _mx_producer(self, domain: str, *, background: bool = False) -> Producer[MXLookup]:
+        """How to look up ``domain``'s MX list (for a miss, or in the background for a refresh)."""
 
         async def produce(deliver: Callable[[MXLookup], None]) -> None:
-            answer, ttl, error = await self._query(domain, "MX")
+            answer, ttl, error = await self._query(domain, "MX", background=background)
             deliver(self._mx_from_answer(domain, answer, error, ttl))
 
         return produce

@@ -88,3 +88,22 @@ async def test_idle_closes_and_protocol_errors_are_separate(
         text = (await scrape(port)).decode()
     assert "smtpdcheck_idle_closes_total 3.0" in text
     assert 'smtpdcheck_protocol_errors_total{reason="timeout"} 1.0' in text
+
+
+async def test_background_fetches_by_cache_and_reason(
+    nursery: trio.Nursery, dns_server: FakeDNSServer, farm: Callable[..., Farm]
+) -> None:
+    f = await farm(Mode.OK)
+    running = await start_policyd(nursery, policyd_config(dns_server.port, f.port))
+    core = running.responder.core
+    core.resolver.mx_flights.background["refresh-ahead"] = 3
+    core.prober.flights.background["retry-after-failure"] = 1
+    port = await serving(nursery, make_registry(running.responder))
+    with trio.fail_after(10):
+        text = (await scrape(port)).decode()
+    assert 'smtpdcheck_background_fetches_total{cache="mx",reason="refresh-ahead"} 3.0' in text
+    assert 'smtpdcheck_background_fetches_total{cache="probe",reason="retry-after-failure"} 1.0' in text
+    # Every cache and reason is there from the start, at 0, so rates work from the first scrape.
+    lines = [line for line in text.splitlines() if line.startswith("smtpdcheck_background_fetches_total{")]
+    assert len(lines) == 3 * 3
+    assert 'smtpdcheck_background_fetches_total{cache="address",reason="stale-use"} 0.0' in text

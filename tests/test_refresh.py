@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import random
+from collections.abc import Callable
 
 import pytest
 import trio
 import trio.testing
 
 from smtpdcheck.cache import SingleFlight, Source, TTLCache
-from smtpdcheck.refresh import MAX_JITTER, RefreshRules, Schedule
+from smtpdcheck.check import Checker
+from smtpdcheck.policy import Cache, Policy
+from smtpdcheck.probe import Prober
+from smtpdcheck.resolver import MXLookup
+from smtpdcheck.refresh import MAX_JITTER, RefreshRules, Schedule, background_slots
+from smtpdcheck.servers import parse_address, parse_servers
+from smtpdcheck.stoprule import StopSet
+from tests.support.virtual import SILENT, Peer, VirtualDNS, VirtualNet
 
 # -- the rules, as plain arithmetic -------------------------------------------
 
@@ -62,6 +71,29 @@ def test_stale_bounds() -> None:
     assert off.stale_until(100.0) == 100.0 and off.keep_after_failure_until(100.0, 100.0) == 100.0
 
 
+def test_background_fetches_need_a_use_to_pay_for_them_within_the_window() -> None:
+    rules = RefreshRules(window=600, stale_grace=2, fetches_per_use=3)
+    assert rules.may_fetch(credits=1, used=1000.0, now=1600.0)
+    assert not rules.may_fetch(credits=0, used=1000.0, now=1000.0)  # spent: wait for the next use
+    assert not rules.may_fetch(credits=3, used=1000.0, now=1600.001)  # paid for, but idle too long
+    assert RefreshRules(window=600, stale_grace=2).may_fetch(credits=math.inf, used=0.0, now=600.0)
+
+
+def test_the_floor_delays_a_refresh_that_its_ttl_would_bring_sooner() -> None:
+    rules = RefreshRules(window=600, stale_grace=2, floor=2.0)
+    assert rules.not_before(fetched=100.0) == 102.0
+    assert rules.refresh_at(due=100.9, not_before=102.0) == 102.0  # a TTL of 1 s
+    assert rules.refresh_at(due=160.0, not_before=102.0) == 160.0  # a TTL longer than the floor
+    assert RefreshRules(window=600, stale_grace=2).not_before(fetched=100.0) == 100.0
+
+
+def test_background_work_gets_half_of_a_limit_and_requests_keep_the_rest() -> None:
+    assert background_slots(100) == 50
+    assert background_slots(200) == 100
+    assert background_slots(3) == 1
+    assert background_slots(1) == 1  # one slot: shared, as there is nothing to split
+
+
 def test_schedule_pops_due_keys_in_order_and_compacts() -> None:
     schedule: Schedule[str] = Schedule()
     assert schedule.push("b", 20.0) is True  # the earliest: wake the runner
@@ -98,11 +130,13 @@ class Origin:
 
 
 def flights(nursery: trio.Nursery, origin: Origin, *, ttl: float = 10.0, window: float = 100.0, grace: float = 5.0,
-            stale_max: float = 0.0, retry_after: float = 2.0) -> SingleFlight[str, str]:
+            stale_max: float = 0.0, retry_after: float = 2.0, fetches_per_use: float = math.inf, floor: float = 0.0,
+            size: int = 100) -> SingleFlight[str, str]:
     return SingleFlight(
-        nursery, TTLCache(100), lambda v: ttl, lambda exc: "fallback", name="test",
+        nursery, TTLCache(size), lambda v: ttl, lambda exc: "fallback", name="test",
         produce_for=lambda key: origin.produce,
-        rules=RefreshRules(window=window, stale_grace=grace, failure_stale_max=stale_max, retry_after=retry_after),
+        rules=RefreshRules(window=window, stale_grace=grace, failure_stale_max=stale_max, retry_after=retry_after,
+                           fetches_per_use=fetches_per_use, floor=floor),
         is_failure=lambda v: v.startswith("fail"), describe=str, rng=random.Random(1),
     )
 
@@ -237,3 +271,245 @@ async def test_window_zero_is_the_old_behaviour(nursery: trio.Nursery, autojump_
     before = trio.current_time()
     assert await f.get("k", origin.produce) == ("v2", Source.NETWORK)
     assert trio.current_time() - before == pytest.approx(1.0)  # the caller waited
+
+
+# -- paying for background work -------------------------------------------------
+
+
+@pytest.mark.parametrize("ttl", [0.0, 1.0])
+async def test_a_name_asked_once_buys_at_most_three_background_fetches(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, ttl: float
+) -> None:
+    origin = Origin(delay=0.25)
+    origin.answers = ["v"]
+    f = flights(nursery, origin, ttl=ttl, grace=2.0, fetches_per_use=3, floor=2.0)
+    start = trio.current_time()
+    assert await f.get("k", origin.produce) == ("v", Source.NETWORK)
+    await until(start + 100.0)
+    if ttl == 0:
+        assert origin.calls == 1 and sum(f.background.values()) == 0  # a TTL of 0 is not kept, so not refreshed
+        return
+    # One fetch every floor (2 s) from the first, whose TTL of 1 s would
+    # have asked for one a second, and three of them: then it expires.
+    assert [t - start for t in origin.started_at] == [0.0, 2.0, 4.0, 6.0]
+    assert f.background == {"refresh-ahead": 3}
+    assert f.kept_fresh() == 0
+    assert await f.get("k", origin.produce) == ("v", Source.NETWORK)
+
+
+async def test_a_failing_name_is_not_fetched_in_the_background(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    origin = Origin(delay=0.5)
+    origin.answers = ["fail: SERVFAIL"]
+    f = flights(nursery, origin, ttl=10.0, grace=5.0, fetches_per_use=3)
+    start = trio.current_time()
+    assert await f.get("k", origin.produce) == ("fail: SERVFAIL", Source.NETWORK)
+    await until(start + 5.0)
+    assert await f.get("k", origin.produce) == ("fail: SERVFAIL", Source.CACHE)  # a use, but it buys nothing
+    await until(start + 12.0)  # past its TTL, within what would be its stale grace
+    assert origin.calls == 1 and sum(f.background.values()) == 0
+    # Not served stale either: the request that needs it asks, and waits.
+    assert await f.get("k", origin.produce) == ("fail: SERVFAIL", Source.NETWORK)
+    assert trio.current_time() == pytest.approx(start + 12.5)
+    await until(start + 100.0)
+    assert origin.calls == 2 and sum(f.background.values()) == 0
+
+
+async def test_the_floor_holds_under_steady_use(nursery: trio.Nursery, autojump_clock: trio.testing.MockClock) -> None:
+    """A TTL of 1 s in steady use: fetched every 3 s (the floor), served stale in between, never waited for."""
+    origin = Origin(delay=0.1)
+    origin.answers = ["v"]
+    f = flights(nursery, origin, ttl=1.0, grace=3.0, fetches_per_use=3, floor=3.0)
+    start = trio.current_time()
+    await f.get("k", origin.produce)
+    for i in range(1, 61):
+        await until(start + i * 0.5)
+        value, source = await f.get("k", origin.produce)
+        assert source is not Source.NETWORK, i
+    await until(start + 31.0)
+    gaps = [b - a for a, b in itertools.pairwise(origin.started_at)]
+    assert gaps and min(gaps) >= 3.0, gaps
+    assert len(origin.started_at) == 11  # 0, 3, ..., 30
+
+
+async def test_steady_use_keeps_an_entry_fresh_as_before(nursery: trio.Nursery, autojump_clock: trio.testing.MockClock) -> None:
+    """Each use restores the credits: an entry in use is refreshed once per TTL for as long as it is used."""
+    origin = Origin(delay=0.5)
+    origin.answers = ["v"]
+    f = flights(nursery, origin, ttl=10.0, grace=2.0, fetches_per_use=3, floor=2.0)
+    start = trio.current_time()
+    await f.get("k", origin.produce)
+    for i in range(1, 101):
+        await until(start + i)
+        assert await f.get("k", origin.produce) == ("v", Source.CACHE), i
+    assert 10 <= origin.calls <= 11
+
+
+async def test_a_use_after_the_credits_ran_out_plans_the_refresh_again(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    origin = Origin()
+    origin.answers = ["v"]
+    f = flights(nursery, origin, ttl=10.0, fetches_per_use=1)
+    start = trio.current_time()
+    await f.get("k", origin.produce)
+    await until(start + 15.0)
+    assert origin.calls == 2  # the one fetch the first use paid for, near 10 s
+    assert await f.get("k", origin.produce) == ("v", Source.CACHE)  # fresh until about 20 s
+    await until(start + 20.0)
+    assert origin.calls == 3  # this use paid for the next, before expiry
+
+
+# -- fixes ----------------------------------------------------------------------
+
+
+async def test_a_refresh_keeps_the_entrys_place_in_lru_order(nursery: trio.Nursery, autojump_clock: trio.testing.MockClock) -> None:
+    origin = Origin()
+    origin.answers = ["v"]
+    f = flights(nursery, origin, ttl=10.0, size=2)
+    start = trio.current_time()
+    await f.get("a", origin.produce)
+    await until(start + 5.0)
+    await f.get("b", origin.produce)
+    await until(start + 10.5)  # "a" was refreshed near 10 s (and "b" not yet)
+    assert origin.calls == 3 and f.refreshes["ok"] == 1
+    await f.get("c", origin.produce)  # evicts the least recently *used*
+    assert f.cache.raw("a") is None and f.cache.raw("b") is not None
+
+
+async def test_an_abandoned_refresh_serves_the_stale_value_only_within_its_bound(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    delivered = ["v1"]
+
+    async def produce(deliver: Callable[[str], None]) -> None:
+        if delivered:
+            deliver(delivered.pop())
+            return
+        await trio.sleep(5.0)  # then ends without an answer
+
+    f: SingleFlight[str, str] = SingleFlight(
+        nursery, TTLCache(10), lambda v: 10.0, lambda exc: "fallback", name="test",
+        produce_for=lambda key: produce, rules=RefreshRules(window=100, stale_grace=1.0), rng=random.Random(1),
+    )
+    start = trio.current_time()
+    assert await f.get("k") == ("v1", Source.NETWORK)
+    await until(start + 11.5)  # the refresh started near 10 s is still running; the stale bound was 11 s
+    value, source = await f.get("k")
+    assert trio.current_time() == pytest.approx(start + 15.0, abs=1.0)
+    assert (value, source) == ("fallback", Source.NETWORK)
+
+
+async def test_a_stale_answer_is_counted_once_when_the_cache_only_path_falls_through(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    net = VirtualNet(nursery, {"127.0.0.2": SILENT, "127.0.0.3": SILENT})
+    prober = Prober(nursery, timeout=1.0, down_ttl=5.0, connect=net.connect, refresh_window=2.0)
+    checker = Checker(VirtualDNS(), prober, timeout=3.0)
+    start = trio.current_time()
+    await checker.check(parse_servers(["10:127.0.0.2"]), StopSet())  # down after 1 s, until 6 s
+    await until(start + 6.5)  # idle past the window: not refreshed, stale until 7 s
+    # The cache-only attempt has .2 stale and nothing for .3, so the full path runs and uses .2 again.
+    await checker.check(parse_servers(["10:127.0.0.2", "20:127.0.0.3"]), StopSet())
+    assert prober.flights.stale_served == 1
+    # From the cache-only path alone, counted when the result is used.
+    await until(start + 13.0)  # .2 refreshed at 6.5 (down until 12.5), stale again; .3 fresh until 12.5 + ...
+    prober.flights.stale_served = 0
+    result = checker.check_cached(parse_servers(["10:127.0.0.2"]), StopSet())
+    assert result is not None and result.stale and prober.flights.stale_served == 1
+
+
+@pytest.mark.parametrize("flip", ["up", "down"])
+async def test_a_probe_ttl_of_zero_means_do_not_keep(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture, flip: str
+) -> None:
+    """--cache-up-ttl 0 (or --cache-down-ttl 0): the result is answered, not kept, and the old state goes."""
+    live, silent = Peer(greet_after=0.1), SILENT
+    net = VirtualNet(nursery, {"127.0.0.2": silent if flip == "up" else live})
+    up_ttl, down_ttl = (0.0, 5.0) if flip == "up" else (5.0, 0.0)
+    prober = Prober(nursery, timeout=1.0, up_ttl=up_ttl, down_ttl=down_ttl, connect=net.connect, refresh_window=60.0)
+    address = parse_address("127.0.0.2")
+    assert address is not None
+    start = trio.current_time()
+    with caplog.at_level(logging.INFO, logger="smtpdcheck"):
+        first, _ = await prober.probe(address, 25)
+        assert first.available is (flip == "down")
+        net.peers["127.0.0.2"] = live if flip == "up" else silent
+        await until(start + 8.0)  # the kept result was refreshed near its expiry, with the new state
+        assert prober.cached(address, 25) is None  # nothing kept: neither the new state nor the old
+        result, source = await prober.probe(address, 25)
+    assert result.available is (flip == "up") and source is Source.NETWORK
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+async def test_background_probes_leave_a_share_of_the_limit_to_waiting_requests(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """--max-probes 4: refreshes of four silent primaries hold two slots, and a request's probe gets one at once."""
+    silent = [f"127.0.0.{i}" for i in range(2, 6)]
+    net = VirtualNet(nursery, {**dict.fromkeys(silent, SILENT), "127.0.0.9": Peer(greet_after=0.1)})
+    prober = Prober(nursery, timeout=2.0, down_ttl=5.0, max_concurrent=4, connect=net.connect, refresh_window=100.0)
+    checker = Checker(VirtualDNS(), prober, timeout=3.0)
+    start = trio.current_time()
+    await checker.check(parse_servers([f"10:{a}" for a in silent]), StopSet())  # four slots, down at 2 s
+    await until(start + 5.5)  # their refreshes (due from 4.5 s) are running, each for 2 s
+    assert prober.limiter.borrowed_tokens == 2 and prober.background_limiter.borrowed_tokens == 2
+    result = await checker.check(parse_servers(["10:127.0.0.9"]), StopSet())
+    assert result.winner is not None
+    assert trio.current_time() == pytest.approx(start + 5.6)
+
+
+async def test_background_fetches_are_counted_by_why_they_started(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    origin = Origin()
+    origin.answers = ["good"]
+    f = flights(nursery, origin, ttl=10.0, window=5.0, grace=5.0, stale_max=60.0, retry_after=2.0, fetches_per_use=3)
+    start = trio.current_time()
+    await f.get("k", origin.produce)
+    await until(start + 12.0)  # idle past the window at its refresh time: expired, still servable
+    assert f.background == {}
+    origin.answers = ["fail"]
+    assert await f.get("k", origin.produce) == ("good", Source.STALE)  # starts a refresh, which fails
+    await until(start + 40.0)
+    # Two retries were left of the three that use paid for; then nothing until the next use.
+    assert f.background == {"stale-use": 1, "retry-after-failure": 2}
+    assert origin.calls == 4
+    assert await f.get("k", origin.produce) == ("good", Source.STALE)  # the last good value, still kept
+    assert f.background == {"stale-use": 1, "retry-after-failure": 3}
+
+
+class StaleMX(VirtualDNS):
+    """Every cached MX list is handed out as stale; what the policy counts is recorded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counted: list[tuple[int, int]] = []
+
+    def cached_mx(self, domain: str) -> tuple[MXLookup, float, Source] | None:
+        found = super().cached_mx(domain)
+        return None if found is None else (found[0], found[1], Source.STALE)
+
+    def count_cache_hits(self, *, mx: int = 0, addresses: int = 0, stale_mx: int = 0, stale_addresses: int = 0) -> None:
+        if mx or stale_mx:
+            self.counted.append((mx, stale_mx))
+
+
+async def test_a_stale_mx_list_is_counted_by_the_cache_only_path_only_when_it_decides(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    dns = StaleMX()
+    dns.set_mx("d.example", [(10, "mx1.d.example"), (20, "backup.d.example")])
+    dns.set_host("mx1.d.example", ["127.0.0.2"])
+    dns.set_host("backup.d.example", ["127.0.0.1"])
+    prober = Prober(nursery, timeout=1.0, connect=VirtualNet(nursery, {"127.0.0.2": Peer()}).connect, refresh_window=60.0)
+    policy = Policy(dns, Checker(dns, prober, timeout=3.0), StopSet())
+    await policy.decide_recipient("a@d.example", "127.0.0.1")  # the full path fills the caches
+    dns.counted.clear()
+    decision = await policy.decide_recipient("b@d.example", "127.0.0.1")
+    assert decision.cache is Cache.STALE and dns.counted == [(1, 1)]
+    prober.flights.cache.clear()  # the cache-only attempt now falls through: the full path counts for itself
+    dns.counted.clear()
+    await policy.decide_recipient("c@d.example", "127.0.0.1")
+    assert all(stale == 0 for _, stale in dns.counted), dns.counted

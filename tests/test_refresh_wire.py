@@ -11,14 +11,18 @@ greeting) are behaviour with a wide margin, not benchmarks.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 import trio
 
 from policyd.client import parse_reply
+from policyd.config import Config
+from smtpdcheck.core import Core
+from smtpdcheck.resolver import MXKind
 from tests.conftest import Farm, zone_with_hosts
 from tests.policyd_helpers import RunningPolicyd, policyd_config, rcpt, read_replies, start_policyd
 from tests.support.dnsserver import Behavior, FakeDNSServer, Zone
@@ -317,3 +321,108 @@ async def test_shutdown_during_a_refresh_logs_no_failure(
         daemon.cancel_scope.cancel()  # what SIGTERM does: the refresh probe is still waiting for a greeting
     assert running.responder.core.prober.flights.refreshes["failed"] == 0
     assert log_lines(caplog, logging.WARNING) == []
+
+
+# -- background work is paid for by traffic ------------------------------------
+
+
+def one_off_zone(dns_server: FakeDNSServer, domain: str, primary_ip: str) -> None:
+    dns_server.zone.update(backup_zone(domain, primary_ip))
+    short_ttl(dns_server, domain, 1)
+
+
+async def test_names_asked_once_cost_at_most_three_background_fetches_with_the_defaults(
+    nursery: trio.Nursery, dns_server: FakeDNSServer, farm: Callable[..., Farm]
+) -> None:
+    """One RCPT for a name with a 1 s TTL used to buy a query a second for ten minutes; a SERVFAIL name one every 10 s."""
+    f = await farm(Mode.OK)
+    one_off = [f"once{i}.example" for i in range(5)]
+    failing = [f"broken{i}.example" for i in range(5)]
+    for domain in one_off:
+        one_off_zone(dns_server, domain, f.host(0))
+    for domain in failing:
+        dns_server.zone[(domain, "*")] = Behavior.SERVFAIL
+    config = replace(Config(), listen=("inet:127.0.0.1:0",), nameserver=(f"127.0.0.1:{dns_server.port}",), smtp_port=f.port)
+    running = await start_policyd(nursery, config)
+    with trio.fail_after(STEP):
+        await running.ask(rcpt(f"user@{one_off[0]}"))
+    # The floor (--dns-timeout, 2 s by default) holds back the refresh its TTL of 1 s asks for.
+    await trio.sleep(1.5)
+    assert dns_server.query_count(one_off[0], "MX") == 1
+    with trio.fail_after(STEP):
+        for domain in one_off[1:] + failing:
+            await running.ask(rcpt(f"user@{domain}"))
+    # Three fetches, one per floor, are done in about 6 s; a failing name
+    # would have been retried after --dns-failure-ttl (10 s).
+    await trio.sleep(max(4 * config.dns_timeout, config.dns_failure_ttl) + 1.0)
+
+    for domain in one_off:
+        assert dns_server.query_count(domain, "MX") == 1 + 3, domain
+        for host in (f"mx1.{domain}", f"backup.{domain}"):
+            assert dns_server.query_count(host, "A") == 1 + 3, host
+    for domain in failing:
+        assert dns_server.query_count(domain, "MX") == 1, domain
+    resolver = running.responder.core.resolver
+    assert resolver.mx_flights.background == {"refresh-ahead": 3 * len(one_off)}
+    assert resolver.mx_flights.kept_fresh() == 0
+
+
+async def test_background_lookups_leave_a_share_of_the_limit_to_waiting_requests(
+    dns_server: FakeDNSServer, make_core: Callable[..., Core]
+) -> None:
+    """--max-dns-queries 2: refreshes hung on a dead zone hold one slot, and a new name is looked up at once."""
+    for name in ("a.example", "b.example", "c.example"):
+        dns_server.zone[(name, "MX")] = [f"10 mx.{name}."]
+    for name in ("a.example", "b.example"):
+        dns_server.name_ttls[name] = 1
+    timeout = 1.5
+    core = make_core(dns_timeout=timeout, max_dns_queries=2, refresh_window=60.0)
+    resolver = core.resolver
+    with trio.fail_after(STEP):
+        await resolver.mx("a.example")
+        await resolver.mx("b.example")
+    for name in ("a.example", "b.example"):
+        dns_server.zone[(name, "*")] = Behavior.HANG
+    await trio.sleep(timeout + 0.3)  # both refreshes are due (the floor is the 1.5 s grace); both hang
+    assert resolver.background_limiter.borrowed_tokens == 1 and resolver.limiter.borrowed_tokens == 1
+    started = trio.current_time()
+    with trio.fail_after(STEP):
+        lookup, _ = await resolver.mx("c.example")
+    assert lookup.kind is MXKind.LIST
+    assert trio.current_time() - started < 0.5, "waited for a slot the refreshes held"
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+async def test_refreshes_against_a_dead_upstream_stop_and_close_their_sockets(
+    dns_server: FakeDNSServer, make_core: Callable[..., Core]
+) -> None:
+    """Names asked once, then the upstream stops answering: a few retries each, then nothing open and nothing sent."""
+    names = [f"gone{i}.example" for i in range(20)]
+    for name in names:
+        dns_server.zone[(name, "MX")] = [f"10 mx.{name}."]
+        dns_server.name_ttls[name] = 1
+    timeout = 0.5
+    core = make_core(dns_timeout=timeout, refresh_window=600.0, dns_failure_ttl=0.5, dns_stale_max=3600.0)
+    resolver = core.resolver
+    with trio.fail_after(STEP):
+        for name in names:
+            await resolver.mx(name)
+    await trio.sleep(0.2)
+    baseline = open_descriptors()
+    for name in names:
+        dns_server.zone[(name, "*")] = Behavior.HANG
+    peak = baseline
+    deadline = trio.current_time() + 5.5
+    while trio.current_time() < deadline:  # three fetches each: about 1, 2.5 and 4 s, each for 0.5 s
+        peak = max(peak, open_descriptors())
+        await trio.sleep(0.05)
+    assert peak > baseline, "the refresh queries' sockets were seen open"
+    queries = len(dns_server.queries)
+    await trio.sleep(1.5)
+    assert open_descriptors() == baseline
+    assert len(dns_server.queries) == queries, "still asking a dead upstream about names asked once"
+    assert sum(resolver.mx_flights.background.values()) == 3 * len(names)

@@ -143,6 +143,6 @@ class VirtualDNS:
             return None
         return entry.value, entry.expires, Source.CACHE
 
-    def count_cache_hits(self, *, mx: int = 0, addresses: int = 0) -> None:
+    def count_cache_hits(self, *, mx: int = 0, addresses: int = 0, stale_mx: int = 0, stale_addresses: int = 0) -> None:
         self.mx_cache.count_hits(mx)
         self.address_cache.count_hits(addresses)
