@@ -9,12 +9,16 @@ import signal
 import sys
 import textwrap
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NoReturn
 
 import trio
 
-from smtpdcheck.core import open_core
+from smtpdcheck import release
+from smtpdcheck.core import CoreSettings, open_core
+from smtpdcheck.resolver import RESOLV_CONF, DNSConfigError
+from smtpdcheck.servers import parse_address
 from smtpdcheck.stophost import StopHostError
 from smtpdcheck.stoprule import StopSet
 
@@ -35,17 +39,34 @@ Postfix policy server for backup MX hosts.  On each RCPT it looks up the
 recipient domain's MX hosts, finds this host among them (the request's
 server_address plus --stop), probes the more-preferred ones at once, and
 answers DEFER_IF_PERMIT naming a live one, or DUNNO.  Any failure answers
-the failure action (DUNNO: fail-open).
+the failure action (DUNNO: fail-open).  When in doubt it accepts: a primary
+seen up is probed again every --cache-up-ttl while its domains get mail, and
+an "up" that its probe does not confirm in time answers DUNNO at once.
 """
 
-EPILOG = """\
-Postfix wiring (main.cf):
-  smtpd_recipient_restrictions =
-      reject_unlisted_recipient,
-      check_policy_service { inet:127.0.0.1:10040, timeout=10s,
-                             try_limit=1, default_action=DUNNO }
+# The lines of etc/postfix-snippets/main.cf without its comments, which
+# say why each is there; tests/test_wiring.py keeps the two equal and every
+# other example (README, the manual page, the other snippets) in this order.
+MAIN_CF_EXAMPLE = """\
+relay_domains = example.com
+relay_recipient_maps = hash:/etc/postfix/relay_recipients
+smtpd_relay_restrictions =
+    permit_mynetworks,
+    permit_sasl_authenticated,
+    reject_unauth_destination
+smtpd_recipient_restrictions =
+    permit_mynetworks,
+    permit_sasl_authenticated,
+    reject_unlisted_recipient,
+    check_policy_service { inet:127.0.0.1:10040, timeout=10s, try_limit=1, default_action=DUNNO }
+"""
 
-""" + textwrap.fill(
+EPILOG = (
+    "Postfix wiring (main.cf):\n"
+    + textwrap.indent(MAIN_CF_EXAMPLE, "  ")
+    + "  (the relay check and the permit_* exemptions come before the policy check;\n"
+    "  see the commented snippets in the package's examples or etc/postfix-snippets/)\n\n"
+) + textwrap.fill(
     "signals: SIGHUP re-reads the configuration file; these options keep their running values "
     f"until a restart ({', '.join(cfg.RESTART_ONLY)}).  SIGTERM and SIGINT stop accepting, let "
     "requests in progress finish for a few seconds, and exit 0.",
@@ -53,19 +74,46 @@ Postfix wiring (main.cf):
 ) + "\n"
 
 
+@dataclass(frozen=True, slots=True)
+class SystemFiles:
+    """The system files read when the command line names none.
+
+    One place for them, so the documents name the same paths the code
+    reads, and tests can give files of their own instead of the real /etc.
+    """
+
+    config: Path = Path("/etc/smtpdcheck/policyd.toml")
+    resolv_conf: Path = Path(RESOLV_CONF)
+
+    def config_path(self, given: str | None) -> Path | None:
+        """The configuration file to read: the one given, else the default one if it exists.
+
+        ``--config ''`` means none, as when the default file does not exist.
+        The existence is looked at again on every reload, as Postfix's
+        tools read main.cf where it is.
+        """
+        if given is None:
+            return self.config if self.config.exists() else None
+        return Path(given) if given else None
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(files: SystemFiles = SystemFiles()) -> argparse.ArgumentParser:
     parser = _Parser(
         prog="smtpdcheck-policyd",
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", type=Path, metavar="PATH", help="TOML configuration file; flags override it")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {release.version()}")
+    parser.add_argument(
+        "--config", metavar="PATH",
+        help=f"TOML configuration file; flags override it (default: {files.config} if it exists; '' = none)",
+    )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
         "--stdio", action="store_true",
@@ -77,25 +125,40 @@ def build_parser() -> argparse.ArgumentParser:
         "(1 = would defer, 0 = would not, 2 = could not decide: DNS failure, deadline, error)",
     )
     parser.add_argument(
-        "--server-address", metavar="IP", default="",
-        help="with --check: the address Postfix was reached on (the request's server_address)",
+        "--server-address", metavar="IP",
+        help="with --check only: the IP address Postfix was reached on (the request's server_address)",
     )
     cfg.add_arguments(parser)
     return parser
 
 
-def load(args: argparse.Namespace) -> cfg.Config:
-    return cfg.build(args, args.config)
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line, with the checks that concern more than one flag."""
+    args = parser.parse_args(argv)
+    if args.server_address is not None:
+        if args.check is None:
+            parser.error("--server-address is only for --check (the daemon reads it from each request)")
+        if parse_address(args.server_address) is None:
+            parser.error(f"--server-address: not an IP address: {args.server_address!r}")
+    return args
+
+
+def load(args: argparse.Namespace, files: SystemFiles) -> cfg.Config:
+    return cfg.build(args, files.config_path(args.config))
+
+
+def settings_of(config: cfg.Config, files: SystemFiles) -> CoreSettings:
+    return replace(core_settings(config), resolv_conf=str(files.resolv_conf))
 
 
 async def _resolve_stop(config: cfg.Config, responder: Responder) -> StopSet:
     return await responder.core.resolve_stop(config.stop, system_fallback=not config.nameserver)
 
 
-async def run_daemon(config: cfg.Config, args: argparse.Namespace) -> int:
+async def run_daemon(config: cfg.Config, args: argparse.Namespace, files: SystemFiles) -> int:
     inherited = systemd.inherited_sockets()
     try:
-        async with open_core(core_settings(config)) as core:
+        async with open_core(settings_of(config, files)) as core:
             responder = Responder(config, core, sink=current_sink())
             try:
                 if inherited:
@@ -119,10 +182,10 @@ async def run_daemon(config: cfg.Config, args: argparse.Namespace) -> int:
                 how = " (socket activation)" if inherited else ""
                 log.info("listening on %s%s", ", ".join(endpoint_of(l) for l in listeners), how)
                 systemd.notify("READY=1")
-                await _serve_signals(responder, server, args)
+                await _serve_signals(responder, server, args, files)
                 config = responder.config
                 nursery.cancel_scope.cancel()
-    except StopHostError as exc:
+    except (StopHostError, DNSConfigError) as exc:
         log.critical("%s", exc)
         return 2
     for path in [] if inherited else unix_paths(config.listen):
@@ -133,12 +196,12 @@ async def run_daemon(config: cfg.Config, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve_signals(responder: Responder, server: PolicyServer, args: argparse.Namespace) -> None:
+async def _serve_signals(responder: Responder, server: PolicyServer, args: argparse.Namespace, files: SystemFiles) -> None:
     """SIGHUP reloads; SIGTERM and SIGINT drain and return."""
     with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             if signum == signal.SIGHUP:
-                await _reload(responder, args)
+                await _reload(responder, args, files)
                 continue
             log.info("stopping on %s", signal.Signals(signum).name)
             systemd.notify("STOPPING=1")
@@ -146,31 +209,34 @@ async def _serve_signals(responder: Responder, server: PolicyServer, args: argpa
             return
 
 
-async def run_stdio(config: cfg.Config) -> int:
+async def run_stdio(config: cfg.Config, files: SystemFiles) -> int:
     """One connection on stdin/stdout, as Postfix's spawn(8) runs us."""
     stream = trio.StapledStream(trio.lowlevel.FdStream(os.dup(1)), trio.lowlevel.FdStream(os.dup(0)))
     try:
-        async with open_core(core_settings(config)) as core, trio.open_nursery() as nursery:
+        async with open_core(settings_of(config, files)) as core, trio.open_nursery() as nursery:
             responder = Responder(config, core, sink=current_sink())
             if responder.sink is not None:
                 nursery.start_soon(responder.sink.run)
             watchdog = start_watchdog(nursery, responder)
             await handle_connection(stream, responder, watchdog, " on stdin")
             nursery.cancel_scope.cancel()
-    except StopHostError as exc:
+    except (StopHostError, DNSConfigError) as exc:
         log.critical("%s", exc)
         return 2
     return 0
 
 
-async def run_check(config: cfg.Config, address: str, server_address: str) -> int:
-    """Explain one decision: the MX list, each probe, and the reply."""
+async def run_check(config: cfg.Config, address: str, server_address: str, files: SystemFiles) -> int:
+    """Explain one decision: the nameservers asked, the MX list, each probe, and the reply."""
     try:
-        async with open_core(core_settings(config)) as core:
+        async with open_core(settings_of(config, files)) as core:
+            resolver = core.resolver
+            source = f"from {resolver.resolv_conf}" if resolver.resolv_conf else "from --nameserver"
+            print(f"nameservers {', '.join(resolver.nameservers)} ({source})", flush=True)
             explanation = await Responder(config, core).explain(address, server_address)
             print(explanation.text, end="", flush=True)
             await core.let_probes_finish()
-    except StopHostError as exc:
+    except (StopHostError, DNSConfigError) as exc:
         print(f"smtpdcheck-policyd: {exc}", file=sys.stderr)
         return 2
     if explanation.failure is not None:
@@ -179,9 +245,9 @@ async def run_check(config: cfg.Config, address: str, server_address: str) -> in
     return 1 if explanation.defers else 0
 
 
-async def _reload(responder: Responder, args: argparse.Namespace) -> None:
+async def _reload(responder: Responder, args: argparse.Namespace, files: SystemFiles) -> None:
     try:
-        new, waiting = responder.config.reloaded(load(args))
+        new, waiting = responder.config.reloaded(load(args, files))
         stop = await _resolve_stop(new, responder)
     except (cfg.ConfigError, StopHostError) as exc:
         log.error("reload failed, keeping the running configuration: %s", exc)
@@ -193,18 +259,18 @@ async def _reload(responder: Responder, args: argparse.Namespace) -> None:
     log.info("configuration reloaded")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, files: SystemFiles = SystemFiles()) -> int:
     try:
-        return _main(argv)
+        return _main(argv, files)
     finally:
         close_logging()  # buffered lines out, on every way out (signals end the loop first)
 
 
-def _main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _main(argv: Sequence[str] | None, files: SystemFiles) -> int:
+    parser = build_parser(files)
+    args = parse_args(parser, argv)
     try:
-        config = load(args)
+        config = load(args, files)
     except cfg.ConfigError as exc:
         print(f"smtpdcheck-policyd: {exc}", file=sys.stderr)
         return 2
@@ -214,16 +280,16 @@ def _main(argv: Sequence[str] | None = None) -> int:
         target = "syslog" if config.log_target == "syslog" or os.path.exists("/dev/log") else "none"
         setup_logging(config.log_level, target)
         try:
-            return trio.run(run_stdio, config)
+            return trio.run(run_stdio, config, files)
         except Exception:  # a traceback on stderr would land in Postfix's socket
             log.critical("stdio mode failed", exc_info=True)
             return 2
     if args.check is not None:
         setup_logging("warning" if config.log_level == "info" else config.log_level, "stderr")
-        return trio.run(run_check, config, args.check, args.server_address)
+        return trio.run(run_check, config, args.check, args.server_address or "", files)
     setup_logging(config.log_level, config.log_target)
     try:
-        return trio.run(run_daemon, config, args)
+        return trio.run(run_daemon, config, args, files)
     except KeyboardInterrupt:
         return 0
 

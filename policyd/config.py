@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import string
 import sys
 import textwrap
@@ -19,7 +20,7 @@ import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Final, Literal, TypeVar, get_args
+from typing import Final, Literal, get_args, get_type_hints
 
 from smtpdcheck import values
 from smtpdcheck.resolver import DNSConfigError, parse_nameserver
@@ -54,7 +55,7 @@ class Config:
     mode: Mode = "enforce"
     defer_text: str = DEFAULT_DEFER_TEXT
     failure_action: FailureAction = "DUNNO"
-    cache_up_ttl: float = 120.0
+    cache_up_ttl: float = 10.0
     cache_down_ttl: float = 60.0
     dns_max_ttl: float = 3600.0
     dns_negative_ttl: float = 300.0
@@ -95,43 +96,42 @@ class Config:
 # -- validators -------------------------------------------------------------
 
 
-_T = TypeVar("_T")
+class Number:
+    """A validator of a number with its allowed range, stated once where the option is declared.
 
+    The refusal messages and the documented range (``--help``, the manual
+    page, the README, the example file) are all written from ``range``, so
+    they cannot say different things.
+    """
 
-def _core(check: Callable[[object], _T]) -> Callable[[object], _T]:
-    """A validator shared with the ``smtpdcheck`` command, raising ConfigError."""
+    def __init__(self, parse: Callable[[object, values.Range], float | int], within: values.Range) -> None:
+        self.parse = parse
+        self.range = within
 
-    def convert(value: object) -> _T:
+    def __call__(self, value: object) -> float | int:
         try:
-            return check(value)
+            return self.parse(value, self.range)
         except values.BadValueError as exc:
             raise ConfigError(str(exc)) from None
 
-    return convert
+    @property
+    def allowed(self) -> str:
+        return str(self.range)
 
 
-_seconds = _core(values.seconds)
-_positive_seconds = _core(values.positive_seconds)
-_port = _core(values.port)
-
-
-def _count(value: object) -> int:
-    if isinstance(value, bool):
-        raise ConfigError("must be a whole number")
-    try:
-        number = int(str(value), 10)
-    except ValueError:
-        raise ConfigError(f"not a whole number: {value!r}") from None
-    if number < 1:
-        raise ConfigError(f"must be 1 or more: {value!r}")
-    return number
+_seconds = Number(values.seconds, values.ZERO_OR_MORE)
+_positive_seconds = Number(values.seconds, values.MORE_THAN_ZERO)
+_port = Number(values.port, values.PORTS)
+_count = Number(values.whole, values.ONE_OR_MORE)
 
 
 def _mode_bits(value: object) -> int:
     """A file mode: a TOML integer is the bits as written, text is octal.
 
     TOML hands ``0o660`` over as the integer 432, so an integer must never
-    be read again as octal digits: that turned 0o660 into mode 0432.
+    be read again as octal digits: that turned 0o660 into mode 0432.  That
+    an integer in a file was written in octal at all is checked where the
+    file's text is still at hand (:func:`load_file`).
     """
     if isinstance(value, int) and not isinstance(value, bool):
         if not 0 <= value <= 0o777:
@@ -149,21 +149,30 @@ def _mode_bits(value: object) -> int:
     return bits
 
 
-def _choice(choices: object) -> Callable[[object], str]:
+class _Choice:
     """A validator for one of the words of a ``Literal`` type.
 
     Upper-case choices (Postfix actions) are matched in upper case, the
-    others in lower case, so ``Warn`` and ``dunno`` are understood.
+    others in lower case, so ``Warn`` and ``dunno`` are understood.  The
+    words are listed in ``--help`` and the documents from here.
     """
-    allowed: tuple[str, ...] = get_args(choices)
 
-    def check(value: object) -> str:
-        text = str(value).lower() if allowed[0].islower() else str(value).upper()
-        if text not in allowed:
-            raise ConfigError(f"must be one of {', '.join(allowed)}: {value!r}")
+    def __init__(self, choices: object) -> None:
+        self.words: tuple[str, ...] = get_args(choices)
+
+    def __call__(self, value: object) -> str:
+        text = str(value).lower() if self.words[0].islower() else str(value).upper()
+        if text not in self.words:
+            raise ConfigError(f"must be one of {', '.join(self.words)}: {value!r}")
         return text
 
-    return check
+    @property
+    def allowed(self) -> str:
+        return "one of " + ", ".join(self.words)
+
+
+def _choice(choices: object) -> _Choice:
+    return _Choice(choices)
 
 
 def check_listen(value: object) -> str:
@@ -231,30 +240,41 @@ class Option:
     # A SIGHUP reload keeps the running value: what is built from it
     # (sockets, the resolver, cache sizes, limits) lives as long as the process.
     restart: bool = field(default=False, kw_only=True)
+    # The default as the documents say it, when the value alone would
+    # mislead ("(none)" for nameserver, which means /etc/resolv.conf).
+    default_doc: str | None = field(default=None, kw_only=True)
+    # The TOML types a file may give; None: the type of the Config field.
+    file_types: tuple[type, ...] | None = field(default=None, kw_only=True)
 
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
 
+    @property
+    def allowed(self) -> str | None:
+        """The allowed values in words (a range, the choices), from the validator itself."""
+        allowed = getattr(self.convert, "allowed", None)
+        return allowed if isinstance(allowed, str) else None
+
 
 OPTIONS: Final[tuple[Option, ...]] = (
     Option("listen", check_listen, "where to accept Postfix's connections: inet:IP:PORT, inet:[IPv6]:PORT or unix:/path (repeatable)", "ENDPOINT", True, restart=True),
-    Option("socket_mode", _mode_bits, "file mode of unix sockets, octal: 0660 on the command line; 0o660 or \"0660\" in the file", "MODE", restart=True),
+    Option("socket_mode", _mode_bits, "file mode of unix sockets, in octal: 0660 on the command line; 0o660 or \"0660\" in the file (a bare TOML integer such as 660 is decimal, and refused)", "MODE", restart=True, file_types=(int, str)),
     Option("stop", _stop_value, "this host's names and addresses besides the request's server_address (repeatable); names are resolved at start-up and on every reload", "NAME|IP", True),
     Option("timeout", _positive_seconds, "per-probe budget: waiting for a probe slot (--max-probes), connect and first greeting line", "SECONDS"),
     Option("dns_timeout", _positive_seconds, "budget for one DNS lookup", "SECONDS", restart=True),
     Option("deadline", _positive_seconds, "every request is answered within this time; keep it below Postfix's policy timeout", "SECONDS"),
     Option("smtp_port", _port, "port probed on the MX hosts", "PORT"),
-    Option("nameserver", _nameserver, "DNS server to ask, IP[:PORT] (repeatable; default: /etc/resolv.conf)", "IP[:PORT]", True, restart=True),
+    Option("nameserver", _nameserver, "DNS server to ask, IP[:PORT] (repeatable)", "IP[:PORT]", True, restart=True, default_doc="the nameservers of /etc/resolv.conf"),
     Option("mode", _choice(Mode), "enforce: answer DEFER_IF_PERMIT; warn: answer WARN with the same text (Postfix logs and accepts)", "MODE"),
     Option("defer_text", _defer_text, "reply text when deferring; {mx} is the live MX, {domain} the recipient domain", "TEMPLATE"),
-    Option("failure_action", _choice(FailureAction), "answer when DNS fails, the deadline passes or anything breaks (fail-open DUNNO by default)", "ACTION"),
-    Option("cache_up_ttl", _seconds, "how long an MX address that greeted with 220 is believed up", "SECONDS"),
+    Option("failure_action", _choice(FailureAction), "answer when DNS fails, the deadline passes or anything breaks (DUNNO: fail-open)", "ACTION"),
+    Option("cache_up_ttl", _seconds, "how long an MX address that greeted with 220 is believed up; one in use is probed again this often, and past expiry its 'up' is believed only while that probe is young (twice the last greeting time plus 0.5 s, at most --timeout), then the RCPT gets DUNNO (reason unconfirmed) until the probe ends", "SECONDS"),
     Option("cache_down_ttl", _seconds, "how long an MX address that failed is believed down", "SECONDS"),
     Option("dns_max_ttl", _seconds, "cap on how long a DNS answer is reused (its own TTL otherwise)", "SECONDS", restart=True),
     Option("dns_negative_ttl", _seconds, "cap on how long NXDOMAIN / no-records answers are reused", "SECONDS", restart=True),
     Option("dns_failure_ttl", _seconds, "how long a failed lookup (SERVFAIL, timeout) is reused before asking again", "SECONDS", restart=True),
-    Option("refresh_window", _seconds, "cached MX lists, addresses and probe results used within this window are refreshed in the background before they expire, and served while a refresh runs (up to --timeout / --dns-timeout past expiry); each use of a DNS answer pays for at most 3 such fetches, no two within --dns-timeout (1 s at the least), and failed lookups are not refreshed; probe results are refreshed once per TTL (at most once a second) for the whole window; 0 = off: an expired entry makes the RCPT wait", "SECONDS", restart=True),
+    Option("refresh_window", _seconds, "cached MX lists, addresses and probe results used within this window are refreshed in the background before they expire, and served while a refresh runs (up to --timeout / --dns-timeout past expiry; an 'up' only as --cache-up-ttl says); each use of a DNS answer pays for at most 3 such fetches, no two within --dns-timeout (1 s at the least), and failed lookups are not refreshed; probe results are refreshed once per TTL (at most once a second) for the whole window; 0 = off: an expired entry makes the RCPT wait", "SECONDS", restart=True),
     Option("dns_stale_max", _seconds, "when a DNS refresh fails, keep answering with the last good answer for up to this long past its expiry, retrying every --dns-failure-ttl (1 s at the least) while uses pay for retries; 0 = never", "SECONDS", restart=True),
     Option("cache_size", _count, "entries per cache (probe results, MX lists, host addresses)", "N", restart=True),
     Option("max_probes", _count, "SMTP probes connecting at once, process-wide; background refreshes hold at most half of them (at least 1), the rest is kept for probes a request waits for", "N", restart=True),
@@ -273,6 +293,8 @@ assert set(_BY_NAME) == {f.name for f in fields(Config)}
 
 
 def default_text(option: Option) -> str:
+    if option.default_doc is not None:
+        return option.default_doc
     value = getattr(Config(), option.name)
     if option.name == "socket_mode":
         return f"{value:04o}"
@@ -283,6 +305,12 @@ def default_text(option: Option) -> str:
     return str(value) if value != "" else "(off)"
 
 
+def help_suffix(option: Option) -> str:
+    """What ``--help`` adds to an option's help: what it allows, and its default, once each."""
+    allowed = f"{option.allowed}; " if option.allowed else ""
+    return f"{allowed}default: {default_text(option)}"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags for every option; defaults stay None so the file can fill in."""
     for option in OPTIONS:
@@ -290,22 +318,69 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "dest": option.name,
             "metavar": option.metavar,
             "default": None,
-            "help": f"{option.help} (default: {default_text(option)})",
+            "help": f"{option.help} ({help_suffix(option)})",
         }
         if option.repeatable:
             kwargs["action"] = "append"
         parser.add_argument(option.flag, **kwargs)  # type: ignore[arg-type]
 
 
-def _convert(option: Option, raw: object, where: str) -> object:
+_TOML_TYPES: Final = ((bool, "a boolean"), (int, "an integer"), (float, "a float"), (str, "a string"),
+                      (list, "an array"), (dict, "a table"))
+
+
+def _toml_type(value: object) -> str:
+    return next((name for kind, name in _TOML_TYPES if isinstance(value, kind)), "a date or time")
+
+
+def _file_types(option: Option) -> tuple[type, ...]:
+    """The TOML types a file may give for ``option`` (for a list: for each item)."""
+    if option.file_types is not None:
+        return option.file_types
+    hint = get_type_hints(Config)[option.name]
+    if hint is float:
+        return (int, float)
+    if hint is int:
+        return (int,)
+    return (str,)  # str, a Literal of words, or a tuple of str
+
+
+def _expected(types: tuple[type, ...]) -> str:
+    if set(types) == {int, float}:
+        return "a number"
+    return " or ".join(name for kind, name in _TOML_TYPES if kind in types)
+
+
+def _check_file_type(option: Option, value: object, *, item: bool = False) -> None:
+    """Refuse a file value of the wrong TOML type before converting it.
+
+    The converters also read flags, which are always text, so they accept
+    ``"3"`` for a number and turn anything into a string; in a file that
+    is a mistake to report, not to repair (``timeout = "3"``, ``stop = [1]``).
+    """
+    types = _file_types(option)
+    if isinstance(value, types) and not (isinstance(value, bool) and bool not in types):
+        return
+    expected = _expected(types)
+    if item:
+        raise ConfigError(f"each item must be {expected}, not {_toml_type(value)}: {value!r}")
+    raise ConfigError(f"must be {expected}, not {_toml_type(value)}: {value!r}")
+
+
+def _convert(option: Option, raw: object, where: str, *, from_file: bool = False) -> object:
     try:
         if option.repeatable:
             items = raw if isinstance(raw, (list, tuple)) else None
             if items is None:
                 raise ConfigError("must be a list")
+            if from_file:
+                for item in items:
+                    _check_file_type(option, item, item=True)
             return tuple(option.convert(item) for item in items)
         if isinstance(raw, (list, dict)):
             raise ConfigError("must be a single value, not a list or table")
+        if from_file:
+            _check_file_type(option, raw)
         return option.convert(raw)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
@@ -322,13 +397,42 @@ def _check_whole(config: Config, where: str) -> Config:
 def load_file(path: Path, base: Config | None = None) -> Config:
     """Read a TOML file over ``base``; unknown keys and bad values are refused."""
     try:
-        with path.open("rb") as fh:
-            data = tomllib.load(fh)
+        text = path.read_bytes().decode("utf-8")
+        data = tomllib.loads(text)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    _check_mode_spelling(text, data, str(path))
     return apply_mapping(base or Config(), data, str(path))
+
+
+# A top-level ``socket_mode = ...`` line (the key bare or quoted) and its value's first word.
+_MODE_LINE: Final = re.compile(r"""^[ \t]*(?:socket_mode|"socket_mode"|'socket_mode')[ \t]*=[ \t]*([^\s#]+)""", re.MULTILINE)
+
+
+def _check_mode_spelling(text: str, data: Mapping[str, object], where: str) -> None:
+    """Refuse ``socket_mode = 440``: a bare TOML integer is decimal (440 is mode 0670).
+
+    tomllib hands over the number, not how it was written, so the literal
+    is read back from the file's text; only ``0o...`` is taken as a mode.
+    Text (``"0440"``) is octal and needs no such check.
+    """
+    value = data.get("socket_mode")
+    if not isinstance(value, int) or isinstance(value, bool):
+        return
+    match = _MODE_LINE.search(text)
+    literal = match[1] if match is not None else str(value)
+    if literal.startswith("0o"):
+        return
+    digits = literal.lstrip("+").replace("_", "")
+    if digits and set(digits) <= set("01234567") and len(digits) <= 4:
+        hint = f'write 0o{digits.lstrip("0") or "0"} or "{digits.zfill(4)}"'
+    else:
+        hint = 'write the mode in octal, such as 0o660 or "0660"'
+    raise ConfigError(f"{where}: socket_mode: {literal} is a decimal number in TOML, not a file mode; {hint}")
 
 
 def apply_mapping(base: Config, data: Mapping[str, object], where: str) -> Config:
@@ -338,7 +442,7 @@ def apply_mapping(base: Config, data: Mapping[str, object], where: str) -> Confi
         if option is None:
             hint = " (use _ not -)" if key.replace("-", "_") in _BY_NAME else ""
             raise ConfigError(f"{where}: unknown key {key!r}{hint}")
-        changes[key] = _convert(option, raw, f"{where}: {key}")
+        changes[key] = _convert(option, raw, f"{where}: {key}", from_file=True)
     return _check_whole(replace(base, **changes), where)  # type: ignore[arg-type]
 
 
@@ -359,11 +463,14 @@ def build(args: argparse.Namespace, config_path: Path | None) -> Config:
 
 def reference_markdown() -> str:
     """The configuration reference table, as in README.md."""
-    lines = ["| flag | file key | default | SIGHUP | meaning |", "|---|---|---|---|---|"]
+    lines = ["| flag | file key | default | allowed | SIGHUP | meaning |", "|---|---|---|---|---|---|"]
     for option in OPTIONS:
         default = default_text(option).replace("|", "\\|")
         reload = "restart" if option.restart else "applies"
-        lines.append(f"| `{option.flag} {option.metavar}` | `{option.name}` | `{default}` | {reload} | {option.help} |")
+        allowed = option.allowed or ""
+        lines.append(
+            f"| `{option.flag} {option.metavar}` | `{option.name}` | `{default}` | {allowed} | {reload} | {option.help} |"
+        )
     return "\n".join(lines)
 
 
@@ -402,6 +509,8 @@ def example_toml() -> str:
     for option in OPTIONS:
         comment = textwrap.fill(option.help, width=78, initial_indent="# ", subsequent_indent="# ",
                                 break_long_words=False, break_on_hyphens=False)
+        if option.allowed:
+            comment += f"\n# Allowed: {option.allowed}."
         if option.restart:
             comment += "\n# Needs a restart: a reload keeps the running value."
         parts.append(f"\n{comment}\n#{option.name} = {_toml_value(option)}\n")

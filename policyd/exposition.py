@@ -18,7 +18,7 @@ import trio
 
 from smtpdcheck.cache import REASONS
 
-from .metrics import LATENCY_BUCKETS_S
+from .metrics import EVIDENCE_AGE_BUCKETS_S, LATENCY_BUCKETS_S
 
 if TYPE_CHECKING:
     from .responder import Responder
@@ -53,16 +53,14 @@ def make_registry(responder: Responder) -> object:
             for (action, kind), value in sorted(m.requests.items()):
                 requests.add_metric([action, kind], value)
             yield requests
-            buckets = []
-            running = 0
-            for bound, count in zip(LATENCY_BUCKETS_S, m.latency_counts):
-                running += count
-                buckets.append((repr(bound), running))
-            running += m.latency_counts[-1]
-            buckets.append(("+Inf", running))
             yield HistogramMetricFamily(
                 "smtpdcheck_policy_decision_seconds", "Time to answer a policy request",
-                buckets=buckets, sum_value=m.latency_sum,
+                buckets=_cumulative(LATENCY_BUCKETS_S, m.latency_counts), sum_value=m.latency_sum,
+            )
+            yield HistogramMetricFamily(
+                "smtpdcheck_defer_evidence_age_seconds",
+                "Age of the primary's greeting (the 'up' evidence) when each DEFER was answered",
+                buckets=_cumulative(EVIDENCE_AGE_BUCKETS_S, m.evidence_counts), sum_value=m.evidence_sum,
             )
             probes = CounterMetricFamily("smtpdcheck_probes", "SMTP greeting probes made, by outcome", labels=["outcome"])
             for outcome, value in responder.core.prober.outcomes.items():
@@ -130,6 +128,17 @@ def make_registry(responder: Responder) -> object:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Collector())  # type: ignore[arg-type]
     return registry
+
+
+def _cumulative(bounds: tuple[float, ...], counts: list[int]) -> list[tuple[str, float]]:
+    """Per-bucket counts (the last one +Inf) as Prometheus's cumulative buckets."""
+    buckets: list[tuple[str, float]] = []
+    running = 0
+    for bound, count in zip(bounds, counts):
+        running += count
+        buckets.append((repr(bound), running))
+    buckets.append(("+Inf", running + counts[-1]))
+    return buckets
 
 
 def render(registry: object) -> bytes:

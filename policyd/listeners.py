@@ -12,6 +12,7 @@ import errno
 import os
 import socket
 import stat
+from typing import Final
 
 import trio
 
@@ -19,6 +20,10 @@ import trio
 
 class ListenError(OSError):
     """An endpoint that cannot be listened on; the message says why."""
+
+    def __str__(self) -> str:
+        # The message alone: "[Errno 2]" in front of it tells an admin nothing more.
+        return self.strerror or super().__str__()
 
 
 def split_inet(endpoint: str) -> tuple[str, int]:
@@ -51,8 +56,34 @@ def _check_stale_unix(path: str) -> None:
     raise ListenError(errno.EADDRINUSE, f"{path}: another server is listening on it")
 
 
+# sockaddr_un's sun_path holds 108 bytes on Linux, the terminating NUL included.
+MAX_UNIX_PATH: Final = 107
+
+
+def unix_listen_error(path: str, exc: OSError) -> ListenError:
+    """What went wrong with a unix socket path, in one line that names it."""
+    directory = os.path.dirname(path) or "/"
+    if exc.errno == errno.ENOENT:
+        why = f"no such directory: {directory}"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        why = f"permission denied (the daemon's user must be able to write {directory})"
+    elif exc.errno == errno.EROFS:
+        why = f"read-only file system ({directory})"
+    else:
+        why = exc.strerror or str(exc)
+    return ListenError(exc.errno or errno.EINVAL, f"unix:{path}: {why}")
+
+
 async def open_unix_listener(path: str, mode: int, backlog: int = 128) -> trio.SocketListener:
-    _check_stale_unix(path)
+    """Listen on ``path``; any failure is a :class:`ListenError` that names the path."""
+    if len(os.fsencode(path)) > MAX_UNIX_PATH:
+        raise ListenError(errno.ENAMETOOLONG, f"unix:{path}: path too long for a unix socket (at most {MAX_UNIX_PATH} bytes)")
+    try:
+        _check_stale_unix(path)
+    except ListenError:
+        raise
+    except OSError as exc:
+        raise unix_listen_error(path, exc) from None
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         # Bind under a restrictive umask, then chmod: no window in which the
@@ -64,9 +95,9 @@ async def open_unix_listener(path: str, mode: int, backlog: int = 128) -> trio.S
             os.umask(old)
         os.chmod(path, mode)
         sock.listen(backlog)
-    except OSError:
+    except OSError as exc:
         sock.close()
-        raise
+        raise unix_listen_error(path, exc) from None
     return trio.SocketListener(sock)
 
 

@@ -16,6 +16,10 @@ with ``python -m policyd.manpage man``.
 from __future__ import annotations
 
 import argparse
+import email.utils
+import errno
+import io
+import os
 import re
 import sys
 from collections.abc import Iterable, Sequence
@@ -23,13 +27,23 @@ from pathlib import Path
 from typing import Final
 
 from smtpdcheck import cli as check_cli
+from smtpdcheck import release
+from smtpdcheck.check import CheckResult, ServerReport
+from smtpdcheck.policy import Action, Cache
+from smtpdcheck.probe import Outcome, ProbeResult
+from smtpdcheck.servers import parse_address, parse_servers
 
 from . import cli as daemon_cli
-from .config import DEFAULT_LISTEN, OPTIONS, default_text
+from .config import DEFAULT_LISTEN, OPTIONS, Config, default_text
+from .decisionlog import BUFFER_LIMIT, decision_line, decision_middle
+from .listeners import unix_listen_error
+from .protocol import MAX_ATTRIBUTES, MAX_LINE_BYTES, MAX_REQUEST_BYTES
 
-VERSION: Final = "0.1.0"
-DATE: Final = "2026-12-02"
-CONFIG_PATH: Final = "/etc/smtpdcheck/policyd.toml"
+#: Where this release's date is kept; the pages are generated in the source tree.
+CHANGELOG: Final = Path(__file__).resolve().parent.parent / "debian" / "changelog"
+#: The service unit whose sandbox SECURITY lists (read when generating, like the changelog).
+SERVICE_UNIT: Final = Path(__file__).resolve().parent.parent / "etc" / "systemd" / "smtpdcheck-policyd.service"
+CONFIG_PATH: Final = str(daemon_cli.SystemFiles().config)
 
 # -- roff escaping and layout ----------------------------------------------
 
@@ -89,10 +103,31 @@ def item(label: str, body: Sequence[str]) -> list[str]:
     return [f'.IP "{label}"', *body]
 
 
+def release_date(changelog: Path = CHANGELOG, version: str | None = None) -> str:
+    """The date of this release (pyproject's version): its entry in debian/changelog.
+
+    A page carries the date of the release it describes, not the day it was
+    generated, so regenerating gives the same bytes on any day.  The date is
+    not written a second time here: Debian keeps each release's date in its
+    changelog entry already, and dpkg-buildpackage dates the package's files
+    from the same line (SOURCE_DATE_EPOCH).  An entry must exist for the
+    version being released; its Debian revision, if any, is ignored.
+    """
+    version = version or release.version()
+    text = changelog.read_text()
+    head = re.match(r"\S+ \(([^)]+)\)", text)
+    trailer = re.search(r"^ -- .*?>  (.+)$", text, re.MULTILINE)
+    if head is None or trailer is None:
+        raise ValueError(f"{changelog}: no entry to take the release date from")
+    if re.split(r"[-~+]", head[1])[0] != version:
+        raise ValueError(f"{changelog}: the latest entry is {head[1]}, the version is {version}: add an entry for it")
+    return email.utils.parsedate_to_datetime(trailer[1]).date().isoformat()
+
+
 def header(name: str, number: int, volume: str) -> list[str]:
     title = lit(name.upper())
     return [
-        f'.TH {title} {number} "{DATE}" "smtpdcheck {VERSION}" "{volume}"',
+        f'.TH {title} {number} "{release_date()}" "smtpdcheck {release.version()}" "{volume}"',
         ".ad",
         ".fi",
     ]
@@ -234,6 +269,21 @@ def smtpdcheck_page() -> str:
     out += parser_options(parser)
     out += section("EXIT STATUS")
     out += _exit_status(epilog["exit status"])
+    out += section("DIAGNOSTICS")
+    out += paragraph(
+        "Standard output carries only the name of the available server (with --mx: the explanation).  "
+        "Everything else goes to standard error, each line starting with \"smtpdcheck: \".  With -v, one "
+        "line per server "
+        "as written (with its prio), its addresses, what became of it (available, each probe's "
+        "address, outcome and detail, lookup failed, this host, not checked) and the time its "
+        "check took:"
+    )
+    out += display([verbose_example()])
+    out += [".PP"]
+    out += paragraph(
+        "On bad usage or a system error exactly one line says what is wrong, and the exit status is 2; "
+        "with --mx, a DNS failure is reported the same way."
+    )
     out += section("EXAMPLES")
     out += paragraph("The examples of Mail Avenger's page; in the first two, this host is s2.domain.com:")
     out += _examples(epilog["examples"])
@@ -250,12 +300,140 @@ def smtpdcheck_page() -> str:
     out += section("SEE ALSO", filled=False)
     out += [
         "smtpdcheck-policyd(8), the same check as a Postfix policy server",
+        "postconf(5), check_policy_service, to make Postfix ask that server",
         "avenger(1), Mail Avenger's SMTP server",
     ]
     return "\n".join(out) + "\n"
 
 
+def verbose_example() -> str:
+    """A ``-v`` line, written by the command's own formatter."""
+    [server] = parse_servers(["10:mx1.example.com"])
+    address = parse_address("192.0.2.1")
+    assert address is not None
+    probe = ProbeResult(Outcome.DECLINED, "192.0.2.1", 25, "421 4.3.2 Service shutting down", elapsed=0.0123)
+    report = ServerReport(server, (address,), eligible=True, probes=[probe], cached=False)
+    out = io.StringIO()
+    check_cli.format_report(CheckResult(None, [report], 0.0123), out)
+    return out.getvalue().rstrip("\n")
+
+
 # -- smtpdcheck-policyd(8) ----------------------------------------------------
+
+#: A decision line, written by the daemon's own formatter.
+DECISION_EXAMPLE: Final = decision_line(
+    "", "user@example.com", decision_middle("example.com", Action.DEFER_IF_PERMIT.value, "primary mx1.example.com live", Cache.MISS.value), 0.0124
+)
+#: A state-change line, as the prober logs it (tests/test_manpages.py checks it against the prober).
+STATE_CHANGE_EXAMPLE: Final = "mx1.example.com [192.0.2.1] up -> down (timeout)"
+#: The warning after lines were dropped (tests/test_manpages.py checks it against the log sink).
+DROPPED_EXAMPLE: Final = "warning: 1234 log lines dropped: the log target did not keep up"
+#: Probe outcomes that change an address's state; "not probed" and "error" say nothing about the server.
+STATE_OUTCOMES: Final = tuple(o.value for o in Outcome if o not in (Outcome.OVERLOADED, Outcome.ERROR))
+
+
+def _diagnostics() -> list[str]:
+    out = section("DIAGNOSTICS")
+    out += paragraph(
+        "Logs go to standard error (journald, with the unit) or with --log-target syslog to syslog, "
+        "facility mail.  Lines about trouble start with warning:, error: or fatal: (fatal: the daemon "
+        "stops), so a grep for those words finds them.  Every value that comes from a request or from "
+        "DNS is escaped (\\xNN), so no recipient can forge a log line."
+    )
+    out += item("Decision lines", paragraph(
+        "One line per RCPT decided, at level info:"
+    ))
+    out += display([DECISION_EXAMPLE])
+    out += [".sp"]
+    out += paragraph(
+        "The fields: Postfix's queue id (NOQUEUE before the first accepted recipient); rcpt=<recipient> as "
+        "Postfix sent it; domain= the recipient domain looked up (- when there is none); action= the "
+        f"answer ({', '.join(a.value for a in Action)}); reason= why, quoted (primary ... live, all N "
+        "more-preferred MXes down, no more-preferred MX, domain does not exist, null MX, dns failure: "
+        f"SERVFAIL, deadline of Ns exceeded, ...); cache= where its inputs came from ({', '.join(c.value for c in Cache)}; "
+        "stale: from caches, one of them past its expiry and being refreshed); ms= the time it took to answer, "
+        "in milliseconds."
+    )
+    out += item("State changes", paragraph(
+        "When a probe finds an MX address in another state than its cached result said, one info line "
+        "names the MX host, the address (with :port when --smtp-port is not 25), the old and the new "
+        f"state, and the probe's outcome ({', '.join(STATE_OUTCOMES)}); it may say more after that:"
+    ))
+    out += display([STATE_CHANGE_EXAMPLE])
+    out += item("Dropped lines", paragraph(
+        "When the log target does not take lines (a stalled journald, a full pipe), lines wait in a "
+        f"{BUFFER_LIMIT >> 20} MiB buffer, beyond it they are dropped and counted (smtpdcheck_log_lines_dropped_total), "
+        "and once writing resumes one warning says how many:"
+    ))
+    out += display([DROPPED_EXAMPLE])
+    out += item("Start-up errors", paragraph(
+        "A configuration, --stop name, nameserver or listening socket that cannot be used is one line "
+        "on standard error and exit status 2, for example:"
+    ))
+    missing = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+    out += display([f"fatal: {unix_listen_error('/var/spool/postfix/smtpdcheck/policy', missing)}"])
+    out += item("Exit status", paragraph(
+        "0 after SIGTERM or SIGINT, 2 after a fatal: line (see EXIT STATUS; --check also exits 1 when "
+        "it would defer, and 2 when it could not decide)."
+    ))
+    return out
+
+
+def _sandbox() -> list[str]:
+    """The hardening settings of the service unit, as written there."""
+    settings: list[str] = []
+    in_service = False
+    for line in SERVICE_UNIT.read_text().splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            in_service = line == "[Service]"
+        elif in_service and "=" in line and not line.startswith("#"):
+            key = line.partition("=")[0]
+            if key not in ("Type", "ExecStart", "ExecReload", "Restart", "RestartSec"):
+                settings.append(line)
+    return settings
+
+
+def _security() -> list[str]:
+    out = section("SECURITY")
+    out += item("Who can query it", paragraph(
+        f"Anyone who can connect to its endpoints; the protocol has no authentication.  The default, "
+        f"{DEFAULT_LISTEN}, is reachable by every user and process on this host.  A query reveals only "
+        "whether the MX hosts of a domain are up, but it makes the daemon look them up and probe them.  "
+        "To let only Postfix ask, use a unix socket whose group is postfix and mode 0660 (the socket unit "
+        "smtpdcheck-policyd-unix.socket does this); never listen on an address other hosts can reach "
+        "without a firewall.  --metrics serves its counters to anyone who can connect, without "
+        "authentication; it is off by default."
+    ))
+    out += item("Socket modes", paragraph(
+        f"A unix socket the daemon makes is bound under umask 0177 and then given --socket-mode (default "
+        f"{Config().socket_mode:04o}), so it is never reachable more widely than configured, even for a "
+        "moment.  An existing path that is not a socket, or a socket another server answers on, is never "
+        "replaced.  Sockets handed over by systemd keep the owner and mode their unit gives them."
+    ))
+    out += item("What it connects to", paragraph(
+        "The nameservers of --nameserver or /etc/resolv.conf, for MX and address lookups; and the "
+        "addresses of the MX hosts of recipient domains on --smtp-port, where it reads the greeting and "
+        "says QUIT: it never sends mail.  Recipient domains choose their MX hosts, so a sender can make "
+        "the daemon connect to any address on that port, internal ones included; --max-probes, "
+        "--max-dns-queries and the caches bound how often.  It connects nowhere else."
+    ))
+    out += item("systemd sandbox", [
+        *paragraph(
+            "The service unit runs the daemon as a dynamic user, without privileges or capabilities, on a "
+            "read-only file system, with these settings (see systemd.exec(5)):"
+        ),
+        *display(_sandbox()),
+    ])
+    out += item("Requests", paragraph(
+        f"A request is bounded ({MAX_LINE_BYTES >> 10} KiB per line, {MAX_REQUEST_BYTES >> 10} KiB and "
+        f"{MAX_ATTRIBUTES} attributes in all); a malformed one closes "
+        "its connection.  With --stdio, spawn(8) runs one process per connection as the user= of "
+        "master.cf (not root, not the mail owner), which then needs no socket at all."
+    ))
+    return out
+
+
 
 DECISION_RULES: Final = (
     (
@@ -293,7 +471,11 @@ DECISION_RULES: Final = (
         "TCP connection on --smtp-port and the first line of its greeting has code 220.  Results "
         "are cached per address (--cache-up-ttl, --cache-down-ttl) and shared by concurrent "
         "requests.  A more-preferred MX up: DEFER_IF_PERMIT with --defer-text (WARN in warn mode), "
-        "so Postfix answers 450 4.7.1.  All of them down, or none more preferred: DUNNO.",
+        "so Postfix answers 450 4.7.1.  All of them down, or none more preferred: DUNNO.  An "
+        "\"up\" past its --cache-up-ttl whose confirming probe has not answered within twice the "
+        "address's last greeting time plus 0.5 s (at most --timeout) is unconfirmed: the address "
+        "counts as not up and the answer is DUNNO at once (reason \"primary ... unconfirmed\"), "
+        "never cached; the probe's result is cached when it ends.",
     ),
     (
         "Deadline",
@@ -306,7 +488,8 @@ DECISION_RULES: Final = (
         "MX lists, addresses and probe results used within --refresh-window are refreshed in the "
         "background as long before they expire as their last answer took, so no RCPT waits on the "
         "network once a domain is known.  While a refresh runs past expiry the old value is served, "
-        "at most --timeout (probes) or --dns-timeout (DNS) past its TTL; the decision line then "
+        "at most --timeout (probes) or --dns-timeout (DNS) past its TTL, an \"up\" only while it "
+        "is not unconfirmed (see Probes); the decision line then "
         "says cache=stale.  A DNS refresh that fails keeps the last good answer up to "
         "--dns-stale-max past its expiry.  Background work is paid for by traffic: each use of a "
         "DNS answer pays for at most 3 background fetches of it (refreshes or retries), whatever "
@@ -314,7 +497,10 @@ DECISION_RULES: Final = (
         "lookup that failed is asked again only when a request needs it.  Probe results are "
         "refreshed once per TTL (at most once a second) until the window ends.  Background work "
         "holds at most half of --max-dns-queries and --max-probes; the rest is kept for requests.  "
-        "--refresh-window 0 turns this off.",
+        "--refresh-window 0 turns this off.  A primary that "
+        "stops greeting is answered DUNNO at most --cache-up-ttl plus that grace after its last "
+        "greeting (10.5 s with the defaults for a primary that greets at once); one that greets "
+        "again is seen within about --cache-down-ttl.",
     ),
 )
 
@@ -324,7 +510,8 @@ def _table_options() -> list[str]:
     for option in OPTIONS:
         label = f"{bold(option.flag)} {italic(option.metavar)}"
         default = f"{bold(default_text(option))}" if option.name != "defer_text" else f'"{text(default_text(option))}"'
-        out.extend(item(label, [*paragraph(_sentence(option.help)), ".br", f"File key {bold(option.name)}, default {default}."]))
+        allowed = f"allowed: {text(option.allowed)}; " if option.allowed else ""
+        out.extend(item(label, [*paragraph(_sentence(option.help)), ".br", f"File key {bold(option.name)}, {allowed}default {default}."]))
     return out
 
 
@@ -352,7 +539,7 @@ def policyd_page() -> str:
         "are cached for all of them; or, with --stdio, as one process per smtpd connection run by "
         "Postfix's spawn(8).  Postfix is told to ask it in main.cf:"
     )
-    out += display(_dedent([l for l in epilog["Postfix wiring (main.cf)"] if l.strip()]))
+    out += display(daemon_cli.MAIN_CF_EXAMPLE.splitlines())
     out += [".PP"]
     out += paragraph(
         "The policy check must come after the relay check, and permit_* exemptions before it: a "
@@ -367,11 +554,14 @@ def policyd_page() -> str:
     out += _table_options()
     out += section("CONFIGURATION FILE")
     out += paragraphs(
-        "The file given with --config is TOML.  Every key is a long option with '_' for '-', "
+        f"The daemon and --check read {CONFIG_PATH} when it exists and no --config is given, as "
+        "Postfix's commands read main.cf; --config PATH reads another file instead, and --config '' "
+        "none.  The file is TOML.  Every key is a long option with '_' for '-', "
         "repeatable options take a list, and options on the command line override the file.  "
-        "Unknown keys, wrong types and impossible values stop start-up with a message naming the key "
-        f"and file.  The packaged service reads {CONFIG_PATH}, which lists every key with its default, "
-        "commented out."
+        "Unknown keys, wrong types and impossible values stop start-up (a reload keeps the running "
+        "configuration) with a message naming the key and file.  A file mode (socket_mode) is written "
+        "0o660 or \"0660\": a bare TOML integer such as 660 is decimal, and refused.  The package "
+        f"installs {CONFIG_PATH} with every key commented out at its default."
     )
     out += section("SIGNALS")
     out += paragraphs("\n".join(l.strip() for l in epilog["signals"]))
@@ -388,12 +578,16 @@ def policyd_page() -> str:
             "deadline, error)."
         ),
     ]
+    out += _diagnostics()
+    out += _security()
     out += section("FILES", filled=False)
     out += [
-        f"{CONFIG_PATH}, configuration of the packaged service",
+        f"{CONFIG_PATH}, the configuration, read when it exists and no --config is given",
+        "/etc/resolv.conf, the nameservers asked when no --nameserver is given",
         "/usr/lib/systemd/system/smtpdcheck-policyd.service, the service",
         "/usr/lib/systemd/system/smtpdcheck-policyd.socket, socket activation on 127.0.0.1:10040",
-        "/usr/share/doc/smtpdcheck/examples/, Postfix main.cf and master.cf snippets",
+        "/usr/share/doc/smtpdcheck/examples/, Postfix main.cf and master.cf snippets, and",
+        "    smtpdcheck-policyd-unix.socket, socket activation in the queue directory",
     ]
     out += section("EXAMPLES")
     out += paragraph("Explain the decision for one recipient, as if Postfix had been reached on 192.0.2.25:")
@@ -410,9 +604,10 @@ def policyd_page() -> str:
     out += section("SEE ALSO", filled=False)
     out += [
         "smtpdcheck(1), the same check as a command",
-        "postconf(5), check_policy_service",
+        "postconf(5), check_policy_service, smtpd_recipient_restrictions",
         "spawn(8), Postfix external command spawner",
         "systemd.socket(5), socket activation",
+        "systemd.exec(5), the sandbox settings",
         "SMTPD_POLICY_README, Postfix policy delegation",
     ]
     return "\n".join(out) + "\n"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from dataclasses import dataclass, field
 
 import trio
@@ -61,10 +62,16 @@ class Answer:
     line: str = field(default="", compare=False, repr=False)
     # The request counter's labels (action, kind), read per request without enum lookups.
     counted: tuple[str, str] = field(init=False, compare=False, repr=False)
+    # A DEFER (or WARN) that rests on a greeting of known age, for the evidence-age histogram.
+    rests_on_a_greeting: bool = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        verdict = self.decision.verdict
+        decision = self.decision
+        verdict = decision.verdict
         object.__setattr__(self, "counted", _counted(verdict.action, verdict.kind))
+        object.__setattr__(
+            self, "rests_on_a_greeting", verdict.kind is Kind.PRIMARY_LIVE and not math.isnan(decision.confirmed_at)
+        )
 
 
 @functools.cache
@@ -179,7 +186,8 @@ class Responder:
             log.exception("internal error in the cached path")
             return None
         if answer is not None:
-            self._finish(request, answer, trio.current_time() - now, fields)
+            end = trio.current_time()
+            self._finish(request, answer, end - now, end, fields)
         return answer
 
     async def answer(self, request: PolicyRequest) -> Answer:
@@ -197,7 +205,8 @@ class Responder:
             metrics.requests_in_flight -= 1
             if not metrics.requests_in_flight and self._drained is not None:
                 self._drained.set()
-        self._finish(request, outcome, trio.current_time() - start)
+        end = trio.current_time()
+        self._finish(request, outcome, end - start, end)
         return outcome
 
     async def wait_drained(self) -> None:
@@ -218,15 +227,20 @@ class Responder:
             # Stored without what it was computed from: a memo must stay small.
             key = _memo_key(request.recipient, request.server_address)
             if key is not None:
-                small = Decision(decision.verdict, decision.domain, decision.cache, decision.valid_until)
+                small = Decision(decision.verdict, decision.domain, decision.cache, decision.valid_until,
+                                 decision.confirmed_at)
                 self.answers.put(key, Answer(answer.reply, small, line=_middle(small)), ttl)
         return answer
 
     def _finish(
-        self, request: PolicyRequest, outcome: Answer, elapsed: float, fields: tuple[str, str, str] | None = None
+        self, request: PolicyRequest, outcome: Answer, elapsed: float, now: float,
+        fields: tuple[str, str, str] | None = None,
     ) -> None:
-        """Count and log one answered request (``fields``: its :meth:`~PolicyRequest.rcpt_fields`, if read)."""
+        """Count and log one answered request, answered at ``now`` (``fields``: its
+        :meth:`~PolicyRequest.rcpt_fields`, if read)."""
         self.metrics.observe(outcome.counted, elapsed)
+        if outcome.rests_on_a_greeting:
+            self.metrics.observe_defer_evidence(now - outcome.decision.confirmed_at)
         if not outcome.checked:
             return
         sink = self.sink

@@ -242,6 +242,16 @@ class SingleFlight(Generic[K, V]):
         """Flights whose callers are still waiting for a value."""
         return len(self._inflight)
 
+    def running_since(self, key: K) -> float | None:
+        """When the flight now fetching ``key`` started, or None if none is.
+
+        A cached value's owner may judge it by how long its renewal has
+        been under way (a probe still unanswered after the primary's usual
+        greeting time says more than the value it would replace).
+        """
+        flight = self._inflight.get(key)
+        return None if flight is None else flight.started
+
     @property
     def lingering(self) -> int:
         """Flights that delivered but are still finishing (a probe saying QUIT)."""

@@ -60,7 +60,7 @@ class CheckResult:
     winner: Server | None
     reports: list[ServerReport]
     elapsed: float
-    valid_until: float = math.inf  # for a result from caches: when the first input expires
+    valid_until: float = math.inf  # for a result from caches: when the first input expires (or a probe is renewed)
 
     @property
     def from_cache(self) -> bool:
@@ -71,6 +71,17 @@ class CheckResult:
     def stale(self) -> bool:
         """True when a stale cached value was used."""
         return any(r.stale for r in self.reports)
+
+    @property
+    def confirmed_at(self) -> float:
+        """When the winner last greeted (trio time): the evidence a DEFER rests on; NaN without one."""
+        if self.winner is None:
+            return math.nan
+        times = [
+            p.at for r in self.reports if r.server is self.winner
+            for p in r.probes if p.available and not math.isnan(p.at)
+        ]
+        return max(times, default=math.nan)
 
 
 class _Board:

@@ -14,7 +14,7 @@ from typing import Final, NoReturn, TextIO, TypeVar
 
 import trio
 
-from . import values
+from . import release, values
 from .check import CheckResult
 from .core import Core, CoreSettings, open_core
 from .policy import Kind, Policy
@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {release.version()}")
     parser.add_argument("servers", nargs="*", metavar="[prio:]server", help="servers to check, in order")
     parser.add_argument(
         "--stop", action="append", default=[], metavar="{ip-addr|name}",

@@ -17,7 +17,7 @@ import trio
 
 from .check import Checker
 from .probe import QUIT_GRACE_S, Connect, Prober
-from .resolver import DEFAULT_DNS_TIMEOUT_S, Resolver
+from .resolver import DEFAULT_DNS_TIMEOUT_S, RESOLV_CONF, DNSConfigError, Resolver
 from .stophost import StopHostError, resolve_stop
 from .stoprule import StopSet
 
@@ -37,7 +37,7 @@ class CoreSettings:
     probe_timeout: float = 10.0
     check_timeout: float = 10.0
     smtp_port: int = 25
-    up_ttl: float = 120.0
+    up_ttl: float = 10.0
     down_ttl: float = 60.0
     dns_max_ttl: float = 3600.0
     dns_negative_ttl: float = 300.0
@@ -49,6 +49,8 @@ class CoreSettings:
     refresh_window: float = 0.0
     dns_stale_max: float = 0.0
     stop: Sequence[str] = field(default=())
+    # Read for nameservers when none are given; tests name their own file.
+    resolv_conf: str = RESOLV_CONF
 
 
 @dataclass(eq=False)
@@ -88,6 +90,7 @@ def build_core(nursery: trio.Nursery, settings: CoreSettings, *, connect: Connec
         max_concurrent=settings.max_dns_queries,
         refresh_window=settings.refresh_window,
         stale_max=settings.dns_stale_max,
+        resolv_conf=settings.resolv_conf,
     )
     prober = Prober(
         nursery,
@@ -110,13 +113,16 @@ async def open_core(settings: CoreSettings, *, connect: Connect = trio.open_tcp_
 
     Raises:
         StopHostError: a ``--stop`` value does not resolve; nothing is left running.
+        DNSConfigError: no nameserver given and none in the resolver configuration.
+        Both are raised as themselves, not inside an exception group, so a
+        command can say in one line what is wrong.
     """
-    failed: StopHostError | None = None
+    failed: StopHostError | DNSConfigError | None = None
     async with trio.open_nursery() as nursery:
-        core = build_core(nursery, settings, connect=connect)
         try:
+            core = build_core(nursery, settings, connect=connect)
             core.stop = await core.resolve_stop(settings.stop, system_fallback=not settings.nameservers)
-        except StopHostError as exc:
+        except (StopHostError, DNSConfigError) as exc:
             failed = exc
             nursery.cancel_scope.cancel()
         else:

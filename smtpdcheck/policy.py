@@ -54,6 +54,8 @@ class Kind(enum.Enum):
 
     PRIMARY_LIVE = "primary live"
     ALL_DOWN = "all down"
+    # A more-preferred MX was up, but its confirming probe is overdue: when in doubt, accept.
+    UNCONFIRMED = "unconfirmed"
     NO_BETTER_MX = "no better mx"
     NXDOMAIN = "nxdomain"
     NULL_MX = "null mx"
@@ -161,6 +163,10 @@ def verdict_for_check(result: CheckResult, *, warn_only: bool = False) -> Verdic
     checked = [r for r in result.reports if r.eligible]
     if not checked:
         return Verdict(Action.DUNNO, Kind.NO_BETTER_MX, "no more-preferred MX")
+    for report in checked:
+        doubt = next((p for p in report.probes if p.outcome is Outcome.UNCONFIRMED), None)
+        if doubt is not None:
+            return Verdict(Action.DUNNO, Kind.UNCONFIRMED, f"primary {report.server.name} unconfirmed ({doubt.detail})")
     timed_out = sum(
         1 for r in checked
         if not r.available and (r.timed_out or any(p.outcome is Outcome.TIMEOUT for p in r.probes))
@@ -189,6 +195,8 @@ class Decision:
     domain: str = ""
     cache: Cache = Cache.MISS
     valid_until: float = -math.inf
+    # For a DEFER: when the live MX last greeted (trio time), the evidence's age is now minus this.
+    confirmed_at: float = field(default=math.nan, compare=False)
     mx: MXLookup | None = field(default=None, compare=False, repr=False)
     result: CheckResult | None = field(default=None, compare=False, repr=False)
 
@@ -322,7 +330,10 @@ class Policy:
         self.resolver.count_cache_hits(mx=1, stale_mx=int(source is Source.STALE))
         # A stale input has already expired, so valid_until is past: a
         # decision made from one is never reused.
-        return Decision(verdict, domain, Cache.STALE if stale else Cache.HIT, valid_until, mx=mx, result=result)
+        confirmed_at = result.confirmed_at if result is not None else math.nan
+        return Decision(
+            verdict, domain, Cache.STALE if stale else Cache.HIT, valid_until, confirmed_at, mx=mx, result=result
+        )
 
     async def decide(self, domain: str, stop: StopSet) -> Decision:
         """The full decision, within the deadline.  Never raises (but for outside cancellation)."""
@@ -348,5 +359,6 @@ class Policy:
         if source is not Source.NETWORK and (result is None or result.from_cache):
             stale = source is Source.STALE or (result is not None and result.stale)
             cache = Cache.STALE if stale else Cache.HIT
-        return Decision(verdict, domain, cache, mx=mx, result=result)
+        confirmed_at = result.confirmed_at if result is not None else math.nan
+        return Decision(verdict, domain, cache, confirmed_at=confirmed_at, mx=mx, result=result)
 

@@ -14,12 +14,13 @@ import errno
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Final, TypeAlias
 
 import trio
 
 from .cache import Producer, SingleFlight, Source, TTLCache
+from .confirm import Belief, believe_up
 from .refresh import RefreshRules, background_slots
 from .greeting import MAX_GREETING_BYTES, GreetingError, GreetingReader
 from .servers import IPAddress
@@ -49,6 +50,13 @@ class Outcome(enum.Enum):
     BAD_GREETING = "bad greeting"
     OVERLOADED = "not probed"  # our own probe limit, not the server's fault
     ERROR = "error"
+    # Not a probe's outcome: a cached "up" whose confirming probe is overdue
+    # (see smtpdcheck.confirm); treated as not up, never cached.
+    UNCONFIRMED = "unconfirmed"
+
+
+#: What a probe can come back with (UNCONFIRMED is the cache's verdict, not a probe's).
+PROBE_OUTCOMES: Final = tuple(o for o in Outcome if o is not Outcome.UNCONFIRMED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +67,11 @@ class ProbeResult:
     detail: str = ""
     elapsed: float = 0.0
     name: str = ""  # the MX host it was probed for, for log lines (a background refresh has no caller)
+    # When the probe came back (trio time): for an "up", the greeting a DEFER rests on.
+    at: float = field(default=math.nan, compare=False)
+    # When the address entered its present state (the first of a run of results
+    # that agree): how long it had been up or down when it changes.
+    since: float = field(default=math.nan, compare=False)
 
     @property
     def available(self) -> bool:
@@ -126,7 +139,8 @@ async def probe_greeting(
         nonlocal delivered
         if not delivered:
             delivered = True
-            deliver(ProbeResult(outcome, host, port, detail, trio.current_time() - start, name))
+            now = trio.current_time()
+            deliver(ProbeResult(outcome, host, port, detail, now - start, name, at=now, since=now))
 
     if timeout > 0:
         deadline = min(deadline, start + timeout)
@@ -212,7 +226,7 @@ class Prober:
         nursery: trio.Nursery,
         *,
         timeout: float,
-        up_ttl: float = 120.0,
+        up_ttl: float = 10.0,
         down_ttl: float = 60.0,
         max_entries: int = 10_000,
         max_concurrent: int = 200,
@@ -228,7 +242,7 @@ class Prober:
         self.limiter = trio.CapacityLimiter(max_concurrent)
         # Background probes take a slot here first, then one of ``limiter``.
         self.background_limiter = trio.CapacityLimiter(background_slots(max_concurrent))
-        self.outcomes: dict[Outcome, int] = dict.fromkeys(Outcome, 0)
+        self.outcomes: dict[Outcome, int] = dict.fromkeys(PROBE_OUTCOMES, 0)
         self.flights: SingleFlight[tuple[str, int], ProbeResult] = SingleFlight(
             nursery,
             TTLCache(max_entries),
@@ -260,16 +274,68 @@ class Prober:
         return self.down_ttl
 
     def cached(self, address: IPAddress, port: int) -> tuple[ProbeResult, float, Source] | None:
-        """A usable cached result, when it expires and whether it is stale; no I/O."""
-        return self.flights.cached((str(address), port))
+        """A result usable without waiting, until when it holds and whether it is stale; no I/O.
+
+        It holds until it expires or its refresh starts, whichever is first.
+
+        An "up" whose confirming probe is overdue comes back UNCONFIRMED (it
+        expires at once: nothing built on it is reused).
+        """
+        return self._from_cache((str(address), port))
 
     def count_cache_hits(self, n: int, stale: int = 0) -> None:
         self.flights.count_served(n, stale)
 
     async def probe(self, address: IPAddress, port: int, name: str = "") -> tuple[ProbeResult, Source]:
-        """Return ``(result, where it came from)`` for one address; ``name`` is for the log."""
+        """Return ``(result, where it came from)`` for one address; ``name`` is for the log.
+
+        Waits only when nothing usable is cached: an "up" that is no longer
+        believed is answered at once as UNCONFIRMED, not by waiting for the
+        probe that would settle it.
+        """
         key = (str(address), port)
+        got = self._from_cache(key)
+        if got is not None:
+            self.flights.count_served(1, int(got[2] is Source.STALE))
+            await trio.lowlevel.checkpoint()
+            return got[0], got[2]
         return await self.flights.get(key, self._producer(key, name))
+
+    def _from_cache(self, key: tuple[str, int]) -> tuple[ProbeResult, float, Source] | None:
+        got = self.flights.cached(key)  # starts the confirming probe of an expired entry
+        doubt = self._doubted(key, self.flights.cache.clock())
+        if doubt is not None:
+            return doubt, -math.inf, Source.STALE
+        if got is None:
+            return None
+        result, expires, source = got
+        entry = self.flights.cache.raw(key)
+        # Its refresh may land a new state before it expires (a primary back
+        # up is seen a whole silent probe earlier): what is built on this
+        # result is not kept past the time that refresh starts.
+        due = entry.due if entry is not None else expires
+        return result, min(expires, due), source
+
+    def _doubted(self, key: tuple[str, int], now: float) -> ProbeResult | None:
+        """An UNCONFIRMED stand-in for a cached "up" that is no longer believed, else None.
+
+        None also when the entry has expired for good with no probe under way
+        (unused for a while): the caller then probes and waits, as after any
+        expiry.
+        """
+        entry = self.flights.cache.raw(key)
+        if entry is None or not entry.value.available or now < entry.expires:
+            return None
+        started = self.flights.running_since(key)
+        if started is None and now >= entry.stale_until:
+            return None
+        up = entry.value
+        if believe_up(now, entry.expires, started, up.elapsed, self.timeout) is not Belief.UNCONFIRMED:
+            return None
+        return ProbeResult(
+            Outcome.UNCONFIRMED, up.address, up.port, f"last greeting {now - up.at:.1f}s ago",
+            name=up.name, at=up.at, since=up.since,
+        )
 
     def _refetch(self, key: tuple[str, int]) -> Producer[ProbeResult]:
         """A refresh probes for the MX host the cached result was probed for, in the background share."""
@@ -283,8 +349,7 @@ class Prober:
         async def produce(deliver: Callable[[ProbeResult], None]) -> None:
             def counted(result: ProbeResult) -> None:
                 self.outcomes[result.outcome] += 1
-                self._log_change(key, name, result)
-                deliver(result)
+                deliver(self._note_change(key, name, result))
 
             timeout = self.timeout
             deadline = trio.current_time() + timeout if timeout > 0 else math.inf
@@ -309,15 +374,30 @@ class Prober:
 
         return produce
 
-    def _log_change(self, key: tuple[str, int], name: str, result: ProbeResult) -> None:
-        """One line when an address goes up or down: what an admin watching a failover wants."""
+    def _note_change(self, key: tuple[str, int], name: str, result: ProbeResult) -> ProbeResult:
+        """Carry the start of the present state over, and log one line when it changes.
+
+        The line is what an admin watching a failover wants: which address,
+        what it did, how long it had been in its old state and, for an "up"
+        that ends, how old its last greeting was (a DEFER may have rested on
+        it until then).
+        """
         if result.outcome in (Outcome.OVERLOADED, Outcome.ERROR):
-            return  # says nothing about the server
+            return result  # says nothing about the server
         old = self.flights.cache.raw(key)
-        if old is None or old.value.available == result.available:
-            return
+        if old is None:
+            return result
+        before = old.value
+        if before.available == result.available:
+            # The same state, still believed: it began when the old one did.
+            if result.at < old.stale_until and not math.isnan(before.since):
+                return replace(result, since=before.since)
+            return result
         def state(r: ProbeResult) -> str:
             return "up" if r.available else "down"
         address = f"[{key[0]}]" if key[1] == 25 else f"[{key[0]}]:{key[1]}"
         label = f"{printable(name)} {address}" if name else address
-        log.info("%s %s -> %s (%s)", label, state(old.value), state(result), result.outcome.value)
+        held = "" if math.isnan(before.since) else f" after {result.at - before.since:.1f}s {state(before)}"
+        last = f", last greeting {result.at - before.at:.1f}s ago" if before.available and not math.isnan(before.at) else ""
+        log.info("%s %s -> %s (%s)%s%s", label, state(before), state(result), result.outcome.value, held, last)
+        return result

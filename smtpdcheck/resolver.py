@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -39,6 +40,8 @@ from .refresh import RefreshRules, background_slots
 from .servers import IPAddress, is_valid_hostname, normalize_hostname
 
 DEFAULT_DNS_TIMEOUT_S: Final = 5.0
+#: The system's resolver configuration, read when no nameserver is given.
+RESOLV_CONF: Final = "/etc/resolv.conf"
 MAX_MX_HOSTS: Final = 10
 MAX_ADDRESSES_PER_HOST: Final = 8
 
@@ -187,15 +190,21 @@ class Resolver:
         max_mx_hosts: int = MAX_MX_HOSTS,
         refresh_window: float = 0.0,
         stale_max: float = 0.0,
+        resolv_conf: str = RESOLV_CONF,
     ) -> None:
+        #: Where the nameservers came from, for an admin: None when they were given.
+        self.resolv_conf: str | None = None if nameservers else resolv_conf
         try:
             if nameservers:
                 self._dns = dns.asyncresolver.Resolver(configure=False)
                 self._dns.nameservers = [dns.nameserver.Do53Nameserver(h, p) for h, p in nameservers]
             else:
-                self._dns = dns.asyncresolver.Resolver()
-        except dns.exception.DNSException as exc:
-            raise DNSConfigError(f"no usable resolver configuration: {exc}") from exc
+                self._dns = dns.asyncresolver.Resolver(filename=resolv_conf)
+        except dns.exception.DNSException:
+            # NoResolverConfiguration, whose wording differs between dnspython
+            # releases: say in this project's words which of the two it is.
+            what = f"{resolv_conf} names no nameserver" if os.access(resolv_conf, os.R_OK) else f"cannot read {resolv_conf}"
+            raise DNSConfigError(f"no DNS server to ask: {what} (give --nameserver)") from None
         self._dns.cache = None  # ours is in front, with capped TTLs
         self._dns.timeout = min(2.0, timeout) if timeout > 0 else 2.0
         # A backstop only: our own trio deadline in _query is what counts.
@@ -234,6 +243,18 @@ class Resolver:
             rules=rules, is_failure=lambda v: v.kind is MXKind.FAILURE, describe=str,
             reason_of=lambda v: v.error or "?",
         )
+
+    @property
+    def nameservers(self) -> list[str]:
+        """The servers this resolver asks, as ``IP:PORT`` (``[IPv6]:PORT``)."""
+        out: list[str] = []
+        for server in self._dns.nameservers:
+            # An address (with its port in nameserver_ports, if not the default)
+            # or, from dnspython 2.4 on, a nameserver object.
+            address = str(getattr(server, "address", server))
+            port = getattr(server, "port", None) or self._dns.nameserver_ports.get(address, self._dns.port)
+            out.append(f"[{address}]:{port}" if ":" in address else f"{address}:{port}")
+        return out
 
     def _address_ttl(self, value: AddressLookup) -> float:
         return self.failure_ttl if _address_failed(value) else value.ttl

@@ -10,6 +10,7 @@ the entry points and the installed modules rather than the source tree.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import fields, replace
@@ -52,19 +53,35 @@ def config_flags(config: Config) -> list[str]:
     return flags
 
 
-async def start_daemon(nursery: trio.Nursery, config: Config) -> str:
+# As systemd starts a socket-activated service: the socket at fd 3,
+# LISTEN_FDS=1 and LISTEN_PID = the service's pid, known only after fork.
+_ACTIVATE = (
+    "import os, sys; os.dup2(int(sys.argv[1]), 3); os.environ['LISTEN_FDS'] = '1'; "
+    "os.environ['LISTEN_PID'] = str(os.getpid()); os.execv(sys.argv[2], sys.argv[2:])"
+)
+
+
+async def start_daemon(nursery: trio.Nursery, config: Config, *, activate: socket.socket | None = None) -> str:
     """Run the installed ``smtpdcheck-policyd`` with ``config``; return its first endpoint.
 
     An ``inet:...:0`` endpoint is replaced by a free port (the command line
-    wants a real one).  Returns once the daemon logs that it listens; its
-    log is echoed to our stderr, which pytest shows on failure.  The process
-    is stopped (SIGTERM) when ``nursery`` is cancelled.
+    wants a real one).  ``activate`` hands the daemon a listening socket as
+    systemd's socket activation does.  Returns once the daemon logs that it
+    listens; its log is echoed to our stderr, which pytest shows on failure.
+    The process is stopped (SIGTERM) when ``nursery`` is cancelled.
     """
     listen = tuple(
         f"inet:127.0.0.1:{unused_port()}" if endpoint == "inet:127.0.0.1:0" else endpoint for endpoint in config.listen
     )
-    argv = [command("smtpdcheck-policyd"), *config_flags(replace(config, listen=listen))]
-    process: trio.Process = await nursery.start(partial(trio.run_process, argv, stderr=subprocess.PIPE, check=False))
+    # --config '': whatever /etc/smtpdcheck/policyd.toml the machine has, the test does not read it.
+    argv = [command("smtpdcheck-policyd"), "--config", "", *config_flags(replace(config, listen=listen))]
+    pass_fds: tuple[int, ...] = ()
+    if activate is not None:
+        argv = [sys.executable, "-c", _ACTIVATE, str(activate.fileno()), *argv]
+        pass_fds = (activate.fileno(),)
+    process: trio.Process = await nursery.start(
+        partial(trio.run_process, argv, stderr=subprocess.PIPE, check=False, pass_fds=pass_fds)
+    )
     assert process.stderr is not None
     ready = trio.Event()
     listening = False

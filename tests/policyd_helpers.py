@@ -65,11 +65,14 @@ async def start_policyd(
     config: Config,
     *,
     stop: StopSet = StopSet(),
+    listeners: list[trio.SocketListener] | None = None,
 ) -> RunningPolicyd:
+    """The server in ``nursery``; ``listeners`` (say, sockets as systemd hands them over) replace ``listen``."""
     core = build_core(nursery, core_settings(config))
     core.stop = stop
     responder = Responder(config, core)
-    listeners = await open_listeners(config.listen, socket_mode=config.socket_mode)
+    if listeners is None:
+        listeners = await open_listeners(config.listen, socket_mode=config.socket_mode)
     server = PolicyServer(listeners, responder, max_connections=config.max_connections)
     await nursery.start(server.serve)
     return RunningPolicyd(responder, server, [endpoint_of(l) for l in listeners])

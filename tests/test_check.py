@@ -52,6 +52,25 @@ async def test_refused_and_silent(farm: Callable[..., Farm], make_core: Callable
     assert "ECONNREFUSED" in result.reports[1].probes[0].detail
 
 
+async def test_a_greeter_that_stops_listening_is_refused_and_greets_again_on_its_port(
+    farm: Callable[..., Farm], make_core: Callable[..., Core]
+) -> None:
+    f = await farm(Mode.OK)
+    greeter = f.greeters[0]
+    core = make_core(f.port, timeout=0.5)
+    with trio.fail_after(5):
+        greeter.mode = Mode.REFUSE
+        await greeter.wait_until(lambda: not greeter.listening)
+        refused = await core.prober.probe(parse_servers(["127.0.0.2"])[0].address, f.port)  # type: ignore[arg-type]
+        assert refused[0].outcome is Outcome.CONNECT_FAILED and "ECONNREFUSED" in refused[0].detail
+        greeter.mode = Mode.OK
+        await greeter.wait_until(lambda: greeter.listening)
+        assert (await core.checker.check(parse_servers(["127.0.0.2"]), STOP_NONE)).winner is None  # still cached down
+        core.prober.flights.cache.clear()
+        back = await core.checker.check(parse_servers(["127.0.0.2"]), STOP_NONE)
+    assert back.winner is not None and greeter.connections == 1
+
+
 async def test_postscreen_pause_decides_on_first_line_and_never_pregreets(farm: Callable[..., Farm], make_core: Callable[..., Core]) -> None:
     f = await farm(Mode.PAUSED_MULTILINE, pause=3.0)
     core = make_core(f.port, timeout=2.0)

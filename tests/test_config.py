@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import get_args, get_type_hints
 
@@ -14,7 +16,7 @@ import pytest
 
 from policyd import config as cfg
 from policyd.cli import build_parser
-from policyd.listeners import open_listeners
+from policyd.listeners import ListenError, open_listeners
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "etc" / "smtpdcheck-policyd.toml"
@@ -27,7 +29,7 @@ def parse(argv: list[str], tmp_path: Path | None = None, toml: str | None = None
         path = tmp_path / "policyd.toml"
         path.write_text(toml)
     args = build_parser().parse_args(argv + (["--config", str(path)] if path else []))
-    return cfg.build(args, args.config)
+    return cfg.build(args, Path(args.config) if args.config else None)
 
 
 def test_defaults_work_out_of_the_box() -> None:
@@ -53,9 +55,12 @@ def test_file_then_flags_override(tmp_path: Path) -> None:
     [
         ("tiemout = 3\n", "unknown key 'tiemout'"),
         ("smtp-port = 25\n", "use _ not -"),
-        ('timeout = "soon"\n', "timeout: not a number"),
-        ("timeout = -1\n", "timeout: must be 0 or more"),
-        ("timeout = 0\n", "timeout: must be more than 0"),
+        ('timeout = "soon"\n', "timeout: must be a number, not a string: 'soon'"),
+        ("timeout = -1\n", "timeout: must be more than 0: -1"),
+        ("timeout = 0\n", "timeout: must be more than 0: 0"),
+        ("timeout = inf\n", "timeout: not a finite number: inf"),
+        ("timeout = nan\n", "timeout: not a number: nan"),
+        ("cache_up_ttl = -1\n", "cache_up_ttl: must be 0 or more: -1"),
         ("smtp_port = 70000\n", "smtp_port: not a TCP port"),
         ('listen = "inet:127.0.0.1:10040"\n', "listen: must be a list"),
         ('listen = ["tcp:1.2.3.4:5"]\n', "listen: bad listen address"),
@@ -68,7 +73,9 @@ def test_file_then_flags_override(tmp_path: Path) -> None:
         ('nameserver = ["dns.example"]\n', "nameserver must be an IP address"),
         ('stop = ["bad name"]\n', "stop: not a host name"),
         ("cache_size = 0\n", "cache_size: must be 1 or more"),
-        ("max_probes = true\n", "max_probes: must be a whole number"),
+        ("max_probes = true\n", "max_probes: must be an integer, not a boolean: True"),
+        ("max_probes = 0\n", "max_probes: must be 1 or more: 0"),
+        ("max_probes = 2.5\n", "max_probes: must be an integer, not a float: 2.5"),
         ('socket_mode = "999"\n', "socket_mode: not an octal"),
         ("timeout = [1]\n", "must be a single value"),
         ("this is not toml\n", "not valid TOML"),
@@ -89,7 +96,7 @@ def test_bad_flag_is_refused() -> None:
 def test_missing_file(tmp_path: Path) -> None:
     args = build_parser().parse_args(["--config", str(tmp_path / "none.toml")])
     with pytest.raises(cfg.ConfigError, match="cannot read"):
-        cfg.build(args, args.config)
+        cfg.build(args, Path(args.config))
 
 
 def test_example_file_is_the_generated_one() -> None:
@@ -142,7 +149,6 @@ def test_help_mentions_every_flag() -> None:
         ("socket_mode = 0o640\n", 0o640),
         ("socket_mode = 0o666\n", 0o666),
         ("socket_mode = 0o600\n", 0o600),
-        ("socket_mode = 432\n", 0o660),  # a TOML integer is the bits, however it is spelled
         ('socket_mode = "0660"\n', 0o660),
         ('socket_mode = "660"\n', 0o660),
         ('socket_mode = "0640"\n', 0o640),
@@ -160,10 +166,11 @@ def test_socket_mode_flag_is_octal_text() -> None:
 @pytest.mark.parametrize(
     ("toml", "message"),
     [
-        ("socket_mode = 660\n", "socket_mode: not a file mode: 660 (write 0o660 or \"0660\")"),
-        ("socket_mode = -1\n", "socket_mode: not a file mode"),
-        ("socket_mode = 6.6\n", "socket_mode: must be a TOML integer such as 0o660 or a string such as \"0660\""),
-        ("socket_mode = true\n", "socket_mode: must be a TOML integer"),
+        ("socket_mode = 660\n", "socket_mode: 660 is a decimal number in TOML, not a file mode; write 0o660 or \"0660\""),
+        ("socket_mode = -1\n", "socket_mode: -1 is a decimal number in TOML, not a file mode"),
+        ("socket_mode = 6.6\n", "socket_mode: must be an integer or a string, not a float: 6.6"),
+        ("socket_mode = true\n", "socket_mode: must be an integer or a string, not a boolean: True"),
+        ("socket_mode = 0o1777\n", "socket_mode: not a file mode: 1023"),
         ('socket_mode = "0o999"\n', "socket_mode: not an octal file mode"),
         ('socket_mode = "rw-rw----"\n', "socket_mode: not an octal file mode"),
         ('socket_mode = "01777"\n', "socket_mode: not a file mode"),
@@ -228,3 +235,161 @@ def test_choice_options_accept_exactly_their_literal_words(name: str) -> None:
         assert convert(word.swapcase()) == word  # case does not matter
     with pytest.raises(cfg.ConfigError, match="must be one of " + ", ".join(allowed)):
         convert("nonsense")
+
+
+# -- types in the file: the converters also read flags, which are text -------
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('timeout = "3"\n', "timeout: must be a number, not a string: '3'"),
+        ('smtp_port = "25"\n', "smtp_port: must be an integer, not a string: '25'"),
+        ("defer_text = 5\n", "defer_text: must be a string, not an integer: 5"),
+        ("stop = [1]\n", "stop: each item must be a string, not an integer: 1"),
+        ('mode = true\n', "mode: must be a string, not a boolean: True"),
+        ("listen = [[\"inet:127.0.0.1:1\"]]\n", "listen: each item must be a string, not an array"),
+        ("metrics = 1979-05-27\n", "metrics: must be a string, not a date or time"),
+        ('cache_size = "10"\n', "cache_size: must be an integer, not a string: '10'"),
+    ],
+)
+def test_wrong_toml_type_is_refused_naming_key_and_file(tmp_path: Path, toml: str, message: str) -> None:
+    with pytest.raises(cfg.ConfigError) as info:
+        parse([], tmp_path, toml)
+    assert str(info.value) == f"{tmp_path / 'policyd.toml'}: {message}" or message in str(info.value)
+    assert str(info.value).startswith(f"{tmp_path / 'policyd.toml'}: ")
+
+
+def test_the_same_values_as_text_are_fine_on_the_command_line() -> None:
+    config = parse(["--timeout", "3", "--smtp-port", "2525", "--defer-text", "5", "--stop", "192.0.2.1"])
+    assert (config.timeout, config.smtp_port, config.defer_text, config.stop) == (3.0, 2525, "5", ("192.0.2.1",))
+
+
+# -- socket_mode = 440 is decimal in TOML: refused, not mode 0670 ------------
+
+
+@pytest.mark.parametrize(
+    ("line", "suggestion"),
+    [
+        ("socket_mode = 440", 'write 0o440 or "0440"'),
+        ("socket_mode=440 # the group may read", 'write 0o440 or "0440"'),
+        ('"socket_mode" = 600', 'write 0o600 or "0600"'),
+        ("socket_mode = 438", 'such as 0o660 or "0660"'),  # 0o666 in decimal: refused too
+        ("socket_mode = 0x1b6", 'such as 0o660 or "0660"'),
+        ("socket_mode = 0b110110110", 'such as 0o660 or "0660"'),
+    ],
+)
+def test_socket_mode_integer_not_written_in_octal_is_refused(tmp_path: Path, line: str, suggestion: str) -> None:
+    with pytest.raises(cfg.ConfigError) as info:
+        parse([], tmp_path, line + "\n")
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'policyd.toml'}: socket_mode: ")
+    assert "decimal" in message or "octal" in message
+    assert suggestion in message
+
+
+def test_socket_mode_in_octal_beside_a_table_is_read() -> None:
+    assert cfg._check_mode_spelling("socket_mode = 0o440\n", {"socket_mode": 0o440}, "f") is None
+
+
+# -- ranges: stated once in the table, every message and document from there --
+
+_NUMBERS = [o for o in cfg.OPTIONS if isinstance(o.convert, cfg.Number)]
+
+
+@pytest.mark.parametrize("option", _NUMBERS, ids=lambda o: o.name)
+@pytest.mark.parametrize("text", ["-1", "0", "0.5", "inf", "nan", "1e9999", "70000"])
+def test_every_number_is_refused_in_words_its_range_gives(option: cfg.Option, text: str) -> None:
+    number = float(text)
+    try:
+        config = parse([option.flag, text])
+    except cfg.ConfigError as exc:
+        message = str(exc)
+        assert message.startswith(f"{option.flag}: ")
+        assert isinstance(option.convert, cfg.Number)
+        integer = option.convert.parse is not cfg.values.seconds
+        if integer and not (number.is_integer() and "e" not in text):
+            assert message.endswith((f"not a whole number: {text!r}", f"not a TCP port: {text!r}")), message
+        elif number != number:
+            assert message.endswith(f"not a number: {text!r}")
+        elif number in (float("inf"), float("-inf")):
+            assert message.endswith(f"not a finite number: {text!r}")
+        elif option.convert.range == cfg.values.PORTS:
+            assert message.endswith((f"not a TCP port ({option.allowed}): {text!r}", f"not a TCP port: {text!r}"))
+        elif number.is_integer():
+            assert number not in option.convert.range
+            assert message.endswith(f"must be {option.allowed}: {text!r}"), message
+        else:
+            raise AssertionError(message)
+    else:
+        assert number in option.convert.range  # type: ignore[attr-defined]
+        assert getattr(config, option.name) == number
+
+
+@pytest.mark.parametrize("option", [o for o in cfg.OPTIONS if o.allowed], ids=lambda o: o.name)
+def test_help_and_documents_state_the_range_or_choices_and_the_default_once(option: cfg.Option) -> None:
+    assert option.allowed is not None
+    help_text = " ".join(build_parser().format_help().split())
+    assert f"({option.allowed}; default: {' '.join(cfg.default_text(option).split())})" in help_text
+    assert f"# Allowed: {option.allowed}." in EXAMPLE.read_text()
+    assert f"| {option.allowed} |" in cfg.reference_markdown()
+
+
+def test_help_gives_each_default_once() -> None:
+    text = " ".join(build_parser().format_help().split())
+    assert text.count("default:") == len(cfg.OPTIONS) + 1  # and --config's
+    for option in cfg.OPTIONS:
+        assert "default" not in option.help, option.name
+
+
+# -- unix socket paths that cannot be listened on: one line naming the path --
+
+
+async def _listen_error(path: Path) -> str:
+    with pytest.raises(ListenError) as info:
+        await open_listeners((f"unix:{path}",), socket_mode=0o660)
+    return str(info.value)
+
+
+async def test_unix_socket_in_a_missing_directory(tmp_path: Path) -> None:
+    path = tmp_path / "missing" / "policy"
+    assert await _listen_error(path) == f"unix:{path}: no such directory: {path.parent}"
+
+
+async def test_unix_socket_path_too_long(tmp_path: Path) -> None:
+    path = tmp_path / ("d" * 100) / "policy"
+    assert await _listen_error(path) == f"unix:{path}: path too long for a unix socket (at most 107 bytes)"
+
+
+@pytest.mark.parametrize("traversable", [True, False], ids=["bind-refused", "lookup-refused"])
+async def test_unix_socket_in_a_directory_the_user_cannot_write(tmp_path: Path, traversable: bool) -> None:
+    # Reachable by everybody up to the directory (a queue directory is), or not at all.
+    directory = Path(tempfile.mkdtemp(prefix="sm", dir="/tmp" if traversable else tmp_path))
+    try:
+        directory.chmod(0o755)
+        path = directory / "policy"
+        if os.geteuid() != 0:
+            directory.chmod(0o555 if traversable else 0o000)
+            message = await _listen_error(path)
+        else:  # root may write anywhere: listen as nobody for a moment
+            os.seteuid(65534)
+            try:
+                message = await _listen_error(path)
+            finally:
+                os.seteuid(0)
+        assert message == f"unix:{path}: permission denied (the daemon's user must be able to write {directory})"
+    finally:
+        directory.chmod(0o755)
+        shutil.rmtree(directory)
+
+
+async def test_unix_socket_on_a_read_only_file_system(tmp_path: Path) -> None:
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount)], check=False).returncode:
+        pytest.skip("mounting a read-only file system needs root")
+    try:
+        path = mount / "policy"
+        assert await _listen_error(path) == f"unix:{path}: read-only file system ({mount})"
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)

@@ -29,6 +29,8 @@ from tests.support.greeters import Mode, unused_port
 from tests.test_policyd_server import backup_zone
 
 PYTHON = sys.executable
+# Whatever /etc/smtpdcheck/policyd.toml this machine has, the tests do not read it.
+NO_SYSTEM_CONFIG = ["--config", ""]
 
 
 @dataclass
@@ -81,7 +83,7 @@ async def start_daemon(
     port = port or unused_port()
     notify, notify_path = _notify_socket()
     env = {**os.environ, "NOTIFY_SOCKET": notify_path}
-    command = (prefix or []) + [PYTHON, "-m", "policyd.cli", "--listen", f"inet:127.0.0.1:{port}", *args]
+    command = (prefix or []) + [PYTHON, "-m", "policyd.cli", *NO_SYSTEM_CONFIG, "--listen", f"inet:127.0.0.1:{port}", *args]
     process = await trio.lowlevel.open_process(
         command, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env, pass_fds=pass_fds
     )
@@ -119,7 +121,7 @@ async def world(nursery: trio.Nursery, dns_server: FakeDNSServer, farm: Callable
     f = await farm(Mode.OK, Mode.CODE_421)
     dns_server.zone.update(backup_zone("up.example", "127.0.0.2"))
     dns_server.zone.update(backup_zone("down.example", "127.0.0.3"))
-    base = ["--nameserver", nameserver_arg(dns_server), "--smtp-port", str(f.port), "--timeout", "1", "--deadline", "3"]
+    base = [*NO_SYSTEM_CONFIG, "--nameserver", nameserver_arg(dns_server), "--smtp-port", str(f.port), "--timeout", "1", "--deadline", "3"]
     return base, f
 
 
@@ -271,7 +273,8 @@ async def test_check_explains_a_decision(world: tuple[list[str], Farm], recipien
     out = result.stdout.decode()
     assert result.returncode == code, (out, result.stderr)
     domain = recipient.split("@")[1]
-    assert out.splitlines()[0] == f"domain {domain}: mx"
+    assert out.splitlines()[0] == f"nameservers {base[base.index('--nameserver') + 1]} (from --nameserver)"
+    assert out.splitlines()[1] == f"domain {domain}: mx"
     assert f"mx1.{domain}" in out and "probed:" in out and "this host" in out
     assert out.splitlines()[-1].startswith(f"action={action}")
 

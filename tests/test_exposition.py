@@ -107,3 +107,23 @@ async def test_background_fetches_by_cache_and_reason(
     lines = [line for line in text.splitlines() if line.startswith("smtpdcheck_background_fetches_total{")]
     assert len(lines) == 3 * 3
     assert 'smtpdcheck_background_fetches_total{cache="address",reason="stale-use"} 0.0' in text
+
+
+async def test_defer_evidence_age_is_a_histogram_an_operator_reads_the_worst_case_from(
+    nursery: trio.Nursery, dns_server: FakeDNSServer, farm: Callable[..., Farm]
+) -> None:
+    f = await farm(Mode.OK)
+    running = await start_policyd(nursery, policyd_config(dns_server.port, f.port))
+    for age in (0.2, 3.0, 10.3, 400.0):
+        running.responder.metrics.observe_defer_evidence(age)
+    port = await serving(nursery, make_registry(running.responder))
+    with trio.fail_after(10):
+        text = (await scrape(port)).decode()
+    assert "# TYPE smtpdcheck_defer_evidence_age_seconds histogram" in text
+    assert 'smtpdcheck_defer_evidence_age_seconds_bucket{le="1.0"} 1.0' in text
+    assert 'smtpdcheck_defer_evidence_age_seconds_bucket{le="10.0"} 2.0' in text
+    assert 'smtpdcheck_defer_evidence_age_seconds_bucket{le="10.5"} 3.0' in text
+    assert 'smtpdcheck_defer_evidence_age_seconds_bucket{le="300.0"} 3.0' in text
+    assert 'smtpdcheck_defer_evidence_age_seconds_bucket{le="+Inf"} 4.0' in text
+    assert "smtpdcheck_defer_evidence_age_seconds_count 4.0" in text
+    assert "smtpdcheck_defer_evidence_age_seconds_sum 413.5" in text

@@ -300,7 +300,7 @@ def test_fd_exhaustion_is_survived() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 
     process = subprocess.Popen(
-        [sys.executable, "-m", "policyd.cli", "--listen", f"inet:127.0.0.1:{port}", "--nameserver", f"127.0.0.1:{unused_port()}"],
+        [sys.executable, "-m", "policyd.cli", "--config", "", "--listen", f"inet:127.0.0.1:{port}", "--nameserver", f"127.0.0.1:{unused_port()}"],
         stderr=subprocess.PIPE, preexec_fn=lower_limit,
     )
     try:

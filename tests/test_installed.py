@@ -44,7 +44,7 @@ async def test_policyd_check_decides_over_loopback(
     dns_server.zone.update(backup_zone("up.example.com", "127.0.0.2"))
     dns_server.zone.update(backup_zone("busy.example.com", "127.0.0.3"))
     result = await _run(
-        command("smtpdcheck-policyd"), "--check", f"user@{domain}", "--server-address", "127.0.0.1",
+        command("smtpdcheck-policyd"), "--config", "", "--check", f"user@{domain}", "--server-address", "127.0.0.1",
         "--nameserver", f"127.0.0.1:{dns_server.port}", "--smtp-port", str(f.port), "--timeout", "2",
     )
     out = result.stdout.decode()

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 
 from policyd import manpage
 from policyd.cli import build_parser as daemon_parser
@@ -43,10 +47,13 @@ def test_smtpdcheck_page_has_every_option() -> None:
 
 
 @pytest.mark.parametrize(("name", "sections"), [
-    ("smtpdcheck.1", ["NAME", "SYNOPSIS", "DESCRIPTION", '"STOP RULE"', "OPTIONS", '"EXIT STATUS"', "EXAMPLES", '"SEE ALSO"']),
+    ("smtpdcheck.1", [
+        "NAME", "SYNOPSIS", "DESCRIPTION", '"STOP RULE"', "OPTIONS", '"EXIT STATUS"', "DIAGNOSTICS", "EXAMPLES",
+        '"SEE ALSO"',
+    ]),
     ("smtpdcheck-policyd.8", [
         "NAME", "SYNOPSIS", "DESCRIPTION", '"DECISION RULES"', "OPTIONS", '"CONFIGURATION FILE"', "SIGNALS",
-        '"EXIT STATUS"', "FILES", "EXAMPLES", '"SEE ALSO"',
+        '"EXIT STATUS"', "DIAGNOSTICS", "SECURITY", "FILES", "EXAMPLES", '"SEE ALSO"',
     ]),
 ])
 def test_sections_in_order(name: str, sections: list[str]) -> None:
@@ -83,3 +90,138 @@ def test_policyd_page_names_every_option_a_reload_keeps() -> None:
     page = manpage.PAGES["smtpdcheck-policyd.8"]()
     signals = page.split(".SH SIGNALS", 1)[1].split(".SH ", 1)[0]
     assert [name for name in RESTART_ONLY if name not in signals] == []
+
+
+# -- version and date: each from the one place it is kept -------------------
+
+
+def _pyproject_version() -> str:
+    import tomllib
+
+    version = tomllib.loads((MAN.parent / "pyproject.toml").read_text())["project"]["version"]
+    assert isinstance(version, str)
+    return version
+
+
+@pytest.mark.parametrize("name", sorted(manpage.PAGES))
+def test_page_carries_the_release_version_and_date(name: str) -> None:
+    th = (MAN / name).read_text().splitlines()[0]
+    assert f'"{manpage.release_date()}" "smtpdcheck {_pyproject_version()}"' in th
+
+
+def test_version_is_not_written_again_in_the_generator() -> None:
+    source = Path(manpage.__file__).read_text()
+    assert _pyproject_version() not in source
+    assert not re.search(r"\d{4}-\d\d-\d\d", source), "a date written into the generator"
+
+
+def test_release_date_is_the_changelog_entry_of_this_version(tmp_path: Path) -> None:
+    changelog = tmp_path / "changelog"
+    changelog.write_text(
+        "smtpdcheck (9.8.7) unstable; urgency=medium\n\n  * A release.\n\n"
+        " -- A Maintainer <a@example.org>  Tue, 05 Jan 2027 10:00:00 +0000\n\n"
+        "smtpdcheck (9.8.6) unstable; urgency=medium\n\n  * Before.\n\n"
+        " -- A Maintainer <a@example.org>  Mon, 04 Jan 2027 10:00:00 +0000\n"
+    )
+    assert manpage.release_date(changelog, "9.8.7") == "2027-01-05"
+    with pytest.raises(ValueError, match="the latest entry is 9.8.7, the version is 9.8.8: add an entry"):
+        manpage.release_date(changelog, "9.8.8")
+
+
+# -- DIAGNOSTICS, SECURITY, SEE ALSO: what an admin looks for ---------------
+
+
+def _section(page: str, title: str) -> str:
+    return page.split(f".SH {title}\n", 1)[1].split("\n.SH ", 1)[0]
+
+
+@pytest.mark.parametrize(("name", "refers_to"), [
+    ("smtpdcheck.1", ["smtpdcheck-policyd(8)", "postconf(5), check_policy_service"]),
+    ("smtpdcheck-policyd.8", ["smtpdcheck(1)", "postconf(5), check_policy_service"]),
+])
+def test_pages_refer_to_each_other_and_to_check_policy_service(name: str, refers_to: list[str]) -> None:
+    see_also = _section(manpage.PAGES[name](), '"SEE ALSO"')
+    assert [ref for ref in refers_to if ref not in see_also] == []
+
+
+def test_diagnostics_show_a_decision_line_as_the_daemon_writes_it() -> None:
+    from policyd.decisionlog import decision_line, decision_middle
+
+    diagnostics = _section(manpage.policyd_page(), "DIAGNOSTICS")
+    line = decision_line("", "user@example.com", decision_middle("example.com", "DEFER_IF_PERMIT",
+                                                                 "primary mx1.example.com live", "miss"), 0.0124)
+    assert manpage.lit(line) in diagnostics
+    for field in ("rcpt=", "domain=", "action=", "reason=", "cache=", "ms=", "NOQUEUE"):
+        assert field in diagnostics.replace("\\-", "-")
+    for cache in ("hit", "miss", "stale"):
+        assert cache in diagnostics
+
+
+async def test_state_change_example_is_what_the_prober_logs(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    from smtpdcheck.probe import Prober
+    from smtpdcheck.servers import parse_address
+    from tests.support.virtual import SILENT, Peer, VirtualNet
+
+    net = VirtualNet(nursery, {"192.0.2.1": Peer()})
+    prober = Prober(nursery, timeout=2.0, up_ttl=10.0, down_ttl=10.0, quit_grace=0.1, connect=net.connect)
+    address = parse_address("192.0.2.1")
+    assert address is not None
+    with caplog.at_level(logging.INFO, logger="smtpdcheck"):
+        await prober.probe(address, 25, "mx1.example.com")
+        await trio.sleep(11)
+        net.peers["192.0.2.1"] = SILENT
+        await prober.probe(address, 25, "mx1.example.com")
+    changes = [r.getMessage() for r in caplog.records if " -> " in r.getMessage()]
+    assert len(changes) == 1 and changes[0].startswith(manpage.STATE_CHANGE_EXAMPLE), changes
+    assert manpage.lit(manpage.STATE_CHANGE_EXAMPLE) in _section(manpage.policyd_page(), "DIAGNOSTICS")
+
+
+def test_dropped_lines_example_is_what_the_log_sink_writes() -> None:
+    from policyd.decisionlog import LineSink, _Target
+
+    class Gate(_Target):
+        """A target that takes nothing until opened, like a stalled journald."""
+
+        def __init__(self) -> None:
+            self.open = False
+            self.data = b""
+
+        def send(self, data: bytes) -> int:
+            if not self.open:
+                return 0
+            self.data += data
+            return len(data)
+
+        def ready(self, timeout: float) -> bool:
+            return self.open
+
+    gate = Gate()
+    sink = LineSink(gate, limit=100)
+    for i in range(20):
+        sink.decision("", f"u{i}@example.com", " x", 0.0)
+    assert sink.dropped > 0
+    gate.open = True
+    sink.flush()
+    warning = gate.data.decode().splitlines()[-1]
+    assert warning == re.sub(r"\d+", str(sink.dropped), manpage.DROPPED_EXAMPLE, count=1)
+    assert manpage.lit(manpage.DROPPED_EXAMPLE) in _section(manpage.policyd_page(), "DIAGNOSTICS")
+
+
+def test_security_lists_the_service_units_sandbox() -> None:
+    security = _section(manpage.policyd_page(), "SECURITY")
+    unit = (MAN.parent / "etc" / "systemd" / "smtpdcheck-policyd.service").read_text()
+    for key in ("DynamicUser", "ProtectSystem", "NoNewPrivileges", "RestrictAddressFamilies", "SystemCallFilter"):
+        line = next(l for l in unit.splitlines() if l.startswith(key + "="))
+        assert manpage.lit(line) in security, line
+    for topic in ("Who can query it", "Socket modes", "What it connects to", "systemd sandbox"):
+        assert f'.IP "{topic}"' in security
+    assert "0666" in security  # --socket-mode's default, from the option table
+
+
+def test_smtpdcheck_diagnostics_show_a_verbose_line_as_the_command_writes_it() -> None:
+    diagnostics = _section(manpage.smtpdcheck_page(), "DIAGNOSTICS")
+    line = manpage.verbose_example()
+    assert re.fullmatch(r"smtpdcheck: 10:mx1\.example\.com \[192\.0\.2\.1\] 192\.0\.2\.1:25 declined \(421 [^)]*\) 12\.3 ms", line)
+    assert manpage.lit(line) in diagnostics

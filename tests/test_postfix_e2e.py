@@ -179,3 +179,65 @@ async def test_spawn_mode_under_real_postfix(
         down = await smtp_rcpt(instance.smtp_port, "user@busy.example.com")
     assert up.code == 450 and "mx1.up.example.com" in up.text, (up, instance.maillog())
     assert down.code == 250
+
+
+ROOT = Path(__file__).resolve().parent.parent
+# The source tree's files, or (testing an installed package, whose tests
+# run without etc/) the package's copies of them.
+PACKAGE_EXAMPLES = Path("/usr/share/doc/smtpdcheck/examples")
+UNIX_SOCKET_UNIT, UNIX_SOCKET_SNIPPET = (
+    (ROOT / "etc" / "systemd" / "smtpdcheck-policyd-unix.socket", ROOT / "etc" / "postfix-snippets" / "main.cf-unix-socket")
+    if (ROOT / "etc").is_dir()
+    else (PACKAGE_EXAMPLES / "smtpdcheck-policyd-unix.socket", PACKAGE_EXAMPLES / "main.cf-unix-socket")
+)
+DEBIAN_QUEUE_DIRECTORY = "/var/spool/postfix"
+
+
+async def test_unix_socket_unit_reaches_a_chrooted_smtpd_running_as_postfix(
+    nursery: trio.Nursery, dns_server: FakeDNSServer, farm: Callable[..., Farm], postfix_factory: PostfixFactory
+) -> None:
+    """The unix-socket set-up as shipped: the socket unit's directory and socket, the snippet's endpoint.
+
+    smtpd runs chrooted into the queue directory and as the mail owner
+    (postfix), as on Debian; the socket and its directory are made from the
+    unit file's own settings, as systemd makes them, and handed to the
+    daemon as socket activation does.  Before the directory was made
+    searchable by postfix, smtpd got EACCES and fell back to DUNNO.
+    """
+    import re
+
+    from policyd.systemd import listeners_from
+    from tests.support.systemd_units import UnixSocketUnit
+
+    unit = UnixSocketUnit.read(UNIX_SOCKET_UNIT)
+    snippet = UNIX_SOCKET_SNIPPET.read_text()
+    match = re.search(r"check_policy_service \{ (unix:[^,]+), ([^}]*?) \}", snippet)
+    assert match is not None, "no check_policy_service line in the snippet"
+    endpoint, options = match[1], match[2]
+    f = await farm(Mode.OK, Mode.CODE_421)
+    for domain, ip in DOMAINS.items():
+        dns_server.zone.update(backup_zone(domain, ip))
+    instance = postfix_factory(policy_endpoint=endpoint, relay_domains=list(DOMAINS))
+    instance.policy_options = options
+    instance.chroot_smtpd = True
+    instance.queue_dir.mkdir(parents=True)
+    sock, path = unit.listen_under(DEBIAN_QUEUE_DIRECTORY, instance.queue_dir)
+    assert path == instance.queue_dir / endpoint.removeprefix("unix:")
+    config = policyd_config(dns_server.port, f.port, timeout=1.5, deadline=4.0)
+    if installed_daemon_requested():
+        with sock:
+            await start_daemon(nursery, config, activate=sock)
+    else:
+        await start_policyd(nursery, config, listeners=listeners_from([sock]))
+    await trio.to_thread.run_sync(instance.start)
+    # smtpd as Debian runs it: chrooted, and unprivileged (as mail_owner, postfix).
+    service = f"127.0.0.1:{instance.smtp_port}/inet"
+    columns = await trio.to_thread.run_sync(lambda: instance._postconf("-Fh", f"{service}/chroot", f"{service}/unprivileged"))
+    assert columns.split() == ["y", "-"]
+    with trio.fail_after(20):
+        up = await smtp_rcpt(instance.smtp_port, "user@up.example.com")
+        down = await smtp_rcpt(instance.smtp_port, "user@busy.example.com")
+    log = instance.maillog()
+    assert (up.code, down.code) == (450, 250), log[-3000:]
+    assert "mx1.up.example.com" in up.text
+    assert "Permission denied" not in log, log[-3000:]

@@ -531,3 +531,19 @@ async def test_the_refresh_schedule_stays_near_the_cache_size_under_eviction(
         peak = max(peak, len(f._schedule))
     assert len(f.cache) == 400
     assert 400 <= peak <= 400 + 400 // 4 + 64
+
+
+async def test_running_since_tells_when_the_flight_under_way_started(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    origin = Origin(delay=2.0)
+    origin.answers = ["v1", "v2"]
+    f = flights(nursery, origin)
+    start = trio.current_time()
+    assert f.running_since("k") is None
+    await f.get("k", origin.produce)  # 0 -> 2, expires at 12, refreshed from about 9
+    assert f.running_since("k") is None
+    await until(start + 10.5)
+    assert origin.calls == 2 and f.running_since("k") == origin.started_at[-1]
+    await until(start + 12.5)
+    assert f.running_since("k") is None

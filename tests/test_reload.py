@@ -45,13 +45,13 @@ async def test_reload_applies_dns_timeout_fully_or_not_at_all(
     path = tmp_path / "policyd.toml"
     path.write_text('nameserver = ["127.0.0.1:53"]\ndns_timeout = 2\ntimeout = 5\n')
     args = cli.build_parser().parse_args(["--config", str(path)])
-    config = cli.load(args)
+    config = cli.load(args, cli.SystemFiles())
     service = Responder(config, build_core(nursery, core_settings(config)))
     assert service.core.checker.timeout == 5 + 2
 
     path.write_text('nameserver = ["127.0.0.1:53"]\ndns_timeout = 7\ntimeout = 3\nmode = "warn"\n')
     with caplog.at_level(logging.INFO, logger="smtpdcheck"):
-        await cli._reload(service, args)
+        await cli._reload(service, args, cli.SystemFiles())
 
     # The live options changed ...
     assert service.config.timeout == 3 and service.core.prober.timeout == 3

@@ -139,7 +139,8 @@ async def test_bad_usage_exits_2_with_one_line(args: list[str], mentions: str) -
     [
         (["--timeout", "-1"], "smtpdcheck: argument --timeout: must be 0 or more: '-1'"),
         (["--timeout", "soon"], "smtpdcheck: argument --timeout: not a number: 'soon'"),
-        (["--timeout", "nan"], "smtpdcheck: argument --timeout: must be 0 or more: 'nan'"),
+        (["--timeout", "nan"], "smtpdcheck: argument --timeout: not a number: 'nan'"),
+        (["--timeout", "inf"], "smtpdcheck: argument --timeout: not a finite number: 'inf'"),
         (["--smtp-port", "0"], "smtpdcheck: argument --smtp-port: not a TCP port (1 to 65535): '0'"),
         (["--smtp-port", "65536"], "smtpdcheck: argument --smtp-port: not a TCP port (1 to 65535): '65536'"),
         (["--smtp-port", "\u00b2"], "smtpdcheck: argument --smtp-port: not a TCP port: '\u00b2'"),

@@ -20,8 +20,9 @@ def test_seconds_accepts_numbers_and_their_text(value: object, expected: float) 
         ("", "not a number: ''"),
         (-1, "must be 0 or more: -1"),
         ("-0.5", "must be 0 or more: '-0.5'"),
-        ("nan", "must be 0 or more: 'nan'"),
-        ("inf", "must be 0 or more: 'inf'"),
+        ("nan", "not a number: 'nan'"),
+        ("inf", "not a finite number: 'inf'"),
+        ("-inf", "not a finite number: '-inf'"),
         (True, "must be a number of seconds"),
         (None, "must be a number of seconds"),
     ],
@@ -37,7 +38,8 @@ def test_positive_seconds_refuses_zero_only() -> None:
     assert values.positive_seconds("0.001") == 0.001
     with pytest.raises(values.BadValueError, match=r"^must be more than 0: 0$"):
         values.positive_seconds(0)
-    with pytest.raises(values.BadValueError, match="must be 0 or more"):
+    # -1 and 0 are refused with the same words: the range, once.
+    with pytest.raises(values.BadValueError, match=r"^must be more than 0: -1$"):
         values.positive_seconds(-1)
 
 
@@ -75,3 +77,25 @@ def test_nameserver_ports_are_checked_by_the_same_validator() -> None:
     for text in ("127.0.0.1:0", "[::1]:65536", "127.0.0.1:\u00b2", "127.0.0.1:"):
         with pytest.raises(DNSConfigError, match=r"^bad port in .*: not a TCP port"):
             parse_nameserver(text)
+
+
+@pytest.mark.parametrize(
+    ("within", "words"),
+    [(values.ZERO_OR_MORE, "0 or more"), (values.MORE_THAN_ZERO, "more than 0"), (values.ONE_OR_MORE, "1 or more"),
+     (values.PORTS, "1 to 65535")],
+)
+def test_a_range_says_what_it_holds(within: values.Range, words: str) -> None:
+    assert str(within) == words
+    low = int(within.low)
+    assert (low in within) is not within.open
+    assert low + 1 in within and low - 1 not in within
+
+
+def test_whole_numbers() -> None:
+    assert values.whole("12") == 12 and values.whole(3) == 3
+    for bad, message in [("1.5", "not a whole number: '1.5'"), (True, "not a whole number: True"),
+                         ("\u0663", "not a whole number: '\u0663'"), ("0", "must be 1 or more: '0'"),
+                         (-4, "must be 1 or more: -4")]:
+        with pytest.raises(values.BadValueError) as info:
+            values.whole(bad)
+        assert str(info.value) == message

@@ -21,6 +21,7 @@ import socket
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import trio
@@ -61,6 +62,10 @@ class Mode(enum.Enum):
     """Send the greeting and never read again; hold until the client closes."""
     HOLD_AFTER_QUIT = enum.auto()
     """As OK, but after ``221`` keep the connection open until the client closes."""
+    REFUSE = enum.auto()
+    """Not listening: the port is closed, so the kernel answers a SYN with RST
+    (the client sees ECONNREFUSED), and connections open at the switch are
+    closed.  Switching to another mode listens on the same port again."""
 
 
 RECEIVED_CAP = 64 << 10
@@ -75,6 +80,8 @@ _CLOSE_POLL_INTERVAL = 0.05
 _DRAIN_TIMEOUT = 0.5
 _TCP_ESTABLISHED = 1
 _FARM_PORT_ATTEMPTS = 20
+_MAX_LISTEN_PERIODS = 10_000
+"""How many times one greeter may start listening again after Mode.REFUSE."""
 
 
 def unused_port(host: str = "127.0.0.1") -> int:
@@ -183,7 +190,8 @@ class Greeter:
         banner_name: str = "mx.test",
         greet_delay: float = 0.0,
     ) -> None:
-        self.mode = mode
+        self._mode = mode
+        self._changed = trio.Event()
         self.greet_delay = greet_delay
         """Seconds every greeting (or refusal) waits after the connection is
         accepted: a primary that is up but slow to say so.  May be changed
@@ -196,6 +204,10 @@ class Greeter:
         self.banner_name = banner_name
         self.connections = 0
         """Connections accepted so far."""
+        self.accepted_at: list[float] = []
+        """When each connection was accepted (trio time): how often a prober comes."""
+        self.listening = False
+        """Whether the port is open (not in Mode.REFUSE, or not yet switched)."""
         self.active = 0
         """Connections currently open on the server side."""
         self.closed_by_client = 0
@@ -207,11 +219,20 @@ class Greeter:
 
         For modes that never complete a greeting this is everything received.
         """
-        self._changed = trio.Event()
 
     @property
     def address(self) -> tuple[str, int]:
         return (self.host, self.port)
+
+    @property
+    def mode(self) -> Mode:
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: Mode) -> None:
+        """Applies from the next connection; to or from REFUSE it closes or reopens the port."""
+        self._mode = mode
+        self._notify()
 
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
         """Block until ``predicate()`` holds; re-checked whenever state changes.
@@ -226,7 +247,29 @@ class Greeter:
         self._changed = trio.Event()
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen, report the port, and handle connections until cancelled."""
+        """Listen, report the port, and handle connections until cancelled.
+
+        In Mode.REFUSE the listening socket is closed until the mode changes
+        again; the port is bound once first, so that it is known.
+        """
+        for period in range(_MAX_LISTEN_PERIODS):
+            listener = await self._listen()
+            try:
+                async with listener, trio.open_nursery() as nursery:
+                    self.listening = True
+                    self._notify()
+                    if period == 0:
+                        task_status.started(self.port)
+                    # serve_listeners retries accept() on EMFILE and friends.
+                    nursery.start_soon(partial(trio.serve_listeners, self._handle, [listener], handler_nursery=nursery))
+                    await self.wait_until(lambda: self.mode is Mode.REFUSE)
+                    nursery.cancel_scope.cancel()
+            finally:
+                self.listening = False
+                self._notify()
+            await self.wait_until(lambda: self.mode is not Mode.REFUSE)
+
+    async def _listen(self) -> trio.SocketListener:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         sock = trio.socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -238,14 +281,12 @@ class Greeter:
             sock.close()
             raise
         self.port = sock.getsockname()[1]
-        async with trio.SocketListener(sock) as listener, trio.open_nursery() as nursery:
-            task_status.started(self.port)
-            # serve_listeners retries accept() on EMFILE and friends.
-            await trio.serve_listeners(self._handle, [listener], handler_nursery=nursery)
+        return trio.SocketListener(sock)
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         index = self.connections
         self.connections += 1
+        self.accepted_at.append(trio.current_time())
         self.active += 1
         self.received.append(b"")
         self.pregreet.append(b"")

@@ -293,6 +293,9 @@ class PostfixInstance:
     # extra main.cf parameters: e.g. a spawn(8) policy service and its time limit.
     master_services: list[str] = field(default_factory=list)
     main_cf_extra: dict[str, str] = field(default_factory=dict)
+    # Run the SMTP listener chrooted into the queue directory, as Debian does:
+    # its unix: policy endpoints are then resolved inside the queue directory.
+    chroot_smtpd: bool = False
 
     _started: bool = field(default=False, init=False, repr=False)
     _stopped: bool = field(default=False, init=False, repr=False)
@@ -416,7 +419,7 @@ class PostfixInstance:
         chrooted = [
             f"{name.strip()}=n"
             for name, _, value in (line.partition("=") for line in self._postconf("-F", "*/*/chroot").splitlines())
-            if value.strip() == "y"
+            if value.strip() == "y" and not (self.chroot_smtpd and name.strip().startswith(self._service_name))
         ]
         if chrooted:
             self._postconf("-Fe", *chrooted)
@@ -424,7 +427,8 @@ class PostfixInstance:
     def _set_listener(self, port: int, *, old_port: int | None = None) -> None:
         if old_port is not None:
             self._postconf("-MX", f"127.0.0.1:{old_port}/inet")
-        self._postconf("-Me", f"127.0.0.1:{port}/inet = 127.0.0.1:{port} inet n - n - - smtpd")
+        chroot = "y" if self.chroot_smtpd else "n"
+        self._postconf("-Me", f"127.0.0.1:{port}/inet = 127.0.0.1:{port} inet n - {chroot} - - smtpd")
         self.smtp_port = port
 
     # ---- lifecycle -------------------------------------------------------------------

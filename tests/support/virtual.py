@@ -55,10 +55,13 @@ class VirtualNet:
         self._nursery = nursery
         self.peers: dict[str, Peer] = dict(peers or {})
         self.connections: Counter[str] = Counter()
+        self.attempts: list[tuple[float, str]] = []
+        """Every connection attempt: (virtual time, address), in order."""
 
     async def connect(self, host: str, port: int) -> trio.abc.Stream:
         peer = self.peers.get(host, REFUSING)
         self.connections[host] += 1
+        self.attempts.append((trio.current_time(), host))
         await trio.sleep(peer.connect_after)
         if peer.refuse:
             raise OSError(errno.ECONNREFUSED, "Connection refused")
