@@ -126,8 +126,8 @@ class Responder:
         # Where decision lines go (see policyd.logsetup); without one (tests,
         # embedding) they are plain logging records.
         self.sink = sink
-        # Whole answers, keyed by the recipient's raw domain part and the
-        # server address, valid exactly as long as every cached input they
+        # Whole answers, keyed by the recipient from its last "@" on and the
+        # server address (see _memo_key), valid exactly as long as every cached input they
         # were computed from: the hot path then skips even the decision.
         self.answers: TTLCache[tuple[str, str], Answer] = TTLCache(config.cache_size)
         self.config = config
