@@ -32,6 +32,10 @@ import tempfile
 from contextlib import AsyncExitStack
 from typing import Any
 
+import trio
+
+from policyd.config import Config
+
 from .policyenv import PolicyEnv, policy_env
 from .previous import PREVIOUS_RELEASE, ReleaseUnavailable
 from .procs import LOOPBACK, Child, free_port, run_loadgen, start_ceiling, wait_for_port
@@ -50,6 +54,8 @@ CONFIGS: tuple[tuple[str, str, float], ...] = (
     ("quiet", "--log-level warning (no decision lines)", 0.75),
 )
 TARGET_P99_MS = 5.0
+#: The daemon's default --cache-up-ttl: how often a primary in use is probed again.
+UP_TTL = Config().cache_up_ttl
 #: Throughput over postgrey's, when it is installed.
 TARGET_VS_POSTGREY = 10.0
 #: The slowest first reply on 100 fresh connections, against the ceiling's.
@@ -131,6 +137,7 @@ async def run(quick: bool) -> BenchResult:
     runs: list[dict[str, Any]] = []  # the default configuration, every C
     configs: dict[str, dict[str, Any]] = {}  # every configuration at TARGET_C
     served_from_cache: list[str] = []
+    probe_text: list[str] = []
     problems: list[str] = []
     total_errors = 0
     previous_note: str | None = None
@@ -166,6 +173,7 @@ async def run(quick: bool) -> BenchResult:
                     if warm["error_total"] or warm["actions"].get("DEFER_IF_PERMIT") != DOMAINS:
                         result.notes.append(f"{mode}, {who}: warm-up answers: {warm['actions']}, errors {warm['errors']}")
                 probes_warm = env.greeter.connections
+                measured_from = trio.current_time()
                 queries_warm = sum(env.dns.queries_by_type.values())
                 for c in CONNECTIONS if mode == "file" else (TARGET_C,):
                     jobs = {"ceiling": ceiling_job(c), "policyd": env.job(expect="DEFER_IF_PERMIT", **common(c))}
@@ -178,8 +186,12 @@ async def run(quick: bool) -> BenchResult:
                     if c == TARGET_C:
                         configs[mode] = point
                 probes_after = env.greeter.connections - probes_warm
+                # The primary's 'up' is probed again once per --cache-up-ttl
+                # while in use (refresh ahead): that is no request waiting.
+                refreshes = int((trio.current_time() - measured_from) / UP_TTL) + 1
+                probe_text.append(f"{mode}: {probes_after} probes in {trio.current_time() - measured_from:.0f} s")
                 queries_after = sum(env.dns.queries_by_type.values()) - queries_warm
-                if probes_after or queries_after:
+                if probes_after > refreshes or queries_after:
                     served_from_cache.append(f"{mode}: {probes_after} probes, {queries_after} DNS queries")
             if prev is not None:
                 problems += [f"{mode}, previous release: {p}" for p in prev.problems if _DROPPED.search(p) is None]
@@ -297,8 +309,10 @@ async def run(quick: bool) -> BenchResult:
             f"{first:.1f} ms vs {first_ceiling:.1f} ms"))
     result.checks.append(Check("zero errors (transport, protocol, unexpected answers) in all daemon runs",
                                total_errors == 0, f"{total_errors} errors"))
-    result.checks.append(Check("the measured runs were served from cache (no probe, no DNS query)",
-                               not served_from_cache, "; ".join(served_from_cache) or "0 probes, 0 DNS queries"))
+    result.checks.append(Check(f"the measured runs were served from cache (no DNS query; no probe but the primary's "
+                               f"refresh, one per --cache-up-ttl {UP_TTL:g} s)",
+                               not served_from_cache, "; ".join(served_from_cache)
+                               or "0 DNS queries; " + ", ".join(probe_text)))
     result.checks.append(Check("the daemon logged no warning or error and exited 0 on SIGTERM, in every configuration",
                                not problems and all(p.get("exit_status") == 0 for p in configs.values()),
                                "; ".join(problems[:3]) or "clean"))
