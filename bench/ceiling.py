@@ -17,6 +17,8 @@ import sys
 
 import trio
 
+from smtpdcheck.compat import STRICT_EXCEPTION_GROUPS
+
 REPLY = b"action=DUNNO\n\n"
 
 
@@ -45,6 +47,6 @@ async def main() -> None:
 
 if __name__ == "__main__":
     try:
-        trio.run(main)
+        trio.run(main, strict_exception_groups=STRICT_EXCEPTION_GROUPS)
     except KeyboardInterrupt:
         sys.exit(0)

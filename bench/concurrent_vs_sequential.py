@@ -11,9 +11,9 @@ concurrently and with ``sequential=True`` (the code path of
 Expected: concurrent ~ one greeting whatever N, sequential ~ N timeouts;
 all silent: concurrent ~ one timeout, sequential ~ N timeouts.
 
-Each measurement builds a fresh Resolver/Prober/Checker in its own nursery
-(as ``smtpdcheck.cli._run`` does), so no cached probe result helps, and
-cancels it afterwards so leftover probes of silent servers cannot leak into
+Each measurement opens a fresh core (:func:`smtpdcheck.core.open_core`, as
+the ``smtpdcheck`` command does), so no cached probe result helps, and
+closes it afterwards so leftover probes of silent servers cannot leak into
 the next measurement.  Servers are IP literals: no DNS is involved (a
 nameserver is configured anyway -- an empty fake on loopback -- so that a
 stray query could not leave the machine, and its query count is checked to
@@ -28,9 +28,8 @@ from dataclasses import dataclass
 
 import trio
 
-from smtpdcheck.check import Checker
-from smtpdcheck.probe import Prober
-from smtpdcheck.resolver import Resolver
+from smtpdcheck.compat import TaskStatus
+from smtpdcheck.core import CoreSettings, open_core
 from smtpdcheck.servers import Server, parse_server
 from smtpdcheck.stoprule import StopSet
 
@@ -45,7 +44,7 @@ SILENT_COUNTS = (0, 1, 3, 5)
 ALL_SILENT = 5
 
 
-async def serve_fakes(lifetime: float, *, task_status: trio.TaskStatus[tuple[Farm, FakeDNSServer]]) -> None:
+async def serve_fakes(lifetime: float, *, task_status: TaskStatus[tuple[Farm, FakeDNSServer]]) -> None:
     """The live greeter (127.0.0.2), the silent ones after it, and an empty
     DNS server, until cancelled or ``lifetime`` passes."""
     with trio.move_on_after(lifetime):
@@ -64,14 +63,13 @@ class Measurement:
 
 async def measure(servers: list[Server], port: int, timeout: float, dns_port: int, *, sequential: bool) -> Measurement:
     """One check with a fresh core, timed on the wall clock."""
-    async with trio.open_nursery() as nursery:
-        resolver = Resolver(nursery, nameservers=[(LOOPBACK, dns_port)], timeout=timeout)
-        prober = Prober(nursery, timeout=timeout)
-        checker = Checker(resolver, prober, port=port, timeout=timeout)
+    settings = CoreSettings(
+        nameservers=[(LOOPBACK, dns_port)], dns_timeout=timeout, probe_timeout=timeout, check_timeout=timeout, smtp_port=port
+    )
+    async with open_core(settings) as core:
         start = time.perf_counter()
-        result = await checker.check(servers, StopSet(), sequential=sequential)
+        result = await core.checker.check(servers, StopSet(), sequential=sequential)
         elapsed = time.perf_counter() - start
-        nursery.cancel_scope.cancel()
     return Measurement(elapsed, result.winner.name if result.winner else None)
 
 

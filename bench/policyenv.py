@@ -19,6 +19,7 @@ from typing import Any
 
 import trio
 
+from smtpdcheck.compat import TaskStatus
 from tests.support.dnsserver import FakeDNSServer, backup_mx_zone
 from tests.support.greeters import Farm, Greeter, Mode, start_farm
 
@@ -47,7 +48,7 @@ class PolicyEnv:
 
 
 async def _serve_fakes(
-    lifetime: float, zone: dict[str, Any], *, task_status: trio.TaskStatus[tuple[Farm, FakeDNSServer]]
+    lifetime: float, zone: dict[str, Any], *, task_status: TaskStatus[tuple[Farm, FakeDNSServer]]
 ) -> None:
     """The primary's greeter and the DNS server, until cancelled or ``lifetime`` passes."""
     with trio.move_on_after(lifetime):

@@ -27,6 +27,8 @@ from typing import IO, Any, Final
 
 import trio
 
+from smtpdcheck.compat import run_sync_in_thread_abandoning
+
 from .previous import THIS, Release
 
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent
@@ -157,7 +159,7 @@ class Child:
         assert self.proc.stdout is not None
         stdout = self.proc.stdout
         with trio.fail_after(timeout):
-            line = await trio.to_thread.run_sync(stdout.readline, abandon_on_cancel=True)
+            line = await run_sync_in_thread_abandoning(stdout.readline)
         return line.decode("ascii", "replace").strip()
 
     async def stop(self, grace: float = 7.0) -> int:

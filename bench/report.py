@@ -13,11 +13,11 @@ import platform
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import dns.version
-import trio
 
 
 @dataclass
@@ -159,7 +159,7 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "python": sys.version.split()[0],
         "implementation": platform.python_implementation(),
-        "trio": trio.__version__,
+        "trio": metadata.version("trio"),
         "dnspython": dns.version.version,
         "loadavg_1m": load[0],
         "code": code_version(),

@@ -20,6 +20,8 @@ from typing import Final
 
 import trio
 
+from smtpdcheck.compat import STRICT_EXCEPTION_GROUPS
+
 from . import cached_throughput, concurrent_vs_sequential, memory, outage, primary_load, refresh
 from .report import BenchResult, machine_info, render_machine
 
@@ -58,7 +60,7 @@ def run_one(name: str, quick: bool) -> BenchResult:
 
     start = time.perf_counter()
     try:
-        result = trio.run(capped)
+        result = trio.run(capped, strict_exception_groups=STRICT_EXCEPTION_GROUPS)
     except Exception as exc:  # report and go on with the next benchmark
         result = BenchResult(name, "failed to run")
         if isinstance(exc, trio.TooSlowError):

@@ -317,6 +317,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of --total (default 3)")
     args = parser.parse_args(argv)
     releases = ["previous", "this"] if args.release == "both" else [args.release]
+    if "previous" in releases:
+        from .previous import PREVIOUS_RELEASE, ReleaseUnavailable
+
+        try:
+            PREVIOUS_RELEASE.tree()
+        except ReleaseUnavailable as exc:
+            print(f"previous release not measured: {exc}")
+            releases.remove("previous")
+            if not releases:
+                return 1
     columns: dict[str, dict[str, float]] = {}
     for _ in range(2):  # alternate, so a change in the machine's load hits both
         for release in releases:

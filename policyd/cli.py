@@ -16,6 +16,7 @@ from typing import NoReturn
 import trio
 
 from smtpdcheck import release
+from smtpdcheck.compat import STRICT_EXCEPTION_GROUPS
 from smtpdcheck.core import CoreSettings, open_core
 from smtpdcheck.resolver import RESOLV_CONF, DNSConfigError
 from smtpdcheck.servers import parse_address
@@ -280,16 +281,16 @@ def _main(argv: Sequence[str] | None, files: SystemFiles) -> int:
         target = "syslog" if config.log_target == "syslog" or os.path.exists("/dev/log") else "none"
         setup_logging(config.log_level, target)
         try:
-            return trio.run(run_stdio, config, files)
+            return trio.run(run_stdio, config, files, strict_exception_groups=STRICT_EXCEPTION_GROUPS)
         except Exception:  # a traceback on stderr would land in Postfix's socket
             log.critical("stdio mode failed", exc_info=True)
             return 2
     if args.check is not None:
         setup_logging("warning" if config.log_level == "info" else config.log_level, "stderr")
-        return trio.run(run_check, config, args.check, args.server_address or "", files)
+        return trio.run(run_check, config, args.check, args.server_address or "", files, strict_exception_groups=STRICT_EXCEPTION_GROUPS)
     setup_logging(config.log_level, config.log_target)
     try:
-        return trio.run(run_daemon, config, args, files)
+        return trio.run(run_daemon, config, args, files, strict_exception_groups=STRICT_EXCEPTION_GROUPS)
     except KeyboardInterrupt:
         return 0
 

@@ -13,10 +13,11 @@ take this path instead:
   task writes everything buffered once per scheduler pass, so under load
   one system call carries many lines, and when idle a line is written at
   once;
-* the target never blocks the loop: a pipe or socket that is not writable
-  is waited for, meanwhile lines stay in a bounded buffer (1 MiB), and
-  beyond it they are dropped, counted, and reported in one warning line
-  once writing resumes.
+* a pipe or socket that is not writable never blocks the loop: it is
+  waited for, meanwhile lines stay in a bounded buffer (1 MiB), and beyond
+  it they are dropped, counted, and reported in one warning line once
+  writing resumes.  A regular file is written with a plain ``write()``,
+  which takes as long as the disk does.
 
 Syslog takes one datagram per line (that is what a syslog message is), sent
 by the same flusher, after the replies of the scheduler pass.
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import select
 import socket
@@ -68,7 +70,7 @@ def decision_line(queue_id: str, recipient: str, middle: str, elapsed: float) ->
 
 
 class _Target:
-    """Where bytes go.  ``send`` takes what it can now and never blocks the loop."""
+    """Where bytes go.  ``send`` takes what it can now, never waiting for a pipe or socket."""
 
     datagrams = False
 
@@ -122,6 +124,9 @@ class StreamTarget(_Target):
     async def wait_writable(self) -> None:
         await trio.lowlevel.wait_writable(self.fd)
 
+    def close(self) -> None:
+        _release(self.fd)  # the descriptor (stderr) is shared, so it stays open
+
 
 class TextTarget(_Target):
     """A text stream without a descriptor (stderr replaced in-process): written as text."""
@@ -164,19 +169,42 @@ class SyslogTarget(_Target):
                 raise
             # syslogd restarted: its socket is new.  One reconnection, then
             # the line counts as lost.
-            self.sock.close()
+            _close_socket(self.sock)
             self.sock = self._connect()
             return self.sock.send(data)
 
     def ready(self, timeout: float) -> bool:
-        _, writable, _ = select.select([], [self.sock], [], timeout)
-        return bool(writable)
+        # poll, not select: select() cannot take a descriptor >= FD_SETSIZE (1024).
+        poller = select.poll()
+        poller.register(self.sock, select.POLLOUT)
+        return bool(poller.poll(max(0, math.ceil(timeout * 1000))))
 
     async def wait_writable(self) -> None:
-        await trio.lowlevel.wait_writable(self.sock)
+        await trio.lowlevel.wait_writable(self.sock.fileno())
 
     def close(self) -> None:
-        self.sock.close()
+        _close_socket(self.sock)
+
+
+def _release(handle: socket.socket | int) -> None:
+    """Wake a flusher waiting for ``handle`` to become writable: it is no longer the target.
+
+    A reload replaces the target while the flusher may be waiting on the
+    old one.  Unwoken, it would wait on for a descriptor that is closed
+    (forever: lines pile up and are dropped) or that nobody writes to any
+    more, and a later socket given the same descriptor number could not be
+    waited on (BusyResourceError).  Woken, it gets ClosedResourceError and
+    goes on with the new target.
+    """
+    try:
+        trio.lowlevel.notify_closing(handle)
+    except RuntimeError:
+        pass  # no trio run in this thread: nobody waits on it
+
+
+def _close_socket(sock: socket.socket) -> None:
+    _release(sock)
+    sock.close()
 
 
 class NullTarget(_Target):
@@ -196,9 +224,11 @@ class LineSink(logging.Handler):
     def __init__(self, target: _Target, *, ident: str = "smtpdcheck-policyd", limit: int = BUFFER_LIMIT) -> None:
         super().__init__()
         self.limit = limit
-        self.dropped = 0  # lines lost because the target did not keep up, ever
+        self.dropped = 0  # lines lost, ever: the target did not keep up, or writing failed
         self.decisions = True  # decision lines wanted (level info or lower)
-        self._unreported = 0
+        self._unreported = 0  # of those, lost because the target did not keep up, not yet reported
+        self._unreported_errors = 0  # lost to write errors, not yet reported
+        self._last_error = ""  # the last write error, for the report
         self._queue: list[str] = []  # lines not yet encoded
         self._out: deque[bytes] = deque()  # encoded, not yet (fully) sent
         self._queued = 0  # characters in _queue
@@ -244,7 +274,11 @@ class LineSink(logging.Handler):
     # -- writing ------------------------------------------------------------
 
     def decision(self, queue_id: str, recipient: str, middle: str, elapsed: float) -> None:
-        """Add one decision line (see :func:`decision_line`); never blocks."""
+        """Add one decision line (see :func:`decision_line`).
+
+        With the flusher running it only buffers; without it (start-up,
+        shutdown, ``--check``) it writes at once, waiting a bounded time.
+        """
         self._add(f"{self._info}{decision_line(queue_id, recipient, middle, elapsed)}{self._end}")
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -306,14 +340,19 @@ class LineSink(logging.Handler):
             self._encode()
         out = self._out
         target = self.target
+        failed = False
         while out:
             data = out[0]
             try:
                 sent = target.send(data)
-            except OSError:  # the target failed: these lines are lost, and counted
+            except OSError as exc:  # the target failed: these lines are lost, counted and reported
                 out.popleft()
                 self._pending -= len(data)
-                self.dropped += 1 if target.datagrams else max(1, data.count(b"\n"))
+                lost = 1 if target.datagrams else max(1, data.count(b"\n"))
+                self.dropped += lost
+                self._unreported_errors += lost
+                self._last_error = errno.errorcode.get(exc.errno or 0, str(exc))
+                failed = True
                 continue
             if sent == 0:
                 return False
@@ -323,12 +362,20 @@ class LineSink(logging.Handler):
             else:
                 out[0] = data[sent:]
                 self._pending -= sent
-        if self._unreported:
-            count, self._unreported = self._unreported, 0
-            line = (f"{self._prefix[logging.WARNING]}warning: {count} log lines dropped: "
-                    f"the log target did not keep up{self._end}")
-            self._queue.append(line)
-            self._queued += len(line)
+        # Reported once writing works again: a report written into a target
+        # that is failing would only be lost (and reported) in turn.
+        if (self._unreported or self._unreported_errors) and not failed:
+            warning = f"{self._prefix[logging.WARNING]}warning: "
+            if self._unreported:
+                count, self._unreported = self._unreported, 0
+                line = f"{warning}{count} log lines dropped: the log target did not keep up{self._end}"
+                self._queue.append(line)
+                self._queued += len(line)
+            if self._unreported_errors:
+                count, self._unreported_errors = self._unreported_errors, 0
+                line = f"{warning}{count} log lines dropped: writing them failed ({self._last_error}){self._end}"
+                self._queue.append(line)
+                self._queued += len(line)
             return self._send_some()
         return True
 
@@ -370,7 +417,10 @@ class LineSink(logging.Handler):
                 # Lines added by the rest of this scheduler pass ride along.
                 await trio.lowlevel.checkpoint()
                 if not self._send_some():
-                    await self.target.wait_writable()
+                    try:
+                        await self.target.wait_writable()
+                    except trio.ClosedResourceError:
+                        pass  # the target was closed and replaced (a reload): go on with the new one
         finally:
             self._task = None
             self._parked = False

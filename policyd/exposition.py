@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from smtpdcheck.cache import REASONS
+from smtpdcheck.compat import TaskStatus
 
 from .metrics import EVIDENCE_AGE_BUCKETS_S, LATENCY_BUCKETS_S
 
@@ -117,7 +118,7 @@ def make_registry(responder: Responder) -> object:
             )
             sink = responder.sink
             yield CounterMetricFamily(
-                "smtpdcheck_log_lines_dropped", "Log lines dropped because the log target did not keep up",
+                "smtpdcheck_log_lines_dropped", "Log lines dropped: the log target did not keep up, or writing to it failed",
                 value=sink.dropped if sink is not None else 0,
             )
             errors = CounterMetricFamily("smtpdcheck_protocol_errors", "Connections closed for protocol errors", labels=["reason"])
@@ -178,7 +179,7 @@ async def _serve_one(stream: trio.SocketStream, registry: object) -> None:
 
 
 async def serve_metrics(
-    listeners: list[trio.SocketListener], registry: object, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    listeners: list[trio.SocketListener], registry: object, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
     async def handler(stream: trio.SocketStream) -> None:
         await _serve_one(stream, registry)

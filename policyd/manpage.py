@@ -486,8 +486,10 @@ DECISION_RULES: Final = (
     (
         "Keeping answers fresh",
         "MX lists, addresses and probe results used within --refresh-window are refreshed in the "
-        "background as long before they expire as their last answer took, so no RCPT waits on the "
-        "network once a domain is known.  While a refresh runs past expiry the old value is served, "
+        "background as long before they expire as their last answer took, so an RCPT for a domain "
+        "seen within the window does not wait on the network, as long as its entries stay in the "
+        "caches (--cache-size) and every refresh answers in time.  While a refresh runs past expiry "
+        "the old value is served, "
         "at most --timeout (probes) or --dns-timeout (DNS) past its TTL, an \"up\" only while it "
         "is not unconfirmed (see Probes); the decision line then "
         "says cache=stale.  A DNS refresh that fails keeps the last good answer up to "

@@ -136,7 +136,7 @@ class Responder:
 
     def _policy(self, config: Config, stop: StopSet) -> Policy:
         return Policy(
-            self.core.resolver,
+            self.core.lookups,
             self.core.checker,
             stop,
             deadline=config.deadline,

@@ -21,6 +21,8 @@ import socket
 
 import trio
 
+from smtpdcheck.compat import TaskStatus
+
 from .config import Config
 from .metrics import Metrics
 from .protocol import CLOSED, NEED_DATA, PolicyParser, ProtocolError
@@ -33,6 +35,18 @@ RECEIVE_BYTES = 65536
 # accept() errors that mean "out of resources for now": wait and retry
 # instead of dying (the list trio's serve_listeners uses).
 _ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+# accept() errors that concern only the connection being accepted (the peer
+# reset or gave up, a firewall rule refused it, the network under it went
+# away): skip it and accept the next.  The list trio's SocketListener.accept
+# ignores; the non-blocking accept() of _accept_waiting must ignore them too.
+_ACCEPT_IGNORED_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "EPERM", "ECONNABORTED", "EPROTO", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN", "ENONET", "EHOSTUNREACH",
+        "EOPNOTSUPP", "ENETUNREACH", "ENOSR", "ESOCKTNOSUPPORT", "EPROTONOSUPPORT", "ETIMEDOUT", "ECONNRESET",
+    )
+    if hasattr(errno, name)
+)
 ACCEPT_RETRY_S = 0.1
 
 
@@ -293,8 +307,8 @@ def _accept_waiting(
             if exc.errno in _ACCEPT_CAPACITY_ERRNOS:
                 _accept_failed(responder, exc)
                 return  # the awaited accept() retries after its pause
-            if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
-                continue  # the peer gave up while waiting: next one
+            if exc.errno in _ACCEPT_IGNORED_ERRNOS:
+                continue  # that one connection failed: next one
             raise
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
         handlers.start_soon(_run_handler, stream, responder, slots, watchdog)
@@ -317,9 +331,9 @@ async def _run_handler(
 class PolicyServer:
     """Listeners plus handlers, with a shutdown that drains before closing.
 
-    On shutdown the accept loops stop first; connections waiting for their
-    next request are closed at once, and a request already being decided
-    gets up to ``grace`` seconds to be answered.  Postfix then applies its
+    On shutdown the accept loops stop first; requests already being decided
+    get up to ``grace`` seconds to be answered, then every connection is
+    closed (idle ones too: at once when nothing is being decided).  Postfix then applies its
     own default action to anything after that, which is why the grace is
     short.
     """
@@ -331,7 +345,7 @@ class PolicyServer:
         self._accepting = trio.CancelScope()
         self._handlers: trio.Nursery | None = None
 
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             async with trio.open_nursery() as watching:
                 watchdog = start_watchdog(watching, self.responder)

@@ -57,7 +57,7 @@ class Deadline:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool:
         self._watchdog._watched.discard(self)
-        return self.scope.__exit__(exc_type, exc, tb)
+        return bool(self.scope.__exit__(exc_type, exc, tb))
 
     @property
     def expired(self) -> bool:

@@ -1,10 +1,13 @@
-# Shared by scripts/run and scripts/test: make .venv with the project installed.
-# Sourced, not executed.
+# Shared by scripts/run, scripts/test and scripts/test-minimums: make a
+# virtual environment ($venv, .venv by default) with the project installed.
+# Sourced, not executed.  pip_options, if set, are added to the install
+# (scripts/test-minimums pins versions with them).
 set -eu
 here=$(cd "$(dirname "$0")/.." && pwd)
-venv="$here/.venv"
+venv=${venv:-"$here/.venv"}
 py=${PYTHON:-python3}
 extra=${extra:-}
+pip_options=${pip_options:-}
 if [ ! -x "$venv/bin/python" ]; then
     if ! "$py" -m venv "$venv" 2>/dev/null; then
         rm -rf "$venv"
@@ -22,6 +25,7 @@ fi
 stamp="$venv/.installed$extra"
 if [ ! -f "$stamp" ] || [ "$here/pyproject.toml" -nt "$stamp" ]; then
     "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
-    "$venv/bin/python" -m pip install -q -e "$here$extra"
+    # shellcheck disable=SC2086 # pip_options is a list of words
+    "$venv/bin/python" -m pip install -q $pip_options -e "$here$extra"
     touch "$stamp"
 fi

@@ -111,13 +111,6 @@ class TTLCache(Generic[K, V]):
         self.misses += 1
         return None
 
-    def peek(self, key: K) -> V | None:
-        """A fresh value without touching recency or statistics."""
-        item = self._data.get(key)
-        if item is not None and item.expires > self._clock():
-            return item.value
-        return None
-
     def raw(self, key: K) -> Entry[V] | None:
         """The entry, fresh or not, without touching anything."""
         return self._data.get(key)

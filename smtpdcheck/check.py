@@ -280,7 +280,27 @@ class Checker:
         for i, report in enumerate(reports):
             report.is_stop = board.matches[i]
             report.eligible = board.eligible(i)
-        return servers[min(found)] if found else None
+        if not found:
+            return None
+        # A server listed earlier may have become known up in the same
+        # instant -- a probe it shares with the winner, whose result its
+        # own task had not taken yet when the winner cancelled the run.  It
+        # is the earlier one that wins, as from the caches.
+        first = min(found)
+        for i in range(first):
+            if reports[i].eligible and self._known_up(reports[i]):
+                return servers[i]
+        return servers[first]
+
+    def _known_up(self, report: ServerReport) -> bool:
+        """Whether a cached probe already says one of the report's addresses is up."""
+        for address in report.addresses:
+            cached = self.prober.cached(address, self.port)
+            if cached is not None and cached[0].available:
+                report.probes.append(cached[0])
+                report.available = True
+                return True
+        return False
 
     async def _check_sequential(
         self, servers: Sequence[Server], stop: StopSet, reports: list[ServerReport]

@@ -16,6 +16,7 @@ import trio
 
 from . import release, values
 from .check import CheckResult
+from .compat import STRICT_EXCEPTION_GROUPS
 from .core import Core, CoreSettings, open_core
 from .policy import Kind, Policy
 from .resolver import DNSConfigError, parse_nameserver
@@ -177,7 +178,7 @@ async def _explain_mx(recipient: str, core: Core, sequential: bool) -> int:
     command's timeouts, no deadline beyond them and no ``server_address``:
     only ``--stop`` says which MX is this host.
     """
-    policy = Policy(core.resolver, core.checker, core.stop, sequential=sequential)
+    policy = Policy(core.lookups, core.checker, core.stop, sequential=sequential)
     decision = await policy.decide_recipient(recipient if "@" in recipient else "@" + recipient)
     kind = decision.verdict.kind
     if kind in (Kind.BAD_DOMAIN, Kind.NO_DOMAIN):
@@ -195,7 +196,7 @@ async def _explain_mx(recipient: str, core: Core, sequential: bool) -> int:
 def _unwrapped(args: argparse.Namespace, servers: list[Server]) -> int:
     """Run, turning a one-exception group back into that exception."""
     try:
-        return trio.run(_run, args, servers)
+        return trio.run(_run, args, servers, strict_exception_groups=STRICT_EXCEPTION_GROUPS)
     except BaseExceptionGroup as group:
         leaf: BaseException = group
         while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:

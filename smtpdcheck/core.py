@@ -2,7 +2,9 @@
 
 Both commands, ``--check``, ``--stdio``, the tests and the benchmarks build
 the core here and nowhere else, so a new part or a new setting is wired in
-once.  The nursery is where lookups and probes run as shared flights: it
+once.  Tests that run on virtual time give their own network (``connect``)
+and their own DNS (``lookups``) here too, rather than swapping parts of a
+built core.  The nursery is where lookups and probes run as shared flights: it
 outlives every request, so a requester that gives up does not cancel an
 answer others are waiting for.
 """
@@ -17,7 +19,7 @@ import trio
 
 from .check import Checker
 from .probe import QUIT_GRACE_S, Connect, Prober
-from .resolver import DEFAULT_DNS_TIMEOUT_S, RESOLV_CONF, DNSConfigError, Resolver
+from .resolver import DEFAULT_DNS_TIMEOUT_S, RESOLV_CONF, DNSConfigError, Lookups, Resolver
 from .stophost import StopHostError, resolve_stop
 from .stoprule import StopSet
 
@@ -55,11 +57,18 @@ class CoreSettings:
 
 @dataclass(eq=False)
 class Core:
-    """The built core.  ``stop`` is this host as configured (without any request's address)."""
+    """The built core.  ``stop`` is this host as configured (without any request's address).
+
+    ``lookups`` is the DNS that checks and decisions go through: the
+    resolver, unless the core was built with other lookups (virtual time).
+    ``resolver`` is the real one all the same, for ``--stop`` names and its
+    statistics.
+    """
 
     resolver: Resolver
     prober: Prober
     checker: Checker
+    lookups: Lookups
     stop: StopSet = field(default_factory=StopSet)
 
     async def resolve_stop(self, values: Sequence[str], *, system_fallback: bool) -> StopSet:
@@ -77,8 +86,18 @@ class Core:
             await self.prober.flights.wait_lingering()
 
 
-def build_core(nursery: trio.Nursery, settings: CoreSettings, *, connect: Connect = trio.open_tcp_stream) -> Core:
-    """The parts, wired, with flights in ``nursery``; ``stop`` is left unresolved."""
+def build_core(
+    nursery: trio.Nursery,
+    settings: CoreSettings,
+    *,
+    connect: Connect = trio.open_tcp_stream,
+    lookups: Lookups | None = None,
+) -> Core:
+    """The parts, wired, with flights in ``nursery``; ``stop`` is left unresolved.
+
+    ``connect`` opens probe connections and ``lookups`` answers the checks'
+    and decisions' DNS questions (default: the resolver built here).
+    """
     resolver = Resolver(
         nursery,
         nameservers=list(settings.nameservers) or None,
@@ -103,8 +122,9 @@ def build_core(nursery: trio.Nursery, settings: CoreSettings, *, connect: Connec
         connect=connect,
         refresh_window=settings.refresh_window,
     )
-    checker = Checker(resolver, prober, port=settings.smtp_port, timeout=settings.check_timeout)
-    return Core(resolver, prober, checker)
+    dns = resolver if lookups is None else lookups
+    checker = Checker(dns, prober, port=settings.smtp_port, timeout=settings.check_timeout)
+    return Core(resolver, prober, checker, dns)
 
 
 @asynccontextmanager

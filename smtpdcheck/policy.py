@@ -15,8 +15,12 @@ The algorithm, as the policy server runs it on every RCPT and as
    bug) gives the failure action, fail-open ``DUNNO`` unless configured.
 
 :class:`Policy` runs it in full (:meth:`Policy.decide`) or from caches only
-(:meth:`Policy.decide_cached`, no task, no await: the daemon's hot path);
-both go through the same verdict functions, so they cannot disagree.
+(:meth:`Policy.decide_cached`, no task, no await: the daemon's hot path).
+Both go through the same verdict functions and give the same action and
+kind.  They may differ in what they name: from partial caches a primary
+known up is named at once, where probing may find one listed earlier up
+too, and a reason says "this host is not an MX" only when every lookup is
+known.
 """
 
 from __future__ import annotations
@@ -306,7 +310,8 @@ class Policy:
     def decide_cached(self, domain: str, stop: StopSet) -> Decision | None:
         """The decision when every input is cached, else None: no task, no await.
 
-        Same verdict functions as :meth:`decide`, so the same answer; the
+        Same verdict functions as :meth:`decide`, so the same action and
+        kind (see the module's docstring for what may differ); the
         decision says how long it stays valid.  A cached DNS failure is left
         to the full path, which answers it from the cache too, but it is
         never reusable.

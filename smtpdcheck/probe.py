@@ -312,7 +312,10 @@ class Prober:
         entry = self.flights.cache.raw(key)
         # Its refresh may land a new state before it expires (a primary back
         # up is seen a whole silent probe earlier): what is built on this
-        # result is not kept past the time that refresh starts.
+        # result is not kept past the time that refresh starts, nor at all
+        # while it runs (it may land at any moment).
+        if self.flights.running_since(key) is not None:
+            return result, -math.inf, source
         due = entry.due if entry is not None else expires
         return result, min(expires, due), source
 

@@ -25,11 +25,9 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
-import dns.asyncbackend
 import dns.asyncresolver
 import dns.exception
 import dns.name
-import dns.nameserver
 import dns.rcode
 import dns.rdatatype
 import dns.resolver
@@ -37,6 +35,7 @@ import trio
 
 from . import values
 from .cache import Producer, SingleFlight, Source, TTLCache
+from .compat import dns_backend, use_nameservers
 from .refresh import RefreshRules, background_slots
 from .servers import IPAddress, is_valid_hostname, normalize_hostname
 
@@ -198,9 +197,11 @@ class Resolver:
         try:
             if nameservers:
                 self._dns = dns.asyncresolver.Resolver(configure=False)
-                self._dns.nameservers = [dns.nameserver.Do53Nameserver(h, p) for h, p in nameservers]
+                use_nameservers(self._dns, nameservers)
             else:
                 self._dns = dns.asyncresolver.Resolver(filename=resolv_conf)
+        except ValueError as exc:  # the same address with two ports (see compat.use_nameservers)
+            raise DNSConfigError(f"no DNS server to ask: {exc}") from None
         except dns.exception.DNSException:
             # NoResolverConfiguration, whose wording differs between dnspython
             # releases: say in this project's words which of the two it is.
@@ -210,7 +211,7 @@ class Resolver:
         self._dns.timeout = min(2.0, timeout) if timeout > 0 else 2.0
         # A backstop only: our own trio deadline in _query is what counts.
         self._dns.lifetime = timeout + 1.0 if timeout > 0 else 3600.0
-        self._backend = dns.asyncbackend.get_backend("trio")
+        self._backend = dns_backend()
         self.timeout = timeout
         self.max_ttl = max_ttl
         self.negative_ttl = negative_ttl

@@ -96,7 +96,3 @@ def eligibility(servers: Sequence[Server], matches: Sequence[bool | None]) -> li
         result.append(None if undecided_peer else True)
     return result
 
-
-def eligible(servers: Sequence[Server], matches: Sequence[bool]) -> list[int]:
-    """Indexes of the servers to check once every match is known."""
-    return [i for i, ok in enumerate(eligibility(servers, matches)) if ok]

@@ -9,6 +9,8 @@ single SMTP port on every MX host, as a real backup MX probes port 25.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 import pytest
 import trio
 
+from smtpdcheck.compat import STRICT_EXCEPTION_GROUPS
 from smtpdcheck.core import Core, CoreSettings, build_core
 from tests.support.dnsserver import FakeDNSServer, Zone
 from tests.support.greeters import Farm, Mode, start_farm
@@ -43,10 +46,11 @@ async def dns_server(nursery: trio.Nursery) -> AsyncIterator[FakeDNSServer]:
 
 @pytest.fixture
 def make_core(nursery: trio.Nursery, dns_server: FakeDNSServer) -> Callable[..., Core]:
-    def make(port: int = 25, *, timeout: float = 2.0, dns_timeout: float = 2.0, **settings: object) -> Core:
+    def make(port: int = 25, *, timeout: float = 2.0, dns_timeout: float = 2.0, quit_grace: float = 0.5,
+             **settings: object) -> Core:
         return build_core(nursery, CoreSettings(
             nameservers=[dns_server.address], dns_timeout=dns_timeout, probe_timeout=timeout,
-            check_timeout=timeout, smtp_port=port, quit_grace=0.5, **settings,  # type: ignore[arg-type]
+            check_timeout=timeout, smtp_port=port, quit_grace=quit_grace, **settings,  # type: ignore[arg-type]
         ))
 
     return make
@@ -63,3 +67,19 @@ def zone_with_hosts(hosts: dict[str, list[str]], ttl_zone: Zone | None = None) -
         if v6:
             zone[(name, "AAAA")] = v6
     return zone
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run every trio test with strict exception groups, as the commands run.
+
+    pytest-trio calls ``trio.run`` with trio's default, which is not strict
+    before trio 0.25 (see smtpdcheck.compat).  Its first ``trio`` marker
+    with a ``run`` wins, and this hook runs before pytest-trio adds its own.
+    """
+    run = functools.partial(trio.run, strict_exception_groups=STRICT_EXCEPTION_GROUPS)
+    for item in items:
+        test = getattr(item, "obj", None)
+        test = getattr(getattr(test, "hypothesis", None), "inner_test", test)
+        if inspect.iscoroutinefunction(test):
+            item.add_marker(pytest.mark.trio(run=run))

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import trio
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +45,13 @@ def test_previous_release_runs_from_its_own_tree() -> None:
     """
     from bench import previous, procs
 
+    unmet = previous.unmet_requirements(previous.extract(previous.PREVIOUS) / "pyproject.toml")
+    if unmet:
+        # The minimum-versions run: the release's daemon cannot run on these
+        # libraries, and the harness must say so rather than measure anything.
+        with pytest.raises(previous.ReleaseUnavailable, match=re.escape(unmet[0])):
+            previous.PREVIOUS_RELEASE.tree()
+        return
     tree = previous.PREVIOUS_RELEASE.tree()
     assert tree != previous.REPO_ROOT and (tree / "policyd" / "cli.py").is_file()
     assert procs.daemon_command(previous.PREVIOUS_RELEASE) == [sys.executable, "-m", "policyd.cli"]
@@ -56,6 +65,10 @@ def test_previous_release_runs_from_its_own_tree() -> None:
 async def test_previous_release_daemon_answers() -> None:
     from bench import previous, procs
 
+    if previous.unmet_requirements(previous.extract(previous.PREVIOUS) / "pyproject.toml"):
+        with pytest.raises(previous.ReleaseUnavailable):
+            await procs.start_daemon(9, 9, lifetime=30, release=previous.PREVIOUS_RELEASE)
+        return
     child, port = await procs.start_daemon(9, 9, lifetime=30, release=previous.PREVIOUS_RELEASE)
     try:
         stream = await trio.open_tcp_stream(procs.LOOPBACK, port)

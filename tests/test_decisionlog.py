@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import re
+import resource
 import signal
+import socket
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import trio
@@ -16,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from policyd import logfmt
-from policyd.decisionlog import LineSink, StreamTarget, decision_line, decision_middle
+from policyd.decisionlog import LineSink, StreamTarget, SyslogTarget, decision_line, decision_middle
 from tests.conftest import Farm
 from tests.policyd_helpers import rcpt, read_replies
 from tests.test_daemon_process import start_daemon, world  # noqa: F401 (a fixture)
@@ -208,6 +212,200 @@ async def test_shutdown_with_lines_buffered_delivers_them(pipe: tuple[int, int])
     lines = b"".join(received).decode().splitlines()
     assert [int(LINE.fullmatch(line).group(1)) for line in lines] == list(range(written))  # type: ignore[union-attr]
     assert sink.dropped == 0
+
+
+# -- a syslog socket replaced while the flusher waits on it (a reload) ----------
+
+
+@pytest.fixture
+def syslog_pair(tmp_path: Path) -> Iterator[tuple[socket.socket, socket.socket]]:
+    """Two datagram sockets standing in for syslog daemons: the old one, never
+    read (it fills up), and the one a reload moves to."""
+    socks = []
+    for name in ("old", "new"):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(str(tmp_path / name))
+        sock.setblocking(False)
+        socks.append(sock)
+    try:
+        yield socks[0], socks[1]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def _numbers(datagrams: list[bytes]) -> list[int]:
+    out = []
+    for data in datagrams:
+        match = LINE.search(data.rstrip(b"\x00").decode())
+        assert match, data
+        out.append(int(match.group(1)))
+    return out
+
+
+async def test_a_reload_while_the_flusher_waits_on_syslog_moves_every_line_to_the_new_socket(
+    syslog_pair: tuple[socket.socket, socket.socket], tmp_path: Path
+) -> None:
+    old_syslog, new_syslog = syslog_pair
+    old = SyslogTarget(str(tmp_path / "old"))
+    old_fd = old.sock.fileno()
+    sink = LineSink(old)
+    written = 0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sink.run)
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.fail_after(5):
+            while sink.buffered == 0:  # until the old socket's queue is full
+                sink.decision("", f"u{written}@d.example", MIDDLE, 0.001)
+                written += 1
+                await trio.testing.wait_all_tasks_blocked()
+            for _ in range(5):  # and a few more, waiting behind it
+                sink.decision("", f"u{written}@d.example", MIDDLE, 0.001)
+                written += 1
+        await trio.testing.wait_all_tasks_blocked()  # the flusher waits for the old socket
+        sink.retarget(SyslogTarget(str(tmp_path / "new")))
+        # The old socket's number is free again; a new socket given it (as
+        # the next accept() may be) can be waited on.
+        with pytest.raises(OSError):
+            os.fstat(old_fd)
+        reuse = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # the lowest free number, likely the old one
+        if reuse.fileno() != old_fd:
+            spare, reuse = reuse, socket.socket(fileno=os.dup2(reuse.fileno(), old_fd))
+            spare.close()
+        try:
+            with trio.fail_after(5):
+                await trio.lowlevel.wait_writable(reuse)
+                for _ in range(3):  # lines after the reload
+                    sink.decision("", f"u{written}@d.example", MIDDLE, 0.001)
+                    written += 1
+                received: list[bytes] = []
+                taken = []
+                while True:
+                    try:
+                        taken.append(old_syslog.recv(4096))
+                    except BlockingIOError:
+                        break
+                while len(taken) + len(received) < written:
+                    await trio.lowlevel.wait_readable(new_syslog)
+                    received.append(new_syslog.recv(4096))
+        finally:
+            reuse.close()
+        nursery.cancel_scope.cancel()
+    sink.close()
+    # Nothing dropped: what the old socket did not take went to the new one, in order.
+    assert _numbers(taken) + _numbers(received) == list(range(written))
+    assert sink.dropped == 0
+
+
+async def test_a_reload_from_a_full_pipe_to_syslog_does_not_wait_for_the_pipe(
+    pipe: tuple[int, int], syslog_pair: tuple[socket.socket, socket.socket], tmp_path: Path
+) -> None:
+    """stderr stalled (nobody reads it), the reload moves logging to syslog:
+    lines go there at once; those that were waiting for the pipe are counted
+    and reported (they were encoded for a stream, not as datagrams)."""
+    _, write_end = pipe
+    _, new_syslog = syslog_pair
+    sink = LineSink(StreamTarget(write_end))
+    written = pipe_capacity(write_end) // 60 + 100
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sink.run)
+        await trio.testing.wait_all_tasks_blocked()
+        for i in range(written):
+            sink.decision("", f"u{i}@d.example", MIDDLE, 0.001)
+        await trio.testing.wait_all_tasks_blocked()
+        assert sink.buffered > 0  # the flusher waits for the pipe
+        sink.retarget(SyslogTarget(str(tmp_path / "new")))
+        sink.decision("", "u9999@d.example", MIDDLE, 0.001)
+        received: list[bytes] = []
+        with trio.fail_after(5):
+            while len(received) < 2:
+                await trio.lowlevel.wait_readable(new_syslog)
+                received.append(new_syslog.recv(4096))
+        nursery.cancel_scope.cancel()
+    sink.close()
+    assert b"rcpt=<u9999@d.example>" in received[0]
+    assert b"log lines dropped: the log target did not keep up" in received[1]
+    assert sink.dropped > 0
+
+
+@pytest.fixture
+def high_fd_limit() -> Iterator[None]:
+    """A soft RLIMIT_NOFILE above 1024 (within the hard limit), as a busy daemon has."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 2048
+    if hard != resource.RLIM_INFINITY and hard < want:
+        pytest.fail(f"the hard RLIMIT_NOFILE ({hard}) leaves no descriptor above 1024 to test with")
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _unused_fd_from(first: int) -> int:
+    """A descriptor number not in use (dup2 onto one in use would close it)."""
+    for fd in range(first, first + 100):
+        try:
+            os.fstat(fd)
+        except OSError:
+            return fd
+    raise AssertionError(f"descriptors {first} to {first + 99} are all in use")
+
+
+def test_a_syslog_socket_numbered_above_1024_can_be_waited_for(
+    high_fd_limit: None, syslog_pair: tuple[socket.socket, socket.socket], tmp_path: Path
+) -> None:
+    """select() refuses descriptors >= 1024; a daemon with many connections has such numbers."""
+    old_syslog, _ = syslog_pair
+    target = SyslogTarget(str(tmp_path / "old"))
+    high = socket.socket(fileno=os.dup2(target.sock.fileno(), _unused_fd_from(1500)))
+    target.sock.close()
+    target.sock = high
+    assert target.sock.fileno() >= 1024
+    assert target.ready(1.0)
+    while target.send(b"x" * 100):  # until the reader's queue is full
+        pass
+    assert target.ready(0.05) is False
+    old_syslog.recv(4096)
+    assert target.ready(1.0)
+    sink = LineSink(target)  # no flusher: synchronous writes wait through ready()
+    sink.decision("", "u0@d.example", MIDDLE, 0.001)
+    target.close()
+
+
+# -- lines lost to write errors -------------------------------------------------
+
+
+async def test_lines_lost_to_write_errors_are_reported_once_writing_works_again(pipe: tuple[int, int]) -> None:
+    """EPIPE, EIO: the lines are gone, but the dropped-lines warning says how many."""
+    read_end, write_end = pipe
+    target = StreamTarget(write_end)
+    send = target.send
+    failing = [True]
+
+    def sometimes_failing(data: bytes) -> int:
+        if failing[0]:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return send(data)
+
+    target.send = sometimes_failing  # type: ignore[method-assign]
+    sink = LineSink(target)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sink.run)
+        await trio.testing.wait_all_tasks_blocked()
+        for i in range(3):
+            sink.decision("", f"u{i}@d.example", MIDDLE, 0.001)
+            await trio.testing.wait_all_tasks_blocked()
+        assert sink.dropped == 3
+        failing[0] = False
+        sink.decision("", "u3@d.example", MIDDLE, 0.001)
+        data = await read_until(read_end, lambda d: b"log lines dropped" in d)
+        nursery.cancel_scope.cancel()
+    lines = data.decode().splitlines()
+    assert [int(m.group(1)) for m in map(LINE.fullmatch, lines[:-1]) if m] == [3]
+    assert lines[-1] == "warning: 3 log lines dropped: writing them failed (EIO)"
+    assert sink.dropped == 3
 
 
 # -- the daemon: signals flush, a full stderr does not delay replies -----------

@@ -78,3 +78,94 @@ def test_eof() -> None:
     reader = GreetingReader()
     reader.feed(b"")
     assert reader.eof and reader.first is None
+
+
+@pytest.mark.parametrize(("code", "valid"), [(199, False), (200, True), (599, True), (600, False)])
+def test_reply_code_bounds(code: int, valid: bool) -> None:
+    """RFC 5321 §4.2: reply codes run from 2yz to 5yz."""
+    reader = GreetingReader()
+    line = f"{code} x\r\n".encode()
+    if valid:
+        reader.feed(line)
+        assert reader.first == FirstLine(code, False, "x") and reader.complete
+        assert reader.first.available is False
+    else:
+        with pytest.raises(GreetingError, match=f"^reply code {code} out of range$"):
+            reader.feed(line)
+
+
+@pytest.mark.parametrize("bytewise", [False, True])
+def test_a_greeting_of_exactly_the_limit_is_read_one_byte_more_is_not(bytewise: bool) -> None:
+    """The limit counts every byte of the greeting, line ends included."""
+    exact = b"220 " + b"x" * (MAX_GREETING_BYTES - 6) + b"\r\n"
+    assert len(exact) == MAX_GREETING_BYTES
+    reader = feed_bytewise(exact) if bytewise else GreetingReader()
+    if not bytewise:
+        reader.feed(exact)
+    assert reader.first is not None and reader.complete and len(reader.first.text) == MAX_GREETING_BYTES - 6
+    over = b"220 " + b"x" * (MAX_GREETING_BYTES - 5) + b"\r\n"
+    with pytest.raises(GreetingError, match=f"^greeting longer than {MAX_GREETING_BYTES} bytes$"):
+        if bytewise:
+            feed_bytewise(over)
+        else:
+            GreetingReader().feed(over)
+
+
+def test_the_limit_counts_the_lines_of_a_multiline_greeting_together() -> None:
+    first = b"220-" + b"a" * 96 + b"\r\n"  # 102 bytes
+    rest = MAX_GREETING_BYTES - len(first)
+    last = b"220 " + b"b" * (rest - 6) + b"\r\n"
+    reader = GreetingReader()
+    reader.feed(first)
+    reader.feed(last)
+    assert reader.complete
+    reader = GreetingReader()
+    reader.feed(first)
+    with pytest.raises(GreetingError):
+        reader.feed(b"220 " + b"b" * (rest - 5) + b"\r\n")
+
+
+def test_a_pending_line_of_exactly_the_limit_waits_for_its_end() -> None:
+    reader = GreetingReader()
+    reader.feed(b"220 " + b"x" * (MAX_GREETING_BYTES - 4))  # no newline yet: limit bytes, not more
+    assert reader.first is None
+    with pytest.raises(GreetingError):
+        reader.feed(b"\n")
+
+
+def test_a_fresh_reader_knows_nothing() -> None:
+    reader = GreetingReader()
+    assert (reader.first, reader.complete, reader.eof) == (None, False, False)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"\n", "not an SMTP reply line"),  # an empty first line
+        (b"220-a\r\n\n", "not an SMTP reply line"),  # an empty line inside the greeting
+        (b"HTTP/1.1 400\r\n", "not an SMTP reply line"),
+        (b"220x\r\n", "not an SMTP reply line"),
+        (b"220-a\r\n421 b\r\n", "reply code changed inside a multi-line greeting"),
+    ],
+)
+def test_what_is_wrong_with_a_greeting_is_said(data: bytes, message: str) -> None:
+    """The message is the probe's detail in ``--check`` and the debug log."""
+    for feed in (lambda r: r.feed(data), lambda r: [r.feed(data[i : i + 1]) for i in range(len(data))]):
+        with pytest.raises(GreetingError, match=f"^{message}$"):
+            feed(GreetingReader())
+
+
+def test_greeting_text_that_is_not_ascii_is_kept_readable() -> None:
+    reader = GreetingReader()
+    reader.feed(b"220 caf\xc3\xa9 ESMTP\r\n")
+    assert reader.first == FirstLine(220, False, "caf\ufffd\ufffd ESMTP")
+
+
+def test_an_empty_line_followed_by_much_more_is_not_a_reply_line() -> None:
+    """Judged as the empty line it is, not as the bytes after it."""
+    with pytest.raises(GreetingError, match="^not an SMTP reply line$"):
+        GreetingReader().feed(b"\n" + b"x" * (2 * MAX_GREETING_BYTES))
+    reader = GreetingReader()
+    reader.feed(b"220-a\r\n")
+    with pytest.raises(GreetingError, match="^not an SMTP reply line$"):
+        reader.feed(b"\n" + b"x" * (2 * MAX_GREETING_BYTES))

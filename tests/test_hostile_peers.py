@@ -18,10 +18,11 @@ import pytest
 import trio
 
 from smtpdcheck.check import Checker, CheckResult
+from smtpdcheck.core import CoreSettings, build_core
 from smtpdcheck.policy import mx_servers
 from smtpdcheck.greeting import MAX_GREETING_BYTES
 from smtpdcheck.probe import RECEIVE_CHUNK, Outcome, Prober
-from smtpdcheck.resolver import MAX_MX_HOSTS, MXKind, Resolver
+from smtpdcheck.resolver import MAX_MX_HOSTS, MXKind
 from smtpdcheck.servers import is_valid_hostname, parse_servers
 from smtpdcheck.stoprule import StopSet
 from tests.conftest import Core, Farm, zone_with_hosts
@@ -159,21 +160,19 @@ async def test_server_that_never_reads_is_available_and_let_go_after_the_quit_gr
     await next_check_works(core.checker)
 
 
-async def test_server_that_holds_after_221_is_closed_by_us(nursery: trio.Nursery, farm: Callable[..., Farm], dns_server: FakeDNSServer) -> None:
+async def test_server_that_holds_after_221_is_closed_by_us(farm: Callable[..., Farm], make_core: Callable[..., Core]) -> None:
     """We close as soon as the 221 arrives, without waiting for the peer or the grace."""
     f = await farm(Mode.HOLD_AFTER_QUIT, Mode.OK)
-    resolver = Resolver(nursery, nameservers=[dns_server.address], timeout=1.0)
-    prober = Prober(nursery, timeout=10.0, quit_grace=5.0)
-    checker = Checker(resolver, prober, port=f.port, timeout=10.0)
-    result, _ = await timed_check(checker, ["127.0.0.2"], 3)
+    core = make_core(f.port, timeout=10.0, dns_timeout=1.0, quit_grace=5.0)
+    result, _ = await timed_check(core.checker, ["127.0.0.2"], 3)
     assert result.winner is not None
-    waited = await probes_finished(prober, 2.0)
+    waited = await probes_finished(core.prober, 2.0)
     assert waited < 1.0  # far below both the 5 s grace and the 10 s timeout
     greeter = f.greeters[0]
     await closed(greeter, 2.0)
     assert greeter.received == [b"QUIT\r\n"]
     assert greeter.closed_by_client == 1  # the greeter held on; we hung up
-    await next_check_works(checker)
+    await next_check_works(core.checker)
 
 
 async def test_postscreen_pause_longer_than_the_timeout(farm: Callable[..., Farm], make_core: Callable[..., Core]) -> None:
@@ -194,19 +193,17 @@ async def test_postscreen_pause_longer_than_the_timeout(farm: Callable[..., Farm
     await next_check_works(core.checker)
 
 
-async def test_quit_grace_never_outlasts_the_probe_timeout(nursery: trio.Nursery, farm: Callable[..., Farm], dns_server: FakeDNSServer) -> None:
+async def test_quit_grace_never_outlasts_the_probe_timeout(farm: Callable[..., Farm], make_core: Callable[..., Core]) -> None:
     f = await farm(Mode.PAUSED_MULTILINE, Mode.OK, pause=10.0)
-    resolver = Resolver(nursery, nameservers=[dns_server.address], timeout=1.0)
-    prober = Prober(nursery, timeout=1.0, quit_grace=5.0)
-    checker = Checker(resolver, prober, port=f.port, timeout=1.0)
+    core = make_core(f.port, timeout=1.0, dns_timeout=1.0, quit_grace=5.0)
     start = trio.current_time()
-    result, _ = await timed_check(checker, ["127.0.0.2"], 2)
+    result, _ = await timed_check(core.checker, ["127.0.0.2"], 2)
     assert result.winner is not None
-    await probes_finished(prober, 2.0)
+    await probes_finished(core.prober, 2.0)
     assert trio.current_time() - start < 1.0 + SLACK
     await closed(f.greeters[0])
     assert f.greeters[0].pregreet == [b""]
-    await next_check_works(checker)
+    await next_check_works(core.checker)
 
 
 # ---------------------------------------------------------------- DNS peers
@@ -398,7 +395,7 @@ async def test_mx_target_longer_than_255_octets_is_never_returned(nursery: trio.
         await sock.bind(("127.0.0.1", 0))
         async with trio.open_nursery() as server:
             server.start_soon(_raw_mx_server, sock, labels)
-            resolver = Resolver(nursery, nameservers=[sock.getsockname()], timeout=0.5)
+            resolver = build_core(nursery, CoreSettings(nameservers=[sock.getsockname()], dns_timeout=0.5)).resolver
             start = trio.current_time()
             with trio.fail_after(2):
                 mx, _ = await resolver.mx("long.test")
@@ -452,7 +449,7 @@ async def test_truncated_over_udp_and_broken_over_tcp(nursery: trio.Nursery, how
                 server.start_soon(_udp_always_truncates, udp)
                 accepted: list[int] = []
                 server.start_soon(_tcp_misbehaves, listener, how, accepted)
-                resolver = Resolver(nursery, nameservers=[tcp.getsockname()], timeout=0.5)
+                resolver = build_core(nursery, CoreSettings(nameservers=[tcp.getsockname()], dns_timeout=0.5)).resolver
                 start = trio.current_time()
                 with trio.fail_after(2):
                     mx, _ = await resolver.mx("t.test")

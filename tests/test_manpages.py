@@ -160,12 +160,13 @@ def test_diagnostics_show_a_decision_line_as_the_daemon_writes_it() -> None:
 async def test_state_change_example_is_what_the_prober_logs(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from smtpdcheck.probe import Prober
+    from smtpdcheck.core import CoreSettings, build_core
     from smtpdcheck.servers import parse_address
-    from tests.support.virtual import SILENT, Peer, VirtualNet
+    from tests.support.virtual import SILENT, Peer, VirtualDNS, VirtualNet
 
     net = VirtualNet(nursery, {"192.0.2.1": Peer()})
-    prober = Prober(nursery, timeout=2.0, up_ttl=10.0, down_ttl=10.0, quit_grace=0.1, connect=net.connect)
+    settings = CoreSettings(probe_timeout=2.0, up_ttl=10.0, down_ttl=10.0, quit_grace=0.1)
+    prober = build_core(nursery, settings, connect=net.connect, lookups=VirtualDNS()).prober
     address = parse_address("192.0.2.1")
     assert address is not None
     with caplog.at_level(logging.INFO, logger="smtpdcheck"):

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import re
 from dataclasses import dataclass
 
 import pytest
 import trio
 import trio.testing
+
+import smtpdcheck.cache
 
 from policyd.config import Config
 from policyd.request import PolicyRequest
@@ -102,9 +105,7 @@ class World:
         dns.set_host("mx1.d.test", ["127.0.0.2"], ttl=86400)
         dns.set_host("backup.d.test", ["192.0.2.25"], ttl=86400)
         self.net = VirtualNet(nursery, {"127.0.0.2": Peer(greet_after=GREET)})
-        core = build_core(nursery, core_settings(DEFAULTS), connect=self.net.connect)
-        core.checker.resolver = dns
-        core.resolver = dns  # type: ignore[assignment]
+        core = build_core(nursery, core_settings(DEFAULTS), connect=self.net.connect, lookups=dns)
         self.responder = Responder(DEFAULTS, core)
         self.start = trio.current_time()
         self.answers: list[Answered] = []
@@ -168,10 +169,30 @@ async def outage(nursery: trio.Nursery, peer: Peer) -> tuple[World, float, float
     return w, went_down, confirmed, came_back, down_probe
 
 
+class FixedJitter(random.Random):
+    """A jitter source that always draws the same fraction: the run is exact, and each phase is tried."""
+
+    def __init__(self, fraction: float) -> None:
+        super().__init__(0)
+        self.fraction = fraction
+
+    def random(self) -> float:
+        return self.fraction
+
+
+#: Where the first store's jitter puts the probes against the RCPT grid; 0.259
+#: and 0.0123 once let a decision made while the down result's refresh ran be
+#: memoised past the moment that refresh found the primary back.
+JITTERS = (0.0, 0.0123, 0.259, 0.5)
+
+
+@pytest.mark.parametrize("jitter", JITTERS)
 @pytest.mark.parametrize("what", list(OUTAGES))
 async def test_a_primary_that_stops_greeting_gets_dunno_within_its_ttl_plus_the_grace_and_defer_again_within_65s(
-    what: str, nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+    what: str, jitter: float, nursery: trio.Nursery, autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(smtpdcheck.cache, "make_rng", lambda seed=None: FixedJitter(jitter))
     caplog.set_level(logging.INFO, logger="smtpdcheck")
     peer, outcome = OUTAGES[what]
     w, went_down, confirmed, came_back, down_probe = await outage(nursery, peer)
@@ -188,22 +209,25 @@ async def test_a_primary_that_stops_greeting_gets_dunno_within_its_ttl_plus_the_
     assert confirm == pytest.approx(confirmed + DEFAULTS.cache_up_ttl)
     doubted_from = confirm if peer is REFUSING else confirm + GRACE
     assert {a.action for a in w.between(went_down, doubted_from)} == {"DEFER_IF_PERMIT"}
+    # (An RCPT at the very instant a probe ends may be scheduled before or after it:
+    # trio runs tasks due at one time in either order, so such an instant belongs to neither side.)
     first_dunno = next(a for a in w.answers if a.action == "DUNNO")
-    assert first_dunno.sent == min(a.sent for a in w.answers if a.sent > doubted_from)
+    assert doubted_from <= first_dunno.sent <= min(a.sent for a in w.answers if a.sent > doubted_from)
     window = first_dunno.sent - went_down
     assert window <= 15.0 and window <= DEFAULTS.cache_up_ttl + GRACE + PERIOD
     # ... and no DEFER while it stays down.
     assert {a.action for a in w.between(first_dunno.sent - 1e-9, came_back)} == {"DUNNO"}
     # Doubted at once while the probe runs ("unconfirmed"); down once it has failed.
     settled = confirm + (0.0 if peer is REFUSING else DEFAULTS.timeout)
-    assert {a.kind for a in w.between(first_dunno.sent - 1e-9, settled)} <= {Kind.UNCONFIRMED}
+    assert {a.kind for a in w.between(first_dunno.sent - 1e-9, settled - 1e-9)} <= {Kind.UNCONFIRMED}
     assert {a.kind for a in w.between(settled, came_back)} == {Kind.ALL_DOWN}
 
     # Back: the next probe of the down primary, a down TTL after the last, sees it greet.
     recovered_probe = probes[probes.index(down_probe) + 1]
     assert recovered_probe == pytest.approx(down_probe + DEFAULTS.cache_down_ttl)
     first_defer = next(a for a in w.answers if a.sent > came_back and a.action == "DEFER_IF_PERMIT")
-    assert first_defer.sent == min(a.sent for a in w.answers if a.sent > recovered_probe + GREET)
+    greeted = recovered_probe + GREET
+    assert greeted <= first_defer.sent <= min(a.sent for a in w.answers if a.sent > greeted)
     assert first_defer.sent - came_back <= 65.0
     assert {a.action for a in w.answers if a.sent > first_defer.sent} == {"DEFER_IF_PERMIT"}
 

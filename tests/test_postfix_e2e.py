@@ -16,10 +16,13 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 import trio
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from tests.conftest import Farm
 from tests.installed import command, installed_daemon_requested, start_daemon
@@ -127,29 +130,52 @@ def _copy_runtime(dest: Path) -> Path:
 
     spawn(8) refuses to run commands as root, and the test's own interpreter
     and virtual environment may live where nobody else can read; Debian's
-    python3.11 with a copied import path works for any user.
+    python3.11 with a copied import path works for any user.  The
+    dependencies are those the installed distributions declare, followed
+    through, so that the set is right for whichever versions are installed.
     """
     import importlib
 
     lib = dest / "lib"
-    for name in ("smtpdcheck", "policyd", "trio", "dns", "idna", "sniffio", "outcome", "attr", "attrs", "sortedcontainers"):
+    for name in ("smtpdcheck", "policyd"):
         module = importlib.import_module(name)
         assert module.__file__ is not None
-        source = Path(module.__file__).parent
-        shutil.copytree(source, lib / name, ignore=shutil.ignore_patterns("__pycache__", "tests"))
-    # dnspython checks its optional dependencies' versions through their metadata.
-    from importlib import metadata
-
-    for dist in ("trio", "dnspython", "idna", "sniffio", "outcome", "attrs", "sortedcontainers"):
-        info = metadata.distribution(dist)
-        files = info.files or []
-        dist_info = next((f for f in files if f.parts[0].endswith(".dist-info")), None)
-        if dist_info is not None:
-            source = Path(str(info.locate_file(dist_info.parts[0])))
-            shutil.copytree(source, lib / source.name)
+        shutil.copytree(Path(module.__file__).parent, lib / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for dist in _runtime_distributions():
+        for file in dist.files or []:
+            if file.parts[0] == ".." or "__pycache__" in file.parts:
+                continue  # console scripts and byte code
+            target = lib / file
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(str(dist.locate_file(file))), target)
     for path in [dest, *sorted(p for p in lib.rglob("*"))]:
         path.chmod(0o755 if path.is_dir() else 0o644)
     return lib
+
+
+def _runtime_distributions() -> list[metadata.Distribution]:
+    """What the installed smtpdcheck needs at run time: its requirements and theirs, with extras."""
+    found: dict[str, metadata.Distribution] = {}
+    seen: set[tuple[str, frozenset[str]]] = set()
+    wanted: list[tuple[str, frozenset[str]]] = [("smtpdcheck", frozenset())]
+    for _ in range(1000):  # far more than any real dependency tree
+        if not wanted:
+            break
+        name, extras = wanted.pop()
+        if (canonicalize_name(name), extras) in seen:
+            continue
+        seen.add((canonicalize_name(name), extras))
+        dist = metadata.distribution(name)
+        if canonicalize_name(name) != "smtpdcheck":
+            found[canonicalize_name(name)] = dist
+        for text in dist.requires or []:
+            requirement = Requirement(text)
+            if requirement.marker is None or any(
+                requirement.marker.evaluate({"extra": extra}) for extra in extras | {""}
+            ):
+                wanted.append((requirement.name, frozenset(requirement.extras)))
+    assert not wanted, "dependency tree too deep"
+    return list(found.values())
 
 
 async def test_spawn_mode_under_real_postfix(

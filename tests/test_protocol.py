@@ -856,3 +856,91 @@ def test_rcpt_fields_agree_with_the_mapping(pairs: list[tuple[str, str]], head: 
     expected = (mapping.get("recipient", ""), mapping.get("server_address", ""), mapping.get("queue_id", "")) if rcpt else None
     assert [r.rcpt_fields() for r in whole] == [expected]
     assert eager.rcpt_fields() == expected
+
+
+# --- what the warning says when a connection is closed ----------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "eof", "limits", "reason", "message"),
+    [
+        (b"a=1\nb=x\x00y\n\n", False, {}, "NUL byte", "NUL byte at offset 3 of a line"),
+        (b"a=1234567", False, {"max_line_bytes": 5}, "line too long", "line longer than 5 bytes"),
+        (b"a=12\n\n", False, {"max_request_bytes": 5}, "request too large", "request larger than 5 bytes"),
+        (b"a=1\nb=2", True, {}, "connection closed mid-request",
+         "connection closed mid-request after 1 attribute(s) and 3 byte(s) of an unfinished line"),
+        (b"a=1\n", True, {}, "connection closed mid-request",
+         "connection closed mid-request after 1 attribute(s) and 0 byte(s) of an unfinished line"),
+        (b"a=1\nnoequals\n\n", False, {}, "line without '='", "line without '=': b'noequals'"),
+        (b"a=1\n=value\n\n", False, {}, "attribute name empty", "attribute name empty: b'=value'"),
+        (b"x" * 100 + b"\n\n", False, {}, "line without '='", f"line without '=': {bytes(64 * b'x')!r}"),
+    ],
+)
+def test_protocol_errors_say_what_was_wrong(
+    data: bytes, eof: bool, limits: dict[str, int], reason: str, message: str
+) -> None:
+    """The reason labels the metric; the message is the warning line an admin reads."""
+    error = protocol_error(data, eof=eof, **limits)
+    assert (error.reason, error.message, str(error)) == (reason, message, message)
+
+
+def test_a_connection_closed_between_requests_stays_closed() -> None:
+    parser = PolicyParser()
+    parser.receive_data(b"a=1\n\n")
+    parser.receive_data(b"")
+    assert isinstance(parser.next_request(), PolicyRequest)
+    assert parser.next_request() is CLOSED
+    assert parser.next_request() is CLOSED
+    with pytest.raises(RuntimeError, match="^received data after EOF$"):
+        parser.receive_data(b"b=2\n\n")
+
+
+@pytest.mark.parametrize(
+    ("data", "reason", "message"),
+    [
+        (b"a=1\nb=x\x00y\x00\n\n", "NUL byte", "NUL byte at offset 3 of a line"),  # the first NUL
+        (b"a=1\n=x=y\n\n", "attribute name empty", "attribute name empty: b'=x=y'"),
+    ],
+)
+def test_the_first_offending_byte_is_named(data: bytes, reason: str, message: str) -> None:
+    for chunks in ([data], [data[i : i + 1] for i in range(len(data))]):
+        parser = PolicyParser()
+        with pytest.raises(ProtocolError) as info:
+            feed_all(parser, chunks, eof=False)
+        assert (info.value.reason, info.value.message) == (reason, message)
+        # Once broken, the parser keeps saying so.
+        with pytest.raises(ProtocolError) as again:
+            parser.next_request()
+        assert (again.value.reason, again.value.message) == (reason, message)
+
+
+def test_limits_are_exact_when_a_request_arrives_byte_by_byte() -> None:
+    """The careful loop (the fast path wants a whole request) holds the same limits."""
+    data = b"a=1\nb=2\n\n"
+
+    def bytewise(**limits: int) -> list[Event]:
+        return feed_all(PolicyParser(**limits), [data[i : i + 1] for i in range(len(data))], eof=False)
+
+    assert len(requests_of(bytewise(max_request_bytes=len(data), max_attributes=2))) == 1
+    with pytest.raises(ProtocolError, match="^request larger than 8 bytes$"):
+        bytewise(max_request_bytes=len(data) - 1)
+    with pytest.raises(ProtocolError, match="^more than 1 attributes in one request$"):
+        bytewise(max_attributes=1)
+
+
+@pytest.mark.parametrize("name", ["max_line_bytes", "max_request_bytes", "max_attributes"])
+def test_limits_below_one_are_refused_by_name(name: str) -> None:
+    with pytest.raises(ValueError, match=f"^{name} must be at least 1, not 0$"):
+        PolicyParser(**{name: 0})
+
+
+def test_sentinels_are_not_instantiated() -> None:
+    with pytest.raises(TypeError, match="^NEED_DATA is a sentinel; use the class itself$"):
+        NEED_DATA()
+
+
+def test_sanitize_text_cuts_inside_the_limit_keeping_what_it_keeps() -> None:
+    assert sanitize_text("a" + "X" * 50, limit=10) == "aXXXXXX..."
+    assert sanitize_text("abcdef ghijk", limit=10) == "abcdef..."
+    with pytest.raises(ValueError, match="^limit must be at least 3, not 2$"):
+        sanitize_text("abc", limit=2)

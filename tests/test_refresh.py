@@ -13,9 +13,8 @@ import trio
 import trio.testing
 
 from smtpdcheck.cache import SingleFlight, Source, TTLCache
-from smtpdcheck.check import Checker
 from smtpdcheck.policy import Cache, Policy
-from smtpdcheck.probe import Prober
+from smtpdcheck.core import CoreSettings, build_core
 from smtpdcheck.resolver import MXLookup
 from smtpdcheck.refresh import MAX_JITTER, RefreshRules, Schedule, background_slots
 from smtpdcheck.servers import parse_address, parse_servers
@@ -405,8 +404,9 @@ async def test_a_stale_answer_is_counted_once_when_the_cache_only_path_falls_thr
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
     net = VirtualNet(nursery, {"127.0.0.2": SILENT, "127.0.0.3": SILENT})
-    prober = Prober(nursery, timeout=1.0, down_ttl=5.0, connect=net.connect, refresh_window=2.0)
-    checker = Checker(VirtualDNS(), prober, timeout=3.0)
+    settings = CoreSettings(probe_timeout=1.0, check_timeout=3.0, down_ttl=5.0, refresh_window=2.0)
+    core = build_core(nursery, settings, connect=net.connect, lookups=VirtualDNS())
+    prober, checker = core.prober, core.checker
     start = trio.current_time()
     await checker.check(parse_servers(["10:127.0.0.2"]), StopSet())  # down after 1 s, until 6 s
     await until(start + 6.5)  # idle past the window: not refreshed, stale until 7 s
@@ -428,7 +428,8 @@ async def test_a_probe_ttl_of_zero_means_do_not_keep(
     live, silent = Peer(greet_after=0.1), SILENT
     net = VirtualNet(nursery, {"127.0.0.2": silent if flip == "up" else live})
     up_ttl, down_ttl = (0.0, 5.0) if flip == "up" else (5.0, 0.0)
-    prober = Prober(nursery, timeout=1.0, up_ttl=up_ttl, down_ttl=down_ttl, connect=net.connect, refresh_window=60.0)
+    settings = CoreSettings(probe_timeout=1.0, up_ttl=up_ttl, down_ttl=down_ttl, refresh_window=60.0)
+    prober = build_core(nursery, settings, connect=net.connect, lookups=VirtualDNS()).prober
     address = parse_address("127.0.0.2")
     assert address is not None
     start = trio.current_time()
@@ -449,8 +450,9 @@ async def test_background_probes_leave_a_share_of_the_limit_to_waiting_requests(
     """--max-probes 4: refreshes of four silent primaries hold two slots, and a request's probe gets one at once."""
     silent = [f"127.0.0.{i}" for i in range(2, 6)]
     net = VirtualNet(nursery, {**dict.fromkeys(silent, SILENT), "127.0.0.9": Peer(greet_after=0.1)})
-    prober = Prober(nursery, timeout=2.0, down_ttl=5.0, max_concurrent=4, connect=net.connect, refresh_window=100.0)
-    checker = Checker(VirtualDNS(), prober, timeout=3.0)
+    settings = CoreSettings(probe_timeout=2.0, check_timeout=3.0, down_ttl=5.0, max_probes=4, refresh_window=100.0)
+    core = build_core(nursery, settings, connect=net.connect, lookups=VirtualDNS())
+    prober, checker = core.prober, core.checker
     start = trio.current_time()
     await checker.check(parse_servers([f"10:{a}" for a in silent]), StopSet())  # four slots, down at 2 s
     await until(start + 5.5)  # their refreshes (due from 4.5 s) are running, each for 2 s
@@ -503,8 +505,10 @@ async def test_a_stale_mx_list_is_counted_by_the_cache_only_path_only_when_it_de
     dns.set_mx("d.example", [(10, "mx1.d.example"), (20, "backup.d.example")])
     dns.set_host("mx1.d.example", ["127.0.0.2"])
     dns.set_host("backup.d.example", ["127.0.0.1"])
-    prober = Prober(nursery, timeout=1.0, connect=VirtualNet(nursery, {"127.0.0.2": Peer()}).connect, refresh_window=60.0)
-    policy = Policy(dns, Checker(dns, prober, timeout=3.0), StopSet())
+    settings = CoreSettings(probe_timeout=1.0, check_timeout=3.0, refresh_window=60.0)
+    core = build_core(nursery, settings, connect=VirtualNet(nursery, {"127.0.0.2": Peer()}).connect, lookups=dns)
+    prober = core.prober
+    policy = Policy(dns, core.checker, StopSet())
     await policy.decide_recipient("a@d.example", "127.0.0.1")  # the full path fills the caches
     dns.counted.clear()
     decision = await policy.decide_recipient("b@d.example", "127.0.0.1")

@@ -265,7 +265,9 @@ async def test_failing_dns_serves_the_last_good_answer_then_the_bound(
     # served for stale_max more; a refresh is retried every dns_failure_ttl.
     failed = out.first("DUNNO", broke)
     assert failed is not None, describe(out.samples, origin)
-    assert failed.sent - broke >= stale_max, describe(out.samples, origin)
+    # A refresh sent a moment before the break is answered after it (SERVFAIL), and
+    # the answer it would have renewed may expire a few milliseconds after it was sent.
+    assert failed.sent - broke >= stale_max - 0.1, describe(out.samples, origin)
     assert failed.sent - broke <= ttl + stale_max + 0.3 + 0.5, describe(out.samples, origin)
     stale = [s for s in out.samples if broke <= s.sent < failed.sent]
     assert len(stale) >= 30 and {s.action for s in stale} == {"DEFER_IF_PERMIT"}

@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from smtpdcheck.servers import Server, ServerSyntaxError, is_valid_hostname, parse_server
+from smtpdcheck.servers import Server, ServerSyntaxError, is_valid_hostname, parse_address, parse_server
 
 
 @pytest.mark.parametrize(
@@ -50,3 +50,49 @@ def test_hostname_length_limit() -> None:
     assert not is_valid_hostname(".".join([label] * 4) + ".abc")
     assert is_valid_hostname("Example.COM.")
     assert not is_valid_hostname(".")
+
+
+def test_hostname_length_limit_is_exact() -> None:
+    """253 octets, the most a host name can have (RFC 1035 less the root label)."""
+    label = "a" * 63
+    longest = ".".join([label] * 3 + ["b" * 61])
+    assert len(longest) == 253 and is_valid_hostname(longest) and is_valid_hostname(longest + ".")
+    assert not is_valid_hostname(".".join([label] * 3 + ["b" * 62]))
+
+
+@pytest.mark.parametrize(
+    ("text", "address"),
+    [
+        ("192.0.2.1", "192.0.2.1"),
+        ("[192.0.2.1]", "192.0.2.1"),
+        ("[IPv6:2001:db8::1]", "2001:db8::1"),
+        ("[ipv6:2001:db8::1]", "2001:db8::1"),
+        ("::ffff:192.0.2.1", "192.0.2.1"),
+        ("[192.0.2.1", None),
+        ("192.0.2.1]", None),
+        ("2001:db8::1]", None),
+        ("IPv6:", None),
+        ("mx.example", None),
+    ],
+)
+def test_parse_address(text: str, address: str | None) -> None:
+    parsed = parse_address(text)
+    assert (None if parsed is None else str(parsed)) == address
+
+
+@pytest.mark.parametrize(
+    ("word", "message"),
+    [
+        ("", "empty server name"),
+        ("65536:mx", "priority out of range 0-65535: '65536:mx'"),
+        ("x:mx", "bad priority (want a number before ':'): 'x:mx'"),
+        ("10:", "missing server name: '10:'"),
+        ("mx example", "not a host name or IP address: 'mx example'"),
+        ("[mx.example]", "not a host name or IP address: '[mx.example]'"),
+    ],
+)
+def test_parse_server_says_what_is_wrong(word: str, message: str) -> None:
+    """The smtpdcheck command prints this as its one line of error."""
+    with pytest.raises(ServerSyntaxError) as caught:
+        parse_server(word)
+    assert str(caught.value) == message

@@ -7,7 +7,7 @@ import ipaddress
 import pytest
 
 from smtpdcheck.servers import parse_servers
-from smtpdcheck.stoprule import StopSet, eligibility, eligible
+from smtpdcheck.stoprule import StopSet, eligibility
 
 S2 = StopSet.build(["s2.domain.com"])
 
@@ -43,7 +43,7 @@ S2 = StopSet.build(["s2.domain.com"])
 def test_stop_rule_by_name(words: list[str], stop: StopSet, expected: list[str]) -> None:
     servers = parse_servers(words)
     matches = [stop.matches_name(s) for s in servers]
-    chosen = [servers[i] for i in eligible(servers, matches)]
+    chosen = [s for s, ok in zip(servers, eligibility(servers, matches)) if ok]
     wanted = parse_servers(expected)
     assert [s.host for s in chosen] == [s.host for s in wanted]
 
@@ -58,7 +58,7 @@ def test_match_by_resolved_address() -> None:
     }
     matches = [stop.matches(s, resolved[s.host]) for s in servers]
     assert matches == [False, True, False]
-    assert eligible(servers, matches) == [0]
+    assert eligibility(servers, matches) == [True, False, False]
 
 
 @pytest.mark.parametrize(
@@ -105,3 +105,11 @@ def test_ipv4_mapped_server_address_matches_the_ipv4_stop() -> None:
     stop = StopSet().with_address("::ffff:192.0.2.25")
     servers = parse_servers(["10:mx1", "20:192.0.2.25"])
     assert [stop.matches_name(s) for s in servers] == [False, True]
+
+
+def test_text_that_is_not_an_address_leaves_the_stop_set_as_it_is() -> None:
+    stop = StopSet.build(["backup.example"])
+    assert stop.with_address("") is stop and stop.with_address("backup.example") is stop
+    added = stop.with_address("192.0.2.25")
+    assert added.addresses == frozenset({ipaddress.ip_address("192.0.2.25")})
+    assert added.with_address("[192.0.2.25]") is added  # already there

@@ -66,6 +66,8 @@ import dns.rdtypes.ANY.MX
 import dns.rrset
 import trio
 
+from smtpdcheck.compat import TaskStatus
+
 __all__ = [
     "Behavior",
     "FakeDNSServer",
@@ -218,7 +220,7 @@ class FakeDNSServer:
 
     # ------------------------------------------------------------------ serving
 
-    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(self, *, task_status: TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Bind UDP and TCP on one port, report the port, answer until cancelled."""
         udp, tcp = await self._bind_pair()
         with udp, tcp:
@@ -570,13 +572,15 @@ class FakeDNSServer:
 
         Over UDP an oversized answer becomes an empty TC reply so the client
         retries over TCP.  Over TCP only answers beyond the 64 KiB framing
-        limit are cut, with TC set.
+        limit are cut, the same way (an RRset is never split).  Written
+        without ``to_wire(prefer_truncation=...)``, which dnspython < 2.4
+        lacks.
         """
-        if transport == "tcp":
-            return response.to_wire(max_size=_TCP_MAX_MESSAGE, prefer_truncation=True)
-        limit = _UDP_MIN_PAYLOAD
-        if query.edns >= 0:
-            limit = min(max(query.payload, _UDP_MIN_PAYLOAD), _TCP_MAX_MESSAGE)
+        limit = _TCP_MAX_MESSAGE
+        if transport == "udp":
+            limit = _UDP_MIN_PAYLOAD
+            if query.edns >= 0:
+                limit = min(max(query.payload, _UDP_MIN_PAYLOAD), _TCP_MAX_MESSAGE)
         try:
             wire = response.to_wire(max_size=limit)
         except dns.exception.TooBig:

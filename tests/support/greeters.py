@@ -26,6 +26,8 @@ from typing import Any
 
 import trio
 
+from smtpdcheck.compat import TaskStatus
+
 __all__ = ["Farm", "Greeter", "Mode", "start_farm", "start_greeters", "unused_port"]
 
 
@@ -246,7 +248,7 @@ class Greeter:
         self._changed.set()
         self._changed = trio.Event()
 
-    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(self, *, task_status: TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen, report the port, and handle connections until cancelled.
 
         In Mode.REFUSE the listening socket is closed until the mode changes

@@ -15,7 +15,6 @@ import dns.exception
 import dns.flags
 import dns.message
 import dns.name
-import dns.nameserver
 import dns.opcode
 import dns.query
 import dns.rcode
@@ -27,6 +26,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from smtpdcheck.compat import dns_backend, use_nameservers
 from tests.support.dnsserver import (
     MAX_CNAME_CHAIN,
     SOA_TEXT,
@@ -39,6 +39,9 @@ from tests.support.dnsserver import (
 )
 
 BACKEND = dns.asyncbackend.get_backend("trio")
+"""For single exchanges: what the server sends, datagram by datagram."""
+RESOLVER_BACKEND = dns_backend()
+"""For resolver lookups: the policy server's own, so they behave as its lookups do."""
 STEP = 2.0
 """Upper bound for any single exchange that is expected to succeed."""
 BULK = 10.0
@@ -48,7 +51,7 @@ take a sizeable part of a second on a loaded machine."""
 
 def make_resolver(server: FakeDNSServer, lifetime: float = STEP) -> dns.asyncresolver.Resolver:
     resolver = dns.asyncresolver.Resolver(configure=False)
-    resolver.nameservers = [dns.nameserver.Do53Nameserver(server.host, server.port)]
+    use_nameservers(resolver, [(server.host, server.port)])
     resolver.timeout = lifetime
     resolver.lifetime = lifetime
     resolver.cache = None
@@ -57,7 +60,7 @@ def make_resolver(server: FakeDNSServer, lifetime: float = STEP) -> dns.asyncres
 
 async def resolve(server: FakeDNSServer, name: str, rdtype: str, lifetime: float = STEP) -> dns.resolver.Answer:
     with trio.fail_after(lifetime + STEP):
-        return await make_resolver(server, lifetime).resolve(name, rdtype, backend=BACKEND)
+        return await make_resolver(server, lifetime).resolve(name, rdtype, backend=RESOLVER_BACKEND)
 
 
 async def udp(server: FakeDNSServer, query: dns.message.Message, timeout: float = STEP) -> dns.message.Message:
@@ -553,7 +556,7 @@ async def test_bad_zone_data_fails_loudly(nursery: trio.Nursery) -> None:
         async with trio.open_nursery() as inner:
             await inner.start(server.serve)
             with trio.fail_after(STEP):
-                await make_resolver(server).resolve("x.test", "A", backend=BACKEND)
+                await make_resolver(server).resolve("x.test", "A", backend=RESOLVER_BACKEND)
 
 
 async def test_stops_when_cancelled() -> None:
@@ -681,7 +684,7 @@ async def test_bad_mx_data_fails_loudly(nursery: trio.Nursery, mx: list[str]) ->
         async with trio.open_nursery() as inner:
             await inner.start(server.serve)
             with trio.fail_after(STEP):
-                await make_resolver(server).resolve("x.test", "MX", backend=BACKEND)
+                await make_resolver(server).resolve("x.test", "MX", backend=RESOLVER_BACKEND)
 
 
 async def test_null_mx_and_relative_targets(nursery: trio.Nursery) -> None:
