@@ -29,9 +29,15 @@ import os
 import re
 import shutil
 import tempfile
+from contextlib import AsyncExitStack
 from typing import Any
 
+import trio
+
+from policyd.config import Config
+
 from .policyenv import PolicyEnv, policy_env
+from .previous import PREVIOUS_RELEASE, ReleaseUnavailable
 from .procs import LOOPBACK, Child, free_port, run_loadgen, start_ceiling, wait_for_port
 from .report import BenchResult, Check, Table, fmt_num, fmt_ratio
 
@@ -48,6 +54,10 @@ CONFIGS: tuple[tuple[str, str, float], ...] = (
     ("quiet", "--log-level warning (no decision lines)", 0.75),
 )
 TARGET_P99_MS = 5.0
+#: The daemon's default --cache-up-ttl: how often a primary in use is probed again.
+UP_TTL = Config().cache_up_ttl
+#: Throughput over postgrey's, when it is installed.
+TARGET_VS_POSTGREY = 10.0
 #: The slowest first reply on 100 fresh connections, against the ceiling's.
 TARGET_FIRST_REPLY = 1.5
 #: Ceiling/server pairs per point (the table shows the median one).
@@ -65,16 +75,28 @@ def _cpu_us(run: dict[str, Any]) -> float:
 
 
 async def _point(jobs: dict[str, dict[str, Any]], rounds: int) -> dict[str, Any]:
-    """Ceiling and server in ``rounds`` alternating pairs; the median pair, and all of them."""
+    """The ceiling and each server in ``rounds`` rounds, in rotating order.
+
+    ``jobs`` holds "ceiling", "policyd" and optionally "previous" (the
+    previous release).  The result's "ceiling" and "policyd" are the round
+    with the median policyd/ceiling ratio; "previous" and "previous_ceiling"
+    the round with the previous release's median ratio; "rounds" all of them.
+    """
+    names = list(jobs)
     pairs: list[dict[str, dict[str, Any]]] = []
     for k in range(rounds):
-        # Alternate who goes first, so a drift in the machine's speed
-        # during a point favours neither side.
-        order = ("ceiling", "policyd") if k % 2 == 0 else ("policyd", "ceiling")
+        # Rotate who goes first, so a drift in the machine's speed during a
+        # point favours no one.
+        order = names[k % len(names):] + names[: k % len(names)]
         pairs.append({who: await run_loadgen(jobs[who]) for who in order})
-    pairs.sort(key=lambda pair: _ratio(pair["policyd"], pair["ceiling"]))
-    median = pairs[len(pairs) // 2]
-    return {"ceiling": median["ceiling"], "policyd": median["policyd"], "rounds": pairs}
+    by_policyd = sorted(pairs, key=lambda pair: _ratio(pair["policyd"], pair["ceiling"]))
+    median = by_policyd[len(pairs) // 2]
+    point: dict[str, Any] = {"ceiling": median["ceiling"], "policyd": median["policyd"], "rounds": by_policyd}
+    if "previous" in jobs:
+        by_previous = sorted(pairs, key=lambda pair: _ratio(pair["previous"], pair["ceiling"]))
+        point["previous"] = by_previous[len(pairs) // 2]["previous"]
+        point["previous_ceiling"] = by_previous[len(pairs) // 2]["ceiling"]
+    return point
 
 
 async def _postgrey(ceiling_job: dict[str, Any], common: dict[str, Any], rounds: int, lifetime: float) -> dict[str, Any]:
@@ -111,12 +133,19 @@ async def run(quick: bool) -> BenchResult:
         f"other log configurations{' and postgrey' if os.path.exists(POSTGREY) else ''} at C={TARGET_C}.",
     )
     points_per_env = [len(CONNECTIONS)] + [1] * (len(CONFIGS) - 1)
-    lifetime = 60.0 + (sum(points_per_env) + 1) * rounds * 2 * (duration + warmup + 5) + len(CONFIGS) * 20
+    lifetime = 60.0 + (sum(points_per_env) + 1) * rounds * 3 * (duration + warmup + 5) + len(CONFIGS) * 40
     runs: list[dict[str, Any]] = []  # the default configuration, every C
     configs: dict[str, dict[str, Any]] = {}  # every configuration at TARGET_C
     served_from_cache: list[str] = []
+    probe_text: list[str] = []
     problems: list[str] = []
     total_errors = 0
+    previous_note: str | None = None
+    try:
+        PREVIOUS_RELEASE.tree()
+    except ReleaseUnavailable as exc:
+        previous_note = f"previous release not measured: {exc}"
+        result.notes.append(previous_note)
     ceiling, ceiling_port = await start_ceiling(lifetime=lifetime)
     try:
         def common(c: int) -> dict[str, Any]:
@@ -128,28 +157,46 @@ async def run(quick: bool) -> BenchResult:
 
         for mode, label, _ in CONFIGS:
             env: PolicyEnv
-            async with policy_env(lifetime=lifetime, log=mode) as env:
-                warm = await run_loadgen(env.job(
-                    mode="count", connections=10, count=DOMAINS, domain_count=DOMAINS, expect="DEFER_IF_PERMIT",
-                    time_limit=30.0,
-                ))
-                total_errors += warm["error_total"]
-                if warm["error_total"] or warm["actions"].get("DEFER_IF_PERMIT") != DOMAINS:
-                    result.notes.append(f"{mode}: warm-up answers: {warm['actions']}, errors {warm['errors']}")
+            async with AsyncExitStack() as stack:
+                env = await stack.enter_async_context(policy_env(lifetime=lifetime, log=mode))
+                prev: PolicyEnv | None = None
+                if previous_note is None:
+                    prev = await stack.enter_async_context(
+                        policy_env(lifetime=lifetime, log=mode, release=PREVIOUS_RELEASE))
+                envs = {"this tree": env, **({"previous release": prev} if prev is not None else {})}
+                for who, e in envs.items():
+                    warm = await run_loadgen(e.job(
+                        mode="count", connections=10, count=DOMAINS, domain_count=DOMAINS, expect="DEFER_IF_PERMIT",
+                        time_limit=30.0,
+                    ))
+                    total_errors += warm["error_total"]
+                    if warm["error_total"] or warm["actions"].get("DEFER_IF_PERMIT") != DOMAINS:
+                        result.notes.append(f"{mode}, {who}: warm-up answers: {warm['actions']}, errors {warm['errors']}")
                 probes_warm = env.greeter.connections
+                measured_from = trio.current_time()
                 queries_warm = sum(env.dns.queries_by_type.values())
                 for c in CONNECTIONS if mode == "file" else (TARGET_C,):
-                    point = await _point({"ceiling": ceiling_job(c),
-                                          "policyd": env.job(expect="DEFER_IF_PERMIT", **common(c))}, rounds)
+                    jobs = {"ceiling": ceiling_job(c), "policyd": env.job(expect="DEFER_IF_PERMIT", **common(c))}
+                    if prev is not None and c == TARGET_C:
+                        jobs["previous"] = prev.job(expect="DEFER_IF_PERMIT", **common(c))
+                    point = await _point(jobs, rounds)
                     point["connections"] = c
                     if mode == "file":
                         runs.append(point)
                     if c == TARGET_C:
                         configs[mode] = point
                 probes_after = env.greeter.connections - probes_warm
+                # The primary's 'up' is probed again once per --cache-up-ttl
+                # while in use (refresh ahead): that is no request waiting.
+                refreshes = int((trio.current_time() - measured_from) / UP_TTL) + 1
+                probe_text.append(f"{mode}: {probes_after} probes in {trio.current_time() - measured_from:.0f} s")
                 queries_after = sum(env.dns.queries_by_type.values()) - queries_warm
-                if probes_after or queries_after:
+                if probes_after > refreshes or queries_after:
                     served_from_cache.append(f"{mode}: {probes_after} probes, {queries_after} DNS queries")
+            if prev is not None:
+                problems += [f"{mode}, previous release: {p}" for p in prev.problems if _DROPPED.search(p) is None]
+                if prev.exit_status != 0:
+                    problems.append(f"{mode}, previous release: exit status {prev.exit_status} after SIGTERM")
             # The daemon's own report of lines its log target did not take in
             # time is a measurement (a column), not a fault.
             configs[mode]["log_lines_dropped"] = sum(
@@ -189,17 +236,22 @@ async def run(quick: bool) -> BenchResult:
             fmt_ratio(pol["p50_ms"], ceil["p50_ms"], 1), fmt_ratio(pol["p99_ms"], ceil["p99_ms"], 1), f"{pol['max_ms']:.1f}",
             f"{ceil['first_reply_max_ms']:.1f}", f"{pol['first_reply_max_ms']:.1f}",
         )
-    cfg = Table(f"configurations at C={TARGET_C}, each against the ceiling measured beside it",
+    cfg = Table(f"configurations at C={TARGET_C}, each against the ceiling measured beside it; "
+                f"{PREVIOUS_RELEASE.label} beside this tree in the same rounds",
                 ["configuration", "rps", "vs ceiling", "p50 ms", "p99 ms", "CPU us/req", "CPU vs ceiling",
-                 "other CPU %", "lines dropped", "errors"])
+                 "previous: vs ceiling", "p99 ms", "CPU us/req", "other CPU %", "lines dropped", "errors"])
     rows = [(label, configs[mode]) for mode, label, _ in CONFIGS]
     if postgrey is not None:
         rows.append(("postgrey (Debian), greylisting every new triplet", postgrey))
     for label, point in rows:
         ceil, pol = point["ceiling"], point["policyd"]
         errors = ceil["error_total"] + pol["error_total"]
+        old: dict[str, Any] | None = point.get("previous")
+        old_ceil: dict[str, Any] = point.get("previous_ceiling") or {}
         cfg.add(label, fmt_num(pol["rps"]), fmt_ratio(pol["rps"], ceil["rps"]), f"{pol['p50_ms']:.2f}",
                 f"{pol['p99_ms']:.2f}", fmt_num(_cpu_us(pol), 1), fmt_ratio(_cpu_us(pol), _cpu_us(ceil)),
+                fmt_ratio(old["rps"], old_ceil["rps"]) if old else "-", f"{old['p99_ms']:.2f}" if old else "-",
+                fmt_num(_cpu_us(old), 1) if old else "-",
                 f"{_other_pct(pol):.0f}", str(point.get("log_lines_dropped", "-")),
                 "0" if not errors else f"{errors} {_error_text(ceil, pol)}")
     result.tables += [thr, lat, cfg]
@@ -223,16 +275,30 @@ async def run(quick: bool) -> BenchResult:
                 f"{_ratio(p['policyd'], p['ceiling']):.2f}x" for p in point["rounds"]) for label, point in rows[1:]]))
 
     for point in [*runs, *(p for m, p in configs.items() if m != "file")]:
-        total_errors += sum(p["ceiling"]["error_total"] + p["policyd"]["error_total"] for p in point["rounds"])
+        total_errors += sum(p["ceiling"]["error_total"] + p["policyd"]["error_total"]
+                            + p.get("previous", {}).get("error_total", 0) for p in point["rounds"])
     for mode, label, target in CONFIGS:
         point = configs[mode]
         share = _ratio(point["policyd"], point["ceiling"])
         result.checks.append(Check(f"C={TARGET_C}, {label}: >= {target:.0%} of the ceiling's throughput (median round)",
                                    share >= target,
-                                   f"{share:.1%}: {point['policyd']['rps']:,.0f} vs {point['ceiling']['rps']:,.0f} req/s"))
+                                   f"{share:.1%}: {point['policyd']['rps']:,.0f} vs {point['ceiling']['rps']:,.0f} req/s"
+                                   + _previous_share(point)))
     worst_p99 = max(p["policyd"]["p99_ms"] for mode in ("file", "pipe") for p in configs[mode]["rounds"])
+    worst_prev = max((p["previous"]["p99_ms"] for mode in ("file", "pipe") for p in configs[mode]["rounds"]
+                      if "previous" in p), default=math.nan)
     result.checks.append(Check(f"C={TARGET_C}, defaults: p99 <= {TARGET_P99_MS:g} ms (every round, file and pipe)",
-                               worst_p99 <= TARGET_P99_MS, f"worst p99 {worst_p99:.2f} ms"))
+                               worst_p99 <= TARGET_P99_MS, f"worst p99 {worst_p99:.2f} ms"
+                               + ("" if math.isnan(worst_prev) else f"; previous release {worst_prev:.2f} ms")))
+    if postgrey is not None:
+        # Each against the ceiling beside it: the two were not measured in the same rounds.
+        over = _ratio(configs["file"]["policyd"], configs["file"]["ceiling"]) / max(
+            _ratio(postgrey["policyd"], postgrey["ceiling"]), 1e-9)
+        prev_over = (_ratio(configs["file"]["previous"], configs["file"]["previous_ceiling"])
+                     / max(_ratio(postgrey["policyd"], postgrey["ceiling"]), 1e-9)) if "previous" in configs["file"] else None
+        result.checks.append(Check(f"C={TARGET_C}, defaults: >= {TARGET_VS_POSTGREY:g}x postgrey's throughput "
+                                   "(each as a share of the ceiling beside it)", over >= TARGET_VS_POSTGREY,
+                                   f"{over:.1f}x" + (f"; previous release {prev_over:.1f}x" if prev_over else "")))
     fresh = next((r for r in runs if r["connections"] == max(CONNECTIONS)), None)
     if fresh is not None:
         first = max(p["policyd"]["first_reply_max_ms"] for p in fresh["rounds"])
@@ -243,8 +309,10 @@ async def run(quick: bool) -> BenchResult:
             f"{first:.1f} ms vs {first_ceiling:.1f} ms"))
     result.checks.append(Check("zero errors (transport, protocol, unexpected answers) in all daemon runs",
                                total_errors == 0, f"{total_errors} errors"))
-    result.checks.append(Check("the measured runs were served from cache (no probe, no DNS query)",
-                               not served_from_cache, "; ".join(served_from_cache) or "0 probes, 0 DNS queries"))
+    result.checks.append(Check(f"the measured runs were served from cache (no DNS query; no probe but the primary's "
+                               f"refresh, one per --cache-up-ttl {UP_TTL:g} s)",
+                               not served_from_cache, "; ".join(served_from_cache)
+                               or "0 DNS queries; " + ", ".join(probe_text)))
     result.checks.append(Check("the daemon logged no warning or error and exited 0 on SIGTERM, in every configuration",
                                not problems and all(p.get("exit_status") == 0 for p in configs.values()),
                                "; ".join(problems[:3]) or "clean"))
@@ -260,6 +328,14 @@ async def run(quick: bool) -> BenchResult:
     result.data.update(domains=DOMAINS, duration_s=duration, warmup_s=warmup, runs=runs, configs=configs,
                        postgrey=postgrey, problems=problems)
     return result
+
+
+def _previous_share(point: dict[str, Any]) -> str:
+    """The previous release's figure for the same target, measured in the same rounds."""
+    if "previous" not in point:
+        return ""
+    return (f"; previous release {_ratio(point['previous'], point['previous_ceiling']):.1%}: "
+            f"{point['previous']['rps']:,.0f} vs {point['previous_ceiling']['rps']:,.0f} req/s")
 
 
 def _dgram_qlen() -> str:

@@ -27,8 +27,11 @@ end over the latter.
 
 from __future__ import annotations
 
+from typing import Any
+
 from .loadgen import read_rss_kb, read_status_kb
-from .policyenv import policy_env
+from .policyenv import PolicyEnv, policy_env
+from .previous import PREVIOUS_RELEASE, THIS, Release, ReleaseUnavailable
 from .procs import run_loadgen
 from .report import BenchResult, Check, Table, fmt_num, fmt_ratio
 
@@ -54,19 +57,32 @@ async def run(quick: bool) -> BenchResult:
            f"the address cache after {all_full:,}." if group else
            f"One primary MX host for all domains: every cache is full after {mx_full:,} domains."),
     )
-    async with policy_env(
-        lifetime=time_limit + 60.0,
-        zone={"primary_group": group, "shared_backup": True},
-        daemon_args=["--cache-size", str(CACHE_SIZE)],
-    ) as env:
-        idle_kb = read_rss_kb(env.daemon.pid)
-        run_ = await run_loadgen(env.job(
-            mode="count", connections=CONNECTIONS, count=domains, domain_start=0, domain_count=domains,
-            expect="DEFER_IF_PERMIT", rss_every=every, time_limit=time_limit,
-        ))
-        peak_kb = read_status_kb(env.daemon.pid, "VmHWM")
-        queries = dict(env.dns.queries_by_type)
-        probes = env.greeter.connections
+    async def feed(release: Release) -> tuple[PolicyEnv, dict[str, Any], int, int]:
+        """One daemon fed every domain: its env, the load's result, idle and peak RSS."""
+        async with policy_env(
+            lifetime=time_limit + 60.0,
+            zone={"primary_group": group, "shared_backup": True},
+            daemon_args=["--cache-size", str(CACHE_SIZE)],
+            release=release,
+        ) as env:
+            idle_kb = read_rss_kb(env.daemon.pid)
+            run_ = await run_loadgen(env.job(
+                mode="count", connections=CONNECTIONS, count=domains, domain_start=0, domain_count=domains,
+                expect="DEFER_IF_PERMIT", rss_every=every, time_limit=time_limit,
+            ))
+            peak_kb = read_status_kb(env.daemon.pid, "VmHWM")
+        return env, run_, idle_kb, peak_kb
+
+    env, run_, idle_kb, peak_kb = await feed(THIS)
+    queries = dict(env.dns.queries_by_type)
+    probes = env.greeter.connections
+    previous: tuple[PolicyEnv, dict[str, Any], int, int] | None = None
+    try:
+        PREVIOUS_RELEASE.tree()
+    except ReleaseUnavailable as exc:
+        result.notes.append(f"previous release not measured: {exc}")
+    else:
+        previous = await feed(PREVIOUS_RELEASE)
 
     samples: list[tuple[int, int]] = [(0, idle_kb)]
     for done, kb in run_["rss"]:
@@ -117,6 +133,27 @@ async def run(quick: bool) -> BenchResult:
         result.checks.append(Check("flat once every cache is full", False, "the run never got past the point where all caches are full"))
     result.checks.append(Check(f"max RSS <= {TARGET_MAX_MB:g} MB", max_kb / 1024 <= TARGET_MAX_MB,
                                f"{max_kb / 1024:.1f} MB = {fmt_ratio(max_kb, idle_kb)} idle"))
+    if previous is not None:
+        prev_env, prev_run, prev_idle, prev_peak = previous
+        # Compared at the last sample both reached (a time limit may stop one earlier).
+        ours = {done: kb for done, kb in samples}
+        theirs = {done: kb for done, kb in prev_run["rss"] if kb}
+        at = max((done for done in ours if done in theirs and done), default=0)
+        mine, prev_kb = ours.get(at, 0), theirs.get(at, 0)
+        both = Table(f"this tree and {PREVIOUS_RELEASE.label}, fed the same domains one after the other",
+                     ["daemon", "idle MB", f"after {at:,} domains MB", "peak (VmHWM) MB", "domains answered",
+                      "domains/s", "errors"])
+        both.add("this tree", f"{idle_kb / 1024:.1f}", f"{mine / 1024:.1f}", f"{peak_kb / 1024:.1f}",
+                 f"{run_['completed']:,}", fmt_num(run_["rps"]), run_["error_total"] or "0")
+        both.add(PREVIOUS_RELEASE.label, f"{prev_idle / 1024:.1f}", f"{prev_kb / 1024:.1f}", f"{prev_peak / 1024:.1f}",
+                 f"{prev_run['completed']:,}", fmt_num(prev_run["rps"]), prev_run["error_total"] or "0")
+        result.tables.append(both)
+        result.checks.append(Check(
+            f"RSS after {at:,} domains <= the previous release's after as many, measured in the same run",
+            0 < mine <= prev_kb,
+            f"{mine / 1024:.1f} MB vs {prev_kb / 1024:.1f} MB = {fmt_ratio(mine, prev_kb, 3)}"))
+        if prev_env.problems:
+            result.notes.append("previous release's problems: " + " | ".join(prev_env.problems))
     result.checks.append(Check(f"all {domains:,} domains answered DEFER_IF_PERMIT within {time_limit:g} s, zero errors",
                                run_["completed"] == domains and run_["error_total"] == 0
                                and run_["actions"].get("DEFER_IF_PERMIT", 0) == domains,

@@ -23,6 +23,7 @@ from smtpdcheck.compat import TaskStatus
 from tests.support.dnsserver import FakeDNSServer, backup_mx_zone
 from tests.support.greeters import Farm, Greeter, Mode, start_farm
 
+from .previous import THIS, Release
 from .procs import LOOPBACK, Child, start_daemon
 
 #: Zone TTL: long enough that nothing expires during a benchmark.
@@ -64,17 +65,18 @@ async def _serve_fakes(
 @asynccontextmanager
 async def policy_env(
     *, lifetime: float, zone: dict[str, Any] | None = None, daemon_args: list[str] | None = None, log: str = "quiet",
+    release: Release = THIS,
 ) -> AsyncIterator[PolicyEnv]:
     """Start the fakes and the daemon; on exit stop the daemon and collect what it said.
 
     After the block, ``exit_status`` is the daemon's exit status after
     SIGTERM (0 expected) and ``problems`` lists every warning, error or
     traceback line it logged (``log``: see :data:`bench.procs.LOG_MODES`): a benchmark that "passes" while the daemon
-    complains is not a pass.
+    complains is not a pass.  ``release`` picks the daemon's code (:mod:`bench.previous`).
     """
     async with trio.open_nursery() as nursery:
         farm, dns = await nursery.start(_serve_fakes, lifetime, zone or {})
-        daemon, port = await start_daemon(dns.port, farm.port, daemon_args, lifetime=lifetime, log=log)
+        daemon, port = await start_daemon(dns.port, farm.port, daemon_args, lifetime=lifetime, log=log, release=release)
         env = PolicyEnv(dns, farm.greeters[0], daemon, port)
         try:
             yield env

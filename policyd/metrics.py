@@ -38,7 +38,11 @@ class Metrics:
     accept_errors: int = 0
 
     def observe_request(self, action: str, kind: str, seconds: float) -> None:
-        self.requests[(action, kind)] += 1
+        self.observe((action, kind), seconds)
+
+    def observe(self, labels: tuple[str, str], seconds: float) -> None:
+        """Count one request with its (action, kind) labels and its latency."""
+        self.requests[labels] += 1
         self.latency_sum += seconds
         # The first bucket whose bound is >= seconds; past the last, the +Inf one.
         self.latency_counts[bisect_left(LATENCY_BUCKETS_S, seconds)] += 1

@@ -91,6 +91,8 @@ _EQ: Final = 0x3D
 _ALL_BUT_FRAMING: Final = bytes(b for b in range(256) if b not in (_LF, _EQ, _CR, 0))
 _EMPTY_LINE: Final = re.compile(b"\n\n")
 _EMPTY_NAME: Final = re.compile(b"\n=")
+#: The skeleton of a request of up to MAX_ATTRIBUTES lines with one "=" each is a prefix of this.
+_ONE_EQ_PER_LINE: Final = b"=\n" * MAX_ATTRIBUTES + b"="
 
 
 class ProtocolError(Exception):
@@ -339,10 +341,14 @@ class PolicyParser:
     def _parse_whole(self) -> PolicyRequest | None:
         """Fast path: a whole, plain request already in the buffer.
 
-        Postfix writes each request with one write, so it usually arrives
-        whole.  Then a few whole-block checks in C and one decode replace
-        the line-by-line loop.  Anything unusual --
-        a CR, a NUL, a limit that might be broken, a line without "=" -- is
+        Postfix writes each request with one write and waits for the reply
+        before the next, so a read usually holds exactly one whole request,
+        and the buffer then ends with its empty line: that case needs no
+        search for the end.  Otherwise (pipelined requests, a request split
+        over reads) the first empty line is searched for.  Then a few
+        whole-block checks in C and one decode replace the line-by-line
+        loop.  Anything unusual -- a CR, a NUL, a limit that might be
+        broken, a line without "=", an empty line inside the block -- is
         left to the careful loop, which also produces the error; the fast
         path never decides anything the loop would decide differently.
         """
@@ -350,6 +356,13 @@ class PolicyParser:
         if self._attr_count or start != self._scan_pos:
             return None
         buf = self._buf
+        end = len(buf) - 2
+        if end > start and buf.endswith(b"\n\n"):
+            # One request, or several: then the block holds an empty line
+            # and _whole refuses it, and the search below finds the first.
+            request = self._whole(buf, start, end)
+            if request is not None:
+                return request
         # A compiled pattern, not bytes.find: see bench/README.md.
         found = _EMPTY_LINE.search(buf, start, start + self._max_request_bytes)
         if found is None:
@@ -357,17 +370,27 @@ class PolicyParser:
         end = found.start()
         if end == start:  # a leading empty line: the loop skips it
             return None
+        return self._whole(buf, start, end)
+
+    def _whole(self, buf: bytearray, start: int, end: int) -> PolicyRequest | None:
+        """The request in ``buf[start:end]`` (followed by its empty line) if it is plain, else None."""
         size = end + 2 - start
-        block = bytes(buf[start:end])
+        if size > self._max_request_bytes:
+            return None
+        block = buf[start:end]
         # Deleting every byte but LF, "=", CR and NUL leaves a short
         # skeleton that answers the framing questions in C, not per line:
         # no CR or NUL, not too many lines, and an "=" on every line (no LF
         # first or last, no two LFs in a row).  Empty names are the one
         # thing the skeleton cannot show.
         skeleton = block.translate(None, _ALL_BUT_FRAMING)
-        if (
-            size > self._max_request_bytes
-            or not skeleton
+        if _ONE_EQ_PER_LINE.startswith(skeleton) and len(skeleton) % 2:
+            # The usual skeleton, "=" and LF taking turns (one "=" per line,
+            # no CR, NUL or empty line), needs only the line count checked.
+            if len(skeleton) // 2 >= self._max_attributes or block[0] == _EQ or _EMPTY_NAME.search(block) is not None:
+                return None
+        elif (
+            not skeleton
             or skeleton[0] == _LF
             or skeleton[-1] == _LF
             or b"\n\n" in skeleton
@@ -401,7 +424,10 @@ class PolicyParser:
         it runs at NEED_DATA only a partial line is left to move, and each
         byte is moved at most once that way, so the copying stays linear.
         """
-        if self._line_start:
+        if self._line_start == len(self._buf):
+            self._buf.clear()
+            self._line_start = self._scan_pos = 0
+        elif self._line_start:
             del self._buf[: self._line_start]
             self._scan_pos -= self._line_start
             self._line_start = 0

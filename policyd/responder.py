@@ -8,6 +8,7 @@ request gets bytes to send, within the deadline.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -59,6 +60,24 @@ class Answer:
     checked: bool = True  # False for requests that are not RCPT (not logged)
     # The log line's part that depends only on the answer, built once for a memoised one.
     line: str = field(default="", compare=False, repr=False)
+    # The request counter's labels (action, kind), read per request without enum lookups.
+    counted: tuple[str, str] = field(init=False, compare=False, repr=False)
+    # A DEFER (or WARN) that rests on a greeting of known age, for the evidence-age histogram.
+    rests_on_a_greeting: bool = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        decision = self.decision
+        verdict = decision.verdict
+        object.__setattr__(self, "counted", _counted(verdict.action, verdict.kind))
+        object.__setattr__(
+            self, "rests_on_a_greeting", verdict.kind is Kind.PRIMARY_LIVE and not math.isnan(decision.confirmed_at)
+        )
+
+
+@functools.cache
+def _counted(action: Action, kind: Kind) -> tuple[str, str]:
+    """One shared label pair per action and kind: memoised answers do not each hold one."""
+    return (action.value, kind.value)
 
 
 _NOT_RCPT = Answer(DUNNO_REPLY, Policy.undecided(Kind.NOT_RCPT, "not an RCPT request"), checked=False)
@@ -70,9 +89,19 @@ def _middle(decision: Decision) -> str:
     return decisionlog.decision_middle(decision.domain, verdict.action.value, verdict.reason, decision.cache.value)
 
 
-def _memo_key(request: PolicyRequest) -> tuple[str, str]:
-    """Answers depend only on the recipient's domain part and the server address."""
-    return (request.recipient.rpartition("@")[2], request.server_address)
+def _memo_key(recipient: str, server_address: str) -> tuple[str, str] | None:
+    """The memo key of an RCPT, or None when its answer is never memoised.
+
+    An answer depends only on the recipient from its last ``@`` on and on
+    the server address.  The ``@`` is part of the key: a recipient without
+    one (``recipient=example.com``) has no domain to check and must not
+    share the answer for ``user@example.com``; it takes the long way, which
+    decides it as what it is.
+    """
+    at = recipient.rfind("@")
+    if at < 0:
+        return None
+    return (recipient[at:], server_address)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,8 +126,8 @@ class Responder:
         # Where decision lines go (see policyd.logsetup); without one (tests,
         # embedding) they are plain logging records.
         self.sink = sink
-        # Whole answers, keyed by the recipient's raw domain part and the
-        # server address, valid exactly as long as every cached input they
+        # Whole answers, keyed by the recipient from its last "@" on and the
+        # server address (see _memo_key), valid exactly as long as every cached input they
         # were computed from: the hot path then skips even the decision.
         self.answers: TTLCache[tuple[str, str], Answer] = TTLCache(config.cache_size)
         self.config = config
@@ -145,16 +174,20 @@ class Responder:
         caller's :func:`trio.current_time`, which it needs anyway: the clock
         is read once less per request.
         """
-        if not request.is_smtpd_rcpt:
-            return None
         try:
-            answer = self.answers.get(_memo_key(request), now)
+            fields = request.rcpt_fields()
+            if fields is None:
+                return None
+            key = _memo_key(fields[0], fields[1])
+            if key is None:
+                return None
+            answer = self.answers.get(key, now)
         except Exception:  # never let the shortcut fail a request: take the long way
             log.exception("internal error in the cached path")
             return None
         if answer is not None:
             end = trio.current_time()
-            self._finish(request, answer, end - now, end)
+            self._finish(request, answer, end - now, end, fields)
         return answer
 
     async def answer(self, request: PolicyRequest) -> Answer:
@@ -192,17 +225,22 @@ class Responder:
         ttl = decision.valid_until - trio.current_time()
         if ttl > 0:
             # Stored without what it was computed from: a memo must stay small.
-            small = Decision(decision.verdict, decision.domain, decision.cache, decision.valid_until, decision.confirmed_at)
-            self.answers.put(_memo_key(request), Answer(answer.reply, small, line=_middle(small)), ttl)
+            key = _memo_key(request.recipient, request.server_address)
+            if key is not None:
+                small = Decision(decision.verdict, decision.domain, decision.cache, decision.valid_until,
+                                 decision.confirmed_at)
+                self.answers.put(key, Answer(answer.reply, small, line=_middle(small)), ttl)
         return answer
 
-    def _finish(self, request: PolicyRequest, outcome: Answer, elapsed: float, now: float) -> None:
-        """Count and log one answered request (answered at ``now``)."""
-        decision = outcome.decision
-        verdict = decision.verdict
-        self.metrics.observe_request(verdict.action.value, verdict.kind.value, elapsed)
-        if verdict.kind is Kind.PRIMARY_LIVE and not math.isnan(decision.confirmed_at):
-            self.metrics.observe_defer_evidence(now - decision.confirmed_at)
+    def _finish(
+        self, request: PolicyRequest, outcome: Answer, elapsed: float, now: float,
+        fields: tuple[str, str, str] | None = None,
+    ) -> None:
+        """Count and log one answered request, answered at ``now`` (``fields``: its
+        :meth:`~PolicyRequest.rcpt_fields`, if read)."""
+        self.metrics.observe(outcome.counted, elapsed)
+        if outcome.rests_on_a_greeting:
+            self.metrics.observe_defer_evidence(now - outcome.decision.confirmed_at)
         if not outcome.checked:
             return
         sink = self.sink
@@ -211,7 +249,10 @@ class Responder:
                 log.info("%s", decisionlog.decision_line(request.queue_id, request.recipient, _middle(outcome.decision), elapsed))
         elif sink.decisions:
             middle = outcome.line or _middle(outcome.decision)
-            sink.decision(request.queue_id, request.recipient, middle, elapsed)
+            if fields is None:
+                sink.decision(request.queue_id, request.recipient, middle, elapsed)
+            else:
+                sink.decision(fields[2], fields[0], middle, elapsed)
 
     async def explain(self, recipient: str, server_address: str = "") -> Explanation:
         """Decide one RCPT as the server would, and say how."""

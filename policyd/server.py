@@ -50,6 +50,97 @@ _ACCEPT_IGNORED_ERRNOS = frozenset(
 ACCEPT_RETRY_S = 0.1
 
 
+class _StreamWire:
+    """Any trio stream (stdin and stdout under ``--stdio``): read and written through trio's API."""
+
+    __slots__ = ("stream",)
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+
+    async def receive(self) -> bytes | bytearray:
+        return await self.stream.receive_some(RECEIVE_BYTES)
+
+    def send_now(self, data: bytes) -> bytes | memoryview | None:
+        return data  # nothing goes without an await
+
+    async def send(self, data: bytes | memoryview) -> None:
+        await self.stream.send_all(data)
+
+
+class _SocketWire:
+    """A connected socket, read and written with one system call where trio's wrappers make several steps.
+
+    Postfix sends a request only after reading the previous reply, so when
+    a reply has just been sent the next request is not there yet: reading
+    first, as ``receive_some`` does, fails with EAGAIN (an exception) and
+    then waits anyway.  Here a read waits for readiness first, which is
+    also the connection's one checkpoint per request.  A reply fits the
+    socket buffer and is written at once, without the checkpoint (a task
+    switch) that ``send_all`` adds; only a peer that stops reading makes
+    a write wait, and that wait is a checkpoint.
+
+    Errors are trio's: :class:`trio.BrokenResourceError` for a failed
+    connection, :class:`trio.ClosedResourceError` for a closed socket, so
+    the connection loop treats both wires alike.
+    """
+
+    __slots__ = ("fd", "socket")
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self.socket = sock
+        self.fd = sock.fileno()
+
+    async def receive(self) -> bytes:
+        fd = self.fd
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            try:
+                return os.read(fd, RECEIVE_BYTES)
+            except BlockingIOError:
+                continue  # readiness without data (rare): wait again
+            except OSError as exc:
+                raise _stream_error(exc) from exc
+
+    def send_now(self, data: bytes) -> bytes | memoryview | None:
+        """Write what the socket takes now; None when all went, else the rest (for :meth:`send`)."""
+        try:
+            sent = os.write(self.fd, data)
+        except BlockingIOError:
+            return data
+        except OSError as exc:
+            raise _stream_error(exc) from exc
+        return None if sent == len(data) else memoryview(data)[sent:]
+
+    async def send(self, data: bytes | memoryview) -> None:
+        """Write all of ``data``, waiting while the peer does not read."""
+        fd = self.fd
+        while True:
+            await trio.lowlevel.wait_writable(fd)
+            try:
+                sent = os.write(fd, data)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                raise _stream_error(exc) from exc
+            if sent == len(data):
+                return
+            data = memoryview(data)[sent:]
+
+
+def _stream_error(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
+    """The stream error trio's SocketStream raises for the same failure."""
+    if exc.errno == errno.EBADF:
+        return trio.ClosedResourceError("this socket was already closed")
+    return trio.BrokenResourceError(f"socket connection broken: {exc}")
+
+
+def _wire(stream: trio.abc.Stream) -> _SocketWire | _StreamWire:
+    if isinstance(stream, trio.SocketStream):
+        return _SocketWire(stream.socket)
+    return _StreamWire(stream)
+
+
 async def handle_connection(
     stream: trio.abc.Stream, responder: Responder, watchdog: Watchdog, peer: str = ""
 ) -> None:
@@ -61,6 +152,7 @@ async def handle_connection(
     """
     metrics: Metrics = responder.metrics
     parser = PolicyParser()
+    wire = _wire(stream)
     metrics.connections_open += 1
     metrics.connections_total += 1
     request_deadline = math.inf
@@ -88,7 +180,7 @@ async def handle_connection(
                         idle = config.idle_timeout
                         deadline.at = now + idle if idle > 0 else math.inf
                         phase = "idle"
-                    parser.receive_data(await stream.receive_some(RECEIVE_BYTES))
+                    parser.receive_data(await wire.receive())
                     continue
                 request_deadline = math.inf
                 if request is CLOSED:
@@ -105,7 +197,9 @@ async def handle_connection(
                     answer = await responder.answer(request)
                     now = trio.current_time()
                 deadline.at = now + config.request_timeout
-                await stream.send_all(answer.reply)
+                rest = wire.send_now(answer.reply)
+                if rest is not None:
+                    await wire.send(rest)
         if deadline.expired:
             config = responder.config
             if phase == "request":

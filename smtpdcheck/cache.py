@@ -454,7 +454,11 @@ class SingleFlight(Generic[K, V]):
         entry.due = due
         if self._schedule.push(key, due):
             self._wake.set()
-        if len(self._schedule) > 2 * self.cache.max_entries + 64:
+        # Superseded and evicted keys' times stay in the heap until they
+        # come up; compacting once they are a quarter of the live ones
+        # keeps the heap's peak (and so the daemon's resident size) near
+        # the cache's own, for a linear rebuild every max_entries / 4 plans.
+        if len(self._schedule) > self.cache.max_entries + self.cache.max_entries // 4 + 64:
             self._schedule.compact((k, e.due) for k, e in self.cache.entries())
 
     async def _refresher(self) -> None:

@@ -22,7 +22,6 @@ applies them.
 from __future__ import annotations
 
 import heapq
-import itertools
 import math
 import random
 from collections.abc import Hashable, Iterable
@@ -116,10 +115,13 @@ class Schedule(Generic[K]):
     carries the time it was scheduled for, and the caller checks that the
     key is still due then (``entry.due == due``).  ``compact`` rebuilds the
     heap from the live times when stale items pile up.
+
+    Items are ``(due, key)`` pairs, with no insertion counter: there is one
+    item per cached entry, and a counter would be an int object each.  Keys
+    (names, addresses) compare, so equal times are ordered by key.
     """
 
-    _heap: list[tuple[float, int, K]] = field(default_factory=list)
-    _seq: itertools.count[int] = field(default_factory=itertools.count)
+    _heap: list[tuple[float, K]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self._heap)
@@ -127,7 +129,7 @@ class Schedule(Generic[K]):
     def push(self, key: K, due: float) -> bool:
         """Schedule ``key`` at ``due``; True when it is now the earliest (wake the runner)."""
         earliest = self._heap[0][0] if self._heap else math.inf
-        heapq.heappush(self._heap, (due, next(self._seq), key))
+        heapq.heappush(self._heap, (due, key))
         return due < earliest
 
     def next_due(self) -> float:
@@ -138,13 +140,13 @@ class Schedule(Generic[K]):
         out: list[tuple[K, float]] = []
         heap = self._heap
         while heap and heap[0][0] <= now:
-            due, _, key = heapq.heappop(heap)
+            due, key = heapq.heappop(heap)
             out.append((key, due))
         return out
 
     def compact(self, live: Iterable[tuple[K, float]]) -> None:
         """Keep only the given ``(key, due)`` pairs (finite times only)."""
-        self._heap = [(due, next(self._seq), key) for key, due in live if due < math.inf]
+        self._heap = [(due, key) for key, due in live if due < math.inf]
         heapq.heapify(self._heap)
 
 

@@ -18,6 +18,7 @@ import enum
 import ipaddress
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -401,7 +402,9 @@ class Resolver:
                 ignored.append(exchange.to_text())
                 continue
             if len(hosts) < self.max_mx_hosts:
-                hosts.append((pref, text))
+                # Interned: many cached domains name the same hosts (a
+                # hoster's MX), and each fresh answer parses its own copy.
+                hosts.append((pref, sys.intern(text)))
             else:
                 ignored.append(text)
         if not hosts:

@@ -265,3 +265,18 @@ async def test_cache_fast_path_falls_back_when_anything_is_missing(farm: Callabl
     assert second.winner is not None and not second.from_cache
     assert third.winner is not None and third.from_cache
     assert [g.connections for g in f.greeters] == [1, 1]
+
+
+async def test_mx_host_names_shared_by_domains_are_held_once(
+    dns_server: FakeDNSServer, make_core: Callable[..., Core]
+) -> None:
+    """A hoster's MX names serve many domains: cached MX lists of different
+    domains hold one copy of each name, not one per domain."""
+    for name in ("a.example", "b.example"):
+        dns_server.zone[(name, "MX")] = ["10 mx1.hoster.example.", "20 backup.hoster.example."]
+    core = make_core()
+    with trio.fail_after(5):
+        a, _ = await core.resolver.mx("a.example")
+        b, _ = await core.resolver.mx("b.example")
+    assert a.hosts == b.hosts == ((10, "mx1.hoster.example"), (20, "backup.hoster.example"))
+    assert all(x[1] is y[1] for x, y in zip(a.hosts, b.hosts))

@@ -365,3 +365,53 @@ async def test_peer_that_never_reads_replies_is_cut_off(policyd: RunningPolicyd,
     assert sent < 200_000
     assert policyd.responder.metrics.protocol_errors["timeout"] >= 1
     assert "reply not read within 1s" in caplog.text
+
+
+async def test_replies_to_a_slow_reader_arrive_whole_and_in_order(
+    nursery: trio.Nursery, dns_server: FakeDNSServer, farm: Callable[..., Farm]
+) -> None:
+    """Pipelined requests read back slowly through small TCP buffers, with
+    long replies: the server's socket takes only part of a reply at times,
+    and the rest must follow, before the next reply, without a byte lost or
+    repeated."""
+    from policyd.server import handle_connection, start_watchdog
+
+    f = await farm(Mode.OK, Mode.CODE_421)
+    dns_server.zone.update(backup_zone("up.example", "127.0.0.2"))
+    dns_server.zone.update(backup_zone("down.example", "127.0.0.3"))
+    config = policyd_config(dns_server.port, f.port, request_timeout=5.0, defer_text="x" * 380 + " {mx}")
+    policyd = await start_policyd(nursery, config)
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    ours = trio.socket.socket()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await ours.connect(listener.getsockname())
+    theirs, _ = await listener.accept()
+    listener.close()
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    nursery.start_soon(handle_connection, trio.SocketStream(theirs), policyd.responder, start_watchdog(nursery, policyd.responder))
+    stream = trio.SocketStream(ours)
+    count = 1000
+    # Two domains taking turns give two different replies, so a torn or lost one shows.
+    domains = ["up.example", "down.example"]
+    expected = [("DEFER_IF_PERMIT" if i % 2 == 0 else "DUNNO") for i in range(count)]
+    received = b""
+    with trio.fail_after(60):
+        for domain in domains:  # decided once, so the burst is answered from the memo
+            await policyd.ask(rcpt(f"warm@{domain}"))
+        async with stream, trio.open_nursery() as inner:
+
+            async def send() -> None:
+                for i in range(count):
+                    await stream.send_all(rcpt(f"u{i}@{domains[i % 2]}"))
+
+            inner.start_soon(send)
+            while received.count(b"\n\n") < count:
+                chunk = await stream.receive_some(1000)
+                assert chunk, "connection closed early"
+                received += chunk
+                await trio.sleep(0.0002)  # a slow reader, yet well within request_timeout
+    replies = [parse_reply(r + b"\n\n")[0] for r in received.split(b"\n\n")[:-1]]
+    assert replies == expected
+    assert policyd.responder.metrics.protocol_errors["timeout"] == 0

@@ -387,3 +387,20 @@ async def test_incomplete_request_still_counts_as_a_timeout(nursery: trio.Nurser
             assert await stream.receive_some(100) == b""
     assert metrics.protocol_errors["timeout"] == 1
     assert metrics.idle_closes == 0
+
+
+async def test_bare_domain_recipient_is_not_answered_from_a_memoised_address(
+    policyd: tuple[RunningPolicyd, Farm], caplog: pytest.LogCaptureFixture
+) -> None:
+    """``recipient=up.example`` has no domain part: it must not share the memo entry of ``u@up.example``."""
+    running, _ = policyd
+    caplog.set_level(logging.INFO, logger="smtpdcheck")
+    with trio.fail_after(5):
+        for _ in range(2):  # the second answer, from the core's caches, is memoised
+            assert (await running.ask(rcpt("u@up.example")))[0] == "DEFER_IF_PERMIT"
+        assert len(running.responder.answers) == 1
+        assert await running.ask(rcpt("up.example")) == ("DUNNO", "")
+        assert (await running.ask(rcpt("v@up.example")))[0] == "DEFER_IF_PERMIT"
+    lines = [r.getMessage() for r in caplog.records if "rcpt=" in r.getMessage()]
+    assert lines[2].startswith('NOQUEUE: rcpt=<up.example> domain=- action=DUNNO reason="no recipient domain" cache=')
+    assert "cache=hit" in lines[3]

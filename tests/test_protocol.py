@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable, Sequence
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from policyd.client import encode_request, parse_reply
@@ -658,6 +658,40 @@ def test_any_bytes_any_chunking_only_protocol_errors(
     assert result == outcome(data, [len(data) or 1], eof, limits)
 
 
+# Lines as Postfix writes them, and the near misses the whole-request
+# shortcut must leave to the line loop: a "=" in a value, an empty name, no
+# "=", CR, NUL, an empty line inside a block, a stray LF first.
+_PLAIN_LINES = st.sampled_from([b"name=value", b"recipient=u@example.com", b"k=", b"a=\xff\xfe", b"x" * 30 + b"=y"])
+_ODD_LINES = st.sampled_from([b"k==v", b"=v", b"=", b"novalue", b"", b"a=b\r", b"a=\rb", b"a=\x00"])
+_LINE_PIECES = st.one_of(_PLAIN_LINES, _PLAIN_LINES, _ODD_LINES)
+_REQUESTS = st.lists(st.lists(_LINE_PIECES, min_size=1, max_size=8).map(b"\n".join), min_size=1, max_size=3).map(
+    lambda blocks: b"".join(block + b"\n\n" for block in blocks)
+)
+
+
+# Limits near the sizes of these requests, so each is often just kept or just broken.
+_NEAR_LIMITS = st.one_of(
+    st.just({}),
+    st.fixed_dictionaries({"max_attributes": st.integers(1, 8)}),
+    st.fixed_dictionaries({"max_line_bytes": st.integers(8, 40)}),
+    st.fixed_dictionaries({"max_request_bytes": st.integers(20, 300)}),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@example(data=b"a=b\nc=d\n\n", limits={"max_attributes": 1})  # one line too many
+@example(data=b"a=b\nc=d\n\n", limits={"max_attributes": 2})  # just within
+@example(data=b"a=b\n=v\n\n", limits={})  # an empty name after the first line
+@example(data=b"a=b\n\n\n", limits={})  # a stray LF after the request
+@given(data=_REQUESTS | st.tuples(st.sampled_from([b"\n", b"\r\n", b"a=b\n"]), _REQUESTS).map(b"".join),
+       limits=_NEAR_LIMITS)
+def test_whole_request_shortcut_agrees_with_the_line_loop(data: bytes, limits: dict[str, int]) -> None:
+    """A read that ends with an empty line takes the whole-request shortcut;
+    the same bytes one at a time never do.  Both must give the same
+    requests, sizes and error, whatever the lines hold."""
+    assert outcome(data, [len(data)], False, limits) == outcome(data, [1], False, limits)
+
+
 # Surrogates cannot be told apart from raw bytes after surrogateescape, and a
 # value ending in CR would be read as a CRLF line end: encode_request refuses
 # both, so they are left out here.
@@ -706,6 +740,7 @@ _ACCESSORS = ("request", "protocol_state", "recipient", "sender", "queue_id", "s
 def _lookups(req: PolicyRequest, names: Iterable[str]) -> dict[str, str]:
     found = {name: getattr(req, name) for name in _ACCESSORS}
     found["is_smtpd_rcpt"] = str(req.is_smtpd_rcpt)
+    found["rcpt_fields"] = repr(req.rcpt_fields())
     found.update({f"get:{name}": req.get(name, "<missing>") for name in names})
     return found
 
@@ -733,6 +768,10 @@ def test_attribute_lookups_agree_with_the_mapping(data: bytes, extra: list[str])
         expected["protocol_state"] = expected["protocol_state"].upper()
         expected["is_smtpd_rcpt"] = str(
             expected["request"] == "smtpd_access_policy" and expected["protocol_state"] == "RCPT"
+        )
+        expected["rcpt_fields"] = repr(
+            (expected["recipient"], expected["server_address"], expected["queue_id"])
+            if expected["is_smtpd_rcpt"] == "True" else None
         )
         expected.update({f"get:{name}": mapping.get(name, "<missing>") for name in names})
         assert _lookups(lazy_req, names) == expected  # before the mapping exists
@@ -784,6 +823,39 @@ def test_request_built_from_a_mapping_answers_the_same() -> None:
 def test_is_smtpd_rcpt(wire: bytes, rcpt: bool) -> None:
     assert parse_one(wire).is_smtpd_rcpt is rcpt
     assert PolicyRequest(parse_one(wire).attrs).is_smtpd_rcpt is rcpt
+
+
+_RCPT_PAIRS = st.lists(
+    st.tuples(
+        st.sampled_from(["request", "protocol_state", "recipient", "server_address", "queue_id", "recipient_count",
+                         "xrecipient", "sender"]),
+        st.sampled_from(["", "RCPT", "rcpt", "smtpd_access_policy", "u@example.com", "127.0.0.1", "4F2A", "a=b"]),
+    ),
+    min_size=1,
+    max_size=10,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@example(pairs=[("request", "smtpd_access_policy"), ("protocol_state", "RCPT"), ("recipient", "u@example.com"),
+                ("server_address", "127.0.0.1"), ("queue_id", "4F2A"), ("recipient", "second@example.com"),
+                ("queue_id", "second")], head=False)
+@example(pairs=[("protocol_state", "rcpt"), ("request", "smtpd_access_policy")], head=False)
+@given(head=st.booleans(), pairs=_RCPT_PAIRS)
+def test_rcpt_fields_agree_with_the_mapping(pairs: list[tuple[str, str]], head: bool) -> None:
+    """``rcpt_fields()``, what a memoised answer reads of a request in one
+    call, is the first value of each of its three attributes, and None
+    unless the request is an smtpd RCPT, as the line-by-line mapping says."""
+    if head:
+        pairs = [("request", "smtpd_access_policy"), ("protocol_state", "RCPT"), *pairs]
+    wire = encode_request(pairs)
+    whole = requests_of(feed_all(PolicyParser(), [wire], eof=True))
+    [eager] = requests_of(feed_all(PolicyParser(), chunked(wire, [1]), eof=True))
+    mapping = dict(eager.attrs)
+    rcpt = (mapping.get("request") == "smtpd_access_policy" and mapping.get("protocol_state", "").upper() == "RCPT")
+    expected = (mapping.get("recipient", ""), mapping.get("server_address", ""), mapping.get("queue_id", "")) if rcpt else None
+    assert [r.rcpt_fields() for r in whole] == [expected]
+    assert eager.rcpt_fields() == expected
 
 
 # --- what the warning says when a connection is closed ----------------------

@@ -519,6 +519,24 @@ async def test_a_stale_mx_list_is_counted_by_the_cache_only_path_only_when_it_de
     assert all(stale == 0 for _, stale in dns.counted), dns.counted
 
 
+async def test_the_refresh_schedule_stays_near_the_cache_size_under_eviction(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A stream of new keys evicts old ones, whose planned refresh times stay
+    in the heap until they come up: they are compacted away once they are a
+    quarter of the cache size, so the heap (a resident-size cost) never
+    holds much more than the cache."""
+    origin = Origin()
+    origin.answers = ["v"]
+    f = flights(nursery, origin, size=400)
+    peak = 0
+    for i in range(4000):
+        await f.get(f"k{i}", origin.produce)
+        peak = max(peak, len(f._schedule))
+    assert len(f.cache) == 400
+    assert 400 <= peak <= 400 + 400 // 4 + 64
+
+
 async def test_running_since_tells_when_the_flight_under_way_started(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
