@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Final, Literal, get_args, get_type_hints
 
 from smtpdcheck import values
+from smtpdcheck.probe import GREETING_TIMEOUT_S, QUIT_GRACE_S
 from smtpdcheck.resolver import DNSConfigError, parse_nameserver
 from smtpdcheck.servers import is_valid_hostname, parse_address
 
@@ -42,12 +43,17 @@ class ConfigError(ValueError):
     """An option value that cannot be used; the message names the option."""
 
 
+class ConflictingOptions(ConfigError):
+    """Values each valid on their own that cannot work together; the message names every option involved."""
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
     socket_mode: int = 0o666
     stop: tuple[str, ...] = ()
     timeout: float = 5.0
+    greeting_timeout: float = GREETING_TIMEOUT_S
     dns_timeout: float = 2.0
     deadline: float = 8.0
     smtp_port: int = 25
@@ -261,7 +267,8 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option("listen", check_listen, "where to accept Postfix's connections: inet:IP:PORT, inet:[IPv6]:PORT or unix:/path (repeatable)", "ENDPOINT", True, restart=True),
     Option("socket_mode", _mode_bits, "file mode of unix sockets, in octal: 0660 on the command line; 0o660 or \"0660\" in the file (a bare TOML integer such as 660 is decimal, and refused)", "MODE", restart=True, file_types=(int, str)),
     Option("stop", _stop_value, "this host's names and addresses besides the request's server_address (repeatable); names are resolved at start-up and on every reload", "NAME|IP", True),
-    Option("timeout", _positive_seconds, "per-probe budget: waiting for a probe slot (--max-probes), connect and first greeting line", "SECONDS"),
+    Option("timeout", _positive_seconds, "how long a request waits for a probe: for a probe slot (--max-probes), the connect and the greeting's first line; a primary still silent then is reported down for now (later for one known to greet slower), and the probe goes on waiting up to --greeting-timeout", "SECONDS"),
+    Option("greeting_timeout", _positive_seconds, f"how long a probe waits for a primary's greeting at all (RFC 5321 asks for 5 minutes; primaries that delay it on purpose wait 5 to 30 s); a 220 after --timeout marks the primary up for the requests that follow; at least --timeout. After the first line the probe reads the rest of the greeting, says QUIT and reads the reply, for up to {QUIT_GRACE_S:g} s more, holding its --max-probes slot", "SECONDS"),
     Option("dns_timeout", _positive_seconds, "budget for one DNS lookup", "SECONDS", restart=True),
     Option("deadline", _positive_seconds, "every request is answered within this time; keep it below Postfix's policy timeout", "SECONDS"),
     Option("smtp_port", _port, "port probed on the MX hosts", "PORT"),
@@ -391,7 +398,29 @@ def _check_whole(config: Config, where: str) -> Config:
         raise ConfigError(f"{where}: listen: at least one endpoint is needed")
     if config.deadline <= 0:
         raise ConfigError(f"{where}: deadline must be more than 0")
+    _check_waits(config, where)
     return config
+
+
+def _check_waits(config: Config, where: str) -> None:
+    """Refuse budgets that cannot work together.
+
+    A request whose MX list is cached waits for one address lookup and one
+    probe: if those cannot both end before the deadline, every such
+    request would be cut short and answered with the failure action, so
+    the probe budget would be a number nobody gets.  A probe that may wait
+    for a greeting less long than a request waits for it is a typo.
+    """
+    waits = config.timeout + config.dns_timeout
+    if waits >= config.deadline:
+        raise ConflictingOptions(
+            f"{where}: --timeout {config.timeout:g} plus --dns-timeout {config.dns_timeout:g} ({waits:g}s) "
+            f"must be less than --deadline {config.deadline:g}: a lookup and a probe must fit in a request's deadline"
+        )
+    if config.greeting_timeout < config.timeout:
+        raise ConflictingOptions(
+            f"{where}: --greeting-timeout {config.greeting_timeout:g} must be at least --timeout {config.timeout:g}"
+        )
 
 
 def load_file(path: Path, base: Config | None = None) -> Config:

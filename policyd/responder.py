@@ -34,6 +34,7 @@ def core_settings(config: Config) -> CoreSettings:
         nameservers=config.nameservers,
         dns_timeout=config.dns_timeout,
         probe_timeout=config.timeout,
+        greeting_timeout=config.greeting_timeout,
         # A server's check is its lookup plus its probe.
         check_timeout=config.timeout + config.dns_timeout,
         smtp_port=config.smtp_port,
@@ -151,7 +152,10 @@ class Responder:
         self.policy = self._policy(config, stop)
         self.answers.clear()
         settings = core_settings(config)
-        self.core.prober.reconfigure(timeout=settings.probe_timeout, up_ttl=settings.up_ttl, down_ttl=settings.down_ttl)
+        self.core.prober.reconfigure(
+            timeout=settings.probe_timeout, greeting_timeout=config.greeting_timeout,
+            up_ttl=settings.up_ttl, down_ttl=settings.down_ttl,
+        )
         self.core.checker.port = settings.smtp_port
         self.core.checker.timeout = settings.check_timeout
 

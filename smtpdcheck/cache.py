@@ -351,6 +351,23 @@ class SingleFlight(Generic[K, V]):
         assert flight.value is not None
         return flight.value, Source.NETWORK
 
+    async def join(self, key: K) -> tuple[V, Source]:
+        """Wait for the flight now fetching ``key`` and return its value; :meth:`get` when none runs.
+
+        For a caller that knows the cached value is not to be used while
+        its refresh is young (an old "up" being confirmed): waiting on that
+        refresh is a use of the key like waiting on any flight.
+        """
+        flight = self._inflight.get(key)
+        if flight is None:
+            return await self.get(key)
+        self.cache.misses += 1
+        self.joined += 1
+        flight.waiters += 1
+        await flight.done.wait()
+        assert flight.value is not None
+        return flight.value, Source.NETWORK
+
     def _start(self, key: K, produce: Producer[V], *, refresh: bool, reason: str = "") -> _Flight[V]:
         flight: _Flight[V] = _Flight(refresh=refresh, started=self._clock())
         if refresh:
@@ -365,10 +382,15 @@ class SingleFlight(Generic[K, V]):
         return flight
 
     def _deliver(self, key: K, flight: _Flight[V], value: V, *, store: bool = True) -> None:
-        if flight.done.is_set():
-            return
         now = self._clock()
         old = self.cache.raw(key)
+        if flight.done.is_set():
+            # A producer that delivers again revises its own answer (a
+            # greeting after the probe reported silence): it replaces the
+            # cached value if that is still the one this flight delivered.
+            if store and old is not None and old.value is flight.value and key not in self._inflight:
+                self._store(key, flight, value, now, old)
+            return
         rules = self.rules
         if rules is not None and old is not None and self._is_failure(value) and not self._is_failure(old.value):
             keep_until = rules.keep_after_failure_until(old.expires, old.stale_until)
@@ -398,6 +420,11 @@ class SingleFlight(Generic[K, V]):
             return
         if old is None and not flight.waiters:
             return  # a refresh of an entry evicted meanwhile, that nobody waited for
+        self._store(key, flight, value, now, old)
+
+    def _store(self, key: K, flight: _Flight[V], value: V, now: float, old: Entry[V] | None) -> None:
+        """Cache what ``flight`` fetched, and plan the entry's next refresh."""
+        rules = self.rules
         ttl = self._ttl_of(value)
         failed = self._is_failure(value)
         stale_until = None if rules is None or failed else rules.stale_until(now + ttl)

@@ -36,6 +36,7 @@ class ServerReport:
     stale: bool = False  # a stale cached value was used (served while it is refreshed)
     available: bool = False
     timed_out: bool = False
+    elapsed: float = 0.0  # how long its check took (lookup and probes), as the requester waited
 
     def note(self, source: Source) -> None:
         self.cached = self.cached and source is not Source.NETWORK
@@ -254,6 +255,13 @@ class Checker:
 
             async def run(i: int) -> None:
                 report = reports[i]
+                began = trio.current_time()
+                try:
+                    await checked(i, report)
+                finally:
+                    report.elapsed = trio.current_time() - began
+
+            async def checked(i: int, report: ServerReport) -> None:
                 with trio.move_on_after(self._budget) as scope:
                     if board.matches[i] is None:
                         await self._lookup(report)
@@ -320,6 +328,7 @@ class Checker:
                 matches.append(False)
                 report.timed_out = True
             spent.append(trio.current_time() - t0)
+            report.elapsed = spent[-1]
             report.is_stop = matches[-1]
             if matches[-1]:
                 break
@@ -330,13 +339,17 @@ class Checker:
         for i, report in enumerate(reports):
             if not report.eligible:
                 continue
-            with trio.move_on_after(self._budget - spent[i]) as scope:
-                for address in report.addresses:
-                    result, source = await self.prober.probe(address, self.port, report.server.name)
-                    report.note(source)
-                    report.probes.append(result)
-                    if result.available:
-                        report.available = True
-                        return report.server
+            t0 = trio.current_time()
+            try:
+                with trio.move_on_after(self._budget - spent[i]) as scope:
+                    for address in report.addresses:
+                        result, source = await self.prober.probe(address, self.port, report.server.name)
+                        report.note(source)
+                        report.probes.append(result)
+                        if result.available:
+                            report.available = True
+                            return report.server
+            finally:
+                report.elapsed = spent[i] + trio.current_time() - t0
             report.timed_out = report.timed_out or scope.cancelled_caught
         return None

@@ -131,7 +131,9 @@ def format_report(result: CheckResult, out: TextIO) -> None:
         server = report.server
         label = f"{server.prio}:{server.name}" if server.prio is not None else server.name
         addrs = ",".join(str(a) for a in report.addresses) or "-"
-        ms = max((p.elapsed for p in report.probes), default=0.0) * 1000
+        # A server cut off by the timeout has no probe result to time: its
+        # own check's time is what the reader wants.
+        ms = max([report.elapsed, *(p.elapsed for p in report.probes)]) * 1000
         cache = " (cached)" if report.cached and report.probes else ""
         print(f"smtpdcheck: {label} [{addrs}] {report.summary()}{cache} {ms:.1f} ms", file=out)
 

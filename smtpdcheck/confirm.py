@@ -24,6 +24,7 @@ calls; :class:`smtpdcheck.probe.Prober` applies them.
 from __future__ import annotations
 
 import enum
+import math
 from typing import Final
 
 #: Added to twice the last greeting time to make the grace: scheduling and
@@ -39,6 +40,7 @@ class Belief(enum.Enum):
 
     FRESH = "fresh"  # not expired
     STALE = "stale"  # expired; its confirming probe is young: still believed
+    WAIT = "wait"  # too old to be believed, but a probe that may confirm it has just started: wait for it
     UNCONFIRMED = "unconfirmed"  # expired and not confirmed in time: not believed
 
 
@@ -47,26 +49,39 @@ def confirm_grace(greeting: float, timeout: float) -> float:
 
     ``greeting`` is how long the primary took to greet last time; the grace
     is twice that plus :data:`CONFIRM_MARGIN_S`, never more than the probe
-    ``timeout`` (0: no timeout).  A primary that greets in 20 ms gets 0.54 s.
+    ``timeout`` (how long a probe waits for a greeting at all; 0: no
+    limit).  A primary that greets in 20 ms gets 0.54 s.
     """
     grace = GREETING_FACTOR * max(greeting, 0.0) + CONFIRM_MARGIN_S
     return min(grace, timeout) if timeout > 0 else grace
 
 
-def believe_up(now: float, expires: float, probe_started: float | None, greeting: float, timeout: float) -> Belief:
-    """Whether a cached "up" that expires at ``expires`` is believed at ``now``.
+def believe_up(
+    now: float, expires: float, probe_started: float | None, greeting: float, timeout: float,
+) -> tuple[Belief, float]:
+    """Whether a cached "up" that expires at ``expires`` is believed at ``now``, and until when.
 
     Past expiry it is believed only while a confirming probe is running
     (``probe_started``, None when none is) and is young, and only within
     the same grace of expiry: a probe started late (by the first RCPT after
-    a pause) does not make an old "up" new.  So the greeting a DEFER rests
-    on is never older than the TTL plus the grace.
+    a pause) does not make an old "up" new, so the greeting a DEFER rests on
+    is never older than the TTL plus the grace.  Such a late probe is waited
+    for instead (WAIT), for as long as it is young: every request of a burst
+    after a lull then gets its answer, not just the first.
+
+    The time returned is when the answer changes without any new event:
+    the expiry for FRESH, the end of the grace for STALE and WAIT (a caller
+    waiting stops then and takes UNCONFIRMED); UNCONFIRMED holds until the
+    probe lands (``-inf``: nothing built on it may be kept).
     """
     if now < expires:
-        return Belief.FRESH
+        return Belief.FRESH, expires
     if probe_started is None:
-        return Belief.UNCONFIRMED
+        return Belief.UNCONFIRMED, -math.inf
     grace = confirm_grace(greeting, timeout)
-    if now - probe_started <= grace and now - expires <= grace:
-        return Belief.STALE
-    return Belief.UNCONFIRMED
+    young_until = probe_started + grace
+    if now > young_until:
+        return Belief.UNCONFIRMED, -math.inf
+    if now - expires <= grace:
+        return Belief.STALE, min(young_until, expires + grace)
+    return Belief.WAIT, young_until

@@ -29,7 +29,9 @@ class CoreSettings:
     """Everything the core is built from; the commands map their options onto it.
 
     ``check_timeout`` bounds one server's whole check (lookup, slot, connect,
-    greeting); ``probe_timeout`` one probe.  ``stop`` values are names or
+    greeting) as a request waits for it; ``probe_timeout`` how long a
+    request waits for one probe, ``greeting_timeout`` how long the probe
+    itself waits for a greeting (None: as long as ``probe_timeout``).  ``stop`` values are names or
     addresses; names are resolved when the core is opened, falling back to
     the system resolver (``/etc/hosts``) when no nameserver is configured.
     """
@@ -37,6 +39,7 @@ class CoreSettings:
     nameservers: Sequence[tuple[str, int]] = ()
     dns_timeout: float = DEFAULT_DNS_TIMEOUT_S
     probe_timeout: float = 10.0
+    greeting_timeout: float | None = None
     check_timeout: float = 10.0
     smtp_port: int = 25
     up_ttl: float = 10.0
@@ -76,11 +79,13 @@ class Core:
         return await resolve_stop(list(values), self.resolver, system_fallback=system_fallback)
 
     async def let_probes_finish(self) -> None:
-        """Give probes that have their verdict and are saying QUIT a moment to finish.
+        """Give probes that have their verdict and are saying QUIT time to finish.
 
-        A one-shot command calls this before it exits, so primaries do not
-        log lost connections.  They bound themselves (quit grace); probes
-        still waiting for a greeting are of no use any more and are abandoned.
+        A one-shot command calls this before it exits (its answer already
+        printed), so primaries log a client that left properly, not a lost
+        connection or a postscreen HANGUP.  They bound themselves (the
+        politeness budget, ``quit_grace``); probes still waiting for a
+        greeting are of no use any more and are abandoned.
         """
         with trio.move_on_after(self.prober.quit_grace):
             await self.prober.flights.wait_lingering()
@@ -114,6 +119,7 @@ def build_core(
     prober = Prober(
         nursery,
         timeout=settings.probe_timeout,
+        greeting_timeout=settings.greeting_timeout,
         up_ttl=settings.up_ttl,
         down_ttl=settings.down_ttl,
         max_entries=settings.cache_size,

@@ -20,14 +20,28 @@ from typing import Final, TypeAlias
 import trio
 
 from .cache import Producer, SingleFlight, Source, TTLCache
-from .confirm import Belief, believe_up
+from .confirm import Belief, believe_up, confirm_grace
 from .refresh import RefreshRules, background_slots
 from .greeting import MAX_GREETING_BYTES, GreetingError, GreetingReader
 from .servers import IPAddress
 
 log = logging.getLogger("smtpdcheck.probe")
 
-QUIT_GRACE_S: Final = 2.0
+#: The politeness budget: once a probe has its verdict (the greeting's first
+#: line), it may take this long to end the conversation as a client should:
+#: read the greeting to its last line, say QUIT, read the 221 and close.
+#: Postscreen sends a "220-" teaser at once and the last line only after its
+#: greet wait (6 s by default); a client that hangs up before it is logged
+#: as a HANGUP, which fail2ban's aggressive and ddos modes count towards a
+#: ban of this host.  The probe's slot is held until the conversation ends.
+QUIT_GRACE_S: Final = 15.0
+#: How long a probe waits for a greeting at all, from the connect (the
+#: daemon's --greeting-timeout).  RFC 5321 4.5.3.2 asks a client to wait
+#: 5 minutes; a primary that delays its greeting on purpose (exim's connect
+#: ACL ``delay``, sendmail's greet_pause) typically waits 5 to 30 s.  A probe
+#: that is still silent when a request may wait no longer (--timeout) is
+#: reported as a timeout then, and revised if the greeting comes after.
+GREETING_TIMEOUT_S: Final = 40.0
 
 #: No address is probed in the background more often than this, whatever
 #: --cache-up-ttl / --cache-down-ttl say.  Probes are not limited per use
@@ -119,39 +133,68 @@ async def probe_greeting(
     quit_grace: float = QUIT_GRACE_S,
     connect: Connect = trio.open_tcp_stream,
     deadline: float = math.inf,
+    silent_at: float = math.inf,
     name: str = "",
 ) -> None:
-    """Connect, read the first greeting line, deliver the verdict, then leave politely.
+    """Connect, read the first greeting line, deliver the verdict, then end the conversation properly.
 
-    The greeting must arrive within ``timeout`` (0 = no limit) and before
-    ``deadline`` (absolute trio time), whichever comes first.
+    The greeting's first line must arrive within ``timeout`` (0 = no limit)
+    and before ``deadline`` (absolute trio time), whichever comes first.
 
-    The verdict is delivered as soon as the first line is read; the task then
-    goes on (bounded by ``quit_grace`` and ``timeout``) to read the rest of a
-    multi-line greeting and say QUIT, so the primary does not log a lost
-    connection.  Nothing is ever sent before the greeting is complete.
+    The verdict is delivered as soon as the first line is read.  Then, with
+    nobody waiting on it, the task reads the rest of a multi-line greeting,
+    says QUIT and reads the reply, within ``quit_grace`` of the first line,
+    so the primary logs a client that left properly.  Nothing is ever sent
+    before the greeting is complete.
+
+    A probe still silent at ``silent_at`` (absolute trio time, before the
+    deadline) delivers TIMEOUT then, for the requests that cannot wait
+    longer, and keeps waiting: a 220 that comes later is delivered too, and
+    replaces the timeout.  Nothing else is delivered after it.
     """
     start = trio.current_time()
     host = str(address)
-    delivered = False
+    delivered: Outcome | None = None
 
     def finish(outcome: Outcome, detail: str = "") -> None:
         nonlocal delivered
-        if not delivered:
-            delivered = True
+        if delivered is None or (delivered is Outcome.TIMEOUT and outcome is Outcome.AVAILABLE):
+            delivered = outcome
             now = trio.current_time()
             deliver(ProbeResult(outcome, host, port, detail, now - start, name, at=now, since=now))
 
     if timeout > 0:
         deadline = min(deadline, start + timeout)
+
+    async def report_silence() -> None:
+        await trio.sleep_until(silent_at)
+        finish(Outcome.TIMEOUT, f"no greeting within {silent_at - start:g}s")
+
+    async with trio.open_nursery() as nursery:
+        if silent_at < deadline:
+            nursery.start_soon(report_silence)
+        await _converse(host, port, connect, deadline, quit_grace, finish)
+        nursery.cancel_scope.cancel()
+    finish(Outcome.TIMEOUT, f"no greeting within {deadline - start:g}s")
+
+
+async def _converse(
+    host: str, port: int, connect: Connect, deadline: float, quit_grace: float,
+    finish: Callable[[Outcome, str], None],
+) -> None:
+    """The conversation of :func:`probe_greeting`: returns having finished it, or at the deadline without a greeting."""
+    stream: trio.abc.Stream | None = None
     with trio.move_on_at(deadline):
         try:
             stream = await connect(host, port)
         except OSError as exc:
             finish(Outcome.CONNECT_FAILED, _os_error_text(exc))
             return
-        async with stream:
-            reader = GreetingReader()
+    if stream is None:
+        return
+    async with stream:
+        reader = GreetingReader()
+        with trio.move_on_at(deadline):
             try:
                 while reader.first is None:
                     data = await stream.receive_some(RECEIVE_CHUNK)
@@ -165,12 +208,16 @@ async def probe_greeting(
             except (trio.BrokenResourceError, OSError) as exc:
                 finish(Outcome.CLOSED, _os_error_text(exc))
                 return
-            first = reader.first
-            line = printable(f"{first.code}{'-' if first.continues else ' '}{first.text}")
-            finish(Outcome.AVAILABLE if first.available else Outcome.DECLINED, line)
-            with trio.move_on_after(quit_grace):
-                await _say_quit(stream, reader)
-    finish(Outcome.TIMEOUT, f"no greeting within {timeout:g}s")
+        first = reader.first
+        if first is None:
+            return  # the deadline passed in silence
+        line = printable(f"{first.code}{'-' if first.continues else ' '}{first.text}")
+        finish(Outcome.AVAILABLE if first.available else Outcome.DECLINED, line)
+        # The verdict is in: the rest is politeness, measured from the first
+        # line, not from the connect (a slow greeter answering just before
+        # the deadline still gets its QUIT).
+        with trio.move_on_after(quit_grace):
+            await _say_quit(stream, reader)
 
 
 async def _say_quit(stream: trio.abc.Stream, reader: GreetingReader) -> None:
@@ -196,29 +243,37 @@ async def _say_quit(stream: trio.abc.Stream, reader: GreetingReader) -> None:
         return
 
 
-def _grace(timeout: float) -> float:
-    """How long past expiry a probe result may be served while it is probed again."""
-    return timeout if timeout > 0 else QUIT_GRACE_S
-
-
 class Prober:
     """Probes with a shared result cache, single-flight and a global limit.
 
+    Two budgets, because a request and a primary see time differently: a
+    request may wait ``timeout`` for a probe's verdict (its RCPT is open
+    meanwhile), while a primary may take up to ``greeting_timeout`` to greet
+    (one that delays its greeting on purpose is up, not dead).
+
     Args:
         nursery: where probe flights run; it must outlive every caller.
-        timeout: the whole budget of one probe: waiting for a slot under
-            ``max_concurrent``, connecting, and reading the first greeting
-            line.  A probe that could not get a slot in time is "not
-            probed" (our limit, not the server's fault) and is not cached.
+        timeout: how long a request waits for a probe: for a probe slot
+            under ``max_concurrent`` (a probe that could not get one in time
+            is "not probed", our limit, not the server's fault, and is not
+            cached), and for the greeting, after which the probe reports a
+            timeout (later, for a primary known to greet slower: see
+            :func:`~smtpdcheck.confirm.confirm_grace`) and goes on waiting.
+        greeting_timeout: how long a probe waits for the greeting's first
+            line at all, from its start; a 220 that comes after ``timeout``
+            replaces the timeout in the cache.  At least ``timeout``.
         up_ttl / down_ttl: how long "available" / "not available" is believed.
-        max_concurrent: probes connecting at once, process-wide; background
-            probes (refreshes) may hold only
+        max_concurrent: probes open at once, process-wide, including those
+            ending their conversation (``quit_grace``); background probes
+            (refreshes) may hold only
             :func:`~smtpdcheck.refresh.background_slots` of them, the rest
             is kept for probes a request waits for.
+        quit_grace: the politeness budget (:data:`QUIT_GRACE_S`).
         connect: opens the connection (a seam for tests on virtual time).
         refresh_window: results used within this many seconds are probed
-            again before they expire, and served (up to ``timeout`` past
-            expiry) while that probe runs; 0 = neither.
+            again before they expire, and served (up to ``greeting_timeout``
+            past expiry, an "up" only as :func:`~smtpdcheck.confirm.believe_up`
+            says) while that probe runs; 0 = neither.
     """
 
     def __init__(
@@ -226,6 +281,7 @@ class Prober:
         nursery: trio.Nursery,
         *,
         timeout: float,
+        greeting_timeout: float | None = None,
         up_ttl: float = 10.0,
         down_ttl: float = 60.0,
         max_entries: int = 10_000,
@@ -235,11 +291,15 @@ class Prober:
         refresh_window: float = 0.0,
     ) -> None:
         self.timeout = timeout
+        self.greeting_timeout = timeout if greeting_timeout is None else greeting_timeout
         self.up_ttl = up_ttl
         self.down_ttl = down_ttl
         self.quit_grace = quit_grace
         self._connect = connect
         self.limiter = trio.CapacityLimiter(max_concurrent)
+        # Addresses whose probe reported silence and still waits for a
+        # greeting: a 220 may replace that result at any moment.
+        self._awaiting_greeting: set[tuple[str, int]] = set()
         # Background probes take a slot here first, then one of ``limiter``.
         self.background_limiter = trio.CapacityLimiter(background_slots(max_concurrent))
         self.outcomes: dict[Outcome, int] = dict.fromkeys(PROBE_OUTCOMES, 0)
@@ -251,20 +311,27 @@ class Prober:
             name="probe",
             produce_for=self._refetch,
             rules=RefreshRules(
-                window=refresh_window, stale_grace=_grace(timeout), retry_after=1.0, floor=PROBE_REFRESH_FLOOR_S,
+                window=refresh_window, stale_grace=self._stale_grace, retry_after=1.0, floor=PROBE_REFRESH_FLOOR_S,
             ),
             # Only "we could not probe" is a failure; a TTL of 0 means "do not keep".
             is_failure=lambda result: result.outcome in (Outcome.OVERLOADED, Outcome.ERROR),
             describe=lambda key: f"{key[0]}:{key[1]}",
         )
 
-    def reconfigure(self, *, timeout: float, up_ttl: float, down_ttl: float) -> None:
-        """New timeout and TTLs (a reload); the stale grace follows the timeout."""
+    @property
+    def _stale_grace(self) -> float:
+        """How long past expiry a result may be served while it is probed again: as long as that probe may run."""
+        budget = max(self.timeout, self.greeting_timeout)
+        return budget if budget > 0 else QUIT_GRACE_S
+
+    def reconfigure(self, *, timeout: float, greeting_timeout: float, up_ttl: float, down_ttl: float) -> None:
+        """New budgets and TTLs (a reload); the stale grace follows the budgets."""
         self.timeout = timeout
+        self.greeting_timeout = greeting_timeout
         self.up_ttl = up_ttl
         self.down_ttl = down_ttl
         if self.flights.rules is not None:
-            self.flights.rules = replace(self.flights.rules, stale_grace=_grace(timeout))
+            self.flights.rules = replace(self.flights.rules, stale_grace=self._stale_grace)
 
     def _ttl_of(self, result: ProbeResult) -> float:
         if result.outcome is Outcome.AVAILABLE:
@@ -279,9 +346,13 @@ class Prober:
         It holds until it expires or its refresh starts, whichever is first.
 
         An "up" whose confirming probe is overdue comes back UNCONFIRMED (it
-        expires at once: nothing built on it is reused).
+        expires at once: nothing built on it is reused); one whose probe is
+        young but which is too old to be believed meanwhile is None: the
+        caller waits for that probe (:meth:`probe`).
         """
-        return self._from_cache((str(address), port))
+        key = (str(address), port)
+        got, belief, _ = self._judge(key)
+        return None if belief is Belief.WAIT else got
 
     def count_cache_hits(self, n: int, stale: int = 0) -> None:
         self.flights.count_served(n, stale)
@@ -289,56 +360,66 @@ class Prober:
     async def probe(self, address: IPAddress, port: int, name: str = "") -> tuple[ProbeResult, Source]:
         """Return ``(result, where it came from)`` for one address; ``name`` is for the log.
 
-        Waits only when nothing usable is cached: an "up" that is no longer
-        believed is answered at once as UNCONFIRMED, not by waiting for the
-        probe that would settle it.
+        Waits only when nothing usable is cached, or when an old "up" is
+        being confirmed by a probe that is still young, and then only while
+        it is young: past that the "up" is answered as UNCONFIRMED, not by
+        waiting for the probe that would settle it.
         """
         key = (str(address), port)
-        got = self._from_cache(key)
+        got, belief, until = self._judge(key)
+        if belief is Belief.WAIT:
+            with trio.move_on_at(until):
+                return await self.flights.join(key)
+            got, belief, until = self._judge(key)
         if got is not None:
             self.flights.count_served(1, int(got[2] is Source.STALE))
             await trio.lowlevel.checkpoint()
             return got[0], got[2]
         return await self.flights.get(key, self._producer(key, name))
 
-    def _from_cache(self, key: tuple[str, int]) -> tuple[ProbeResult, float, Source] | None:
-        got = self.flights.cached(key)  # starts the confirming probe of an expired entry
-        doubt = self._doubted(key, self.flights.cache.clock())
-        if doubt is not None:
-            return doubt, -math.inf, Source.STALE
-        if got is None:
-            return None
-        result, expires, source = got
-        entry = self.flights.cache.raw(key)
-        # Its refresh may land a new state before it expires (a primary back
-        # up is seen a whole silent probe earlier): what is built on this
-        # result is not kept past the time that refresh starts, nor at all
-        # while it runs (it may land at any moment).
-        if self.flights.running_since(key) is not None:
-            return result, -math.inf, source
-        due = entry.due if entry is not None else expires
-        return result, min(expires, due), source
+    def _judge(self, key: tuple[str, int]) -> tuple[tuple[ProbeResult, float, Source] | None, Belief | None, float]:
+        """What the cache says of ``key`` now: a usable result (or None), and for an "up", the belief in it.
 
-    def _doubted(self, key: tuple[str, int], now: float) -> ProbeResult | None:
-        """An UNCONFIRMED stand-in for a cached "up" that is no longer believed, else None.
-
-        None also when the entry has expired for good with no probe under way
-        (unused for a while): the caller then probes and waits, as after any
-        expiry.
+        Reading the cache this way is a use: it starts the confirming probe
+        of an expired entry when the refresh rules allow.  The result's
+        time is until when anything built on it may be kept: its expiry or
+        the start of its refresh, whichever is first, and not at all while
+        that refresh runs (it may land a new state at any moment: a primary
+        back up is seen a whole silent probe earlier).
         """
+        got = self.flights.cached(key)
         entry = self.flights.cache.raw(key)
-        if entry is None or not entry.value.available or now < entry.expires:
-            return None
+        if entry is None or not entry.value.available:
+            if got is None:
+                return None, None, -math.inf
+            result, expires, source = got
+            due = entry.due if entry is not None else expires
+            busy = self.flights.running_since(key) is not None or key in self._awaiting_greeting
+            until = -math.inf if busy else min(expires, due)
+            return (result, until, source), None, until
+        now = self.flights.cache.clock()
         started = self.flights.running_since(key)
-        if started is None and now >= entry.stale_until:
-            return None
         up = entry.value
-        if believe_up(now, entry.expires, started, up.elapsed, self.timeout) is not Belief.UNCONFIRMED:
-            return None
-        return ProbeResult(
+        belief, until = believe_up(now, entry.expires, started, up.elapsed, self.greeting_timeout)
+        if belief is Belief.FRESH:
+            if got is None:
+                return None, belief, until
+            if started is not None:
+                return (up, -math.inf, got[2]), belief, -math.inf
+            return (up, min(entry.expires, entry.due), got[2]), belief, min(entry.expires, entry.due)
+        if belief is Belief.STALE and got is not None:
+            return (up, -math.inf, Source.STALE), belief, until
+        if belief in (Belief.STALE, Belief.WAIT):
+            # Believed, but not servable stale (refreshing is off), or too
+            # old to be believed while its probe is young: wait for that probe.
+            return None, Belief.WAIT, until
+        if started is None and now >= entry.stale_until:
+            return None, belief, -math.inf  # unused for a while: probe and wait, as after any expiry
+        doubt = ProbeResult(
             Outcome.UNCONFIRMED, up.address, up.port, f"last greeting {now - up.at:.1f}s ago",
             name=up.name, at=up.at, since=up.since,
         )
+        return (doubt, -math.inf, Source.STALE), belief, -math.inf
 
     def _refetch(self, key: tuple[str, int]) -> Producer[ProbeResult]:
         """A refresh probes for the MX host the cached result was probed for, in the background share."""
@@ -352,26 +433,37 @@ class Prober:
         async def produce(deliver: Callable[[ProbeResult], None]) -> None:
             def counted(result: ProbeResult) -> None:
                 self.outcomes[result.outcome] += 1
+                if result.outcome is Outcome.TIMEOUT:
+                    self._awaiting_greeting.add(key)
+                else:
+                    self._awaiting_greeting.discard(key)
                 deliver(self._note_change(key, name, result))
 
-            timeout = self.timeout
-            deadline = trio.current_time() + timeout if timeout > 0 else math.inf
+            start = trio.current_time()
+            waited = start + self.timeout if self.timeout > 0 else math.inf
             held: list[trio.CapacityLimiter] = []
             try:
-                with trio.move_on_at(deadline):
+                with trio.move_on_at(waited):
                     for limiter in limiters:
                         await limiter.acquire()
                         held.append(limiter)
                 if len(held) < len(limiters):
                     counted(ProbeResult(Outcome.OVERLOADED, address, port, "probe limit reached", name=name))
                     return
-                # The slot wait came out of the same budget: --timeout bounds
-                # the whole probe as the caller sees it.
+                # Silence is reported when a request can wait no longer, or
+                # later for a primary known to greet slower than that (its
+                # old "up" is believed meanwhile, see believe_up).  The slot
+                # wait came out of the same budgets.
+                entry = self.flights.cache.raw(key)
+                greeted = entry.value.elapsed if entry is not None and entry.value.available else 0.0
+                silent_at = max(waited, start + confirm_grace(greeted, self.greeting_timeout))
+                greeting = self.greeting_timeout
                 await probe_greeting(
-                    address, port, timeout, counted, quit_grace=self.quit_grace, connect=self._connect,
-                    deadline=deadline, name=name,
+                    address, port, 0.0, counted, quit_grace=self.quit_grace, connect=self._connect,
+                    deadline=start + greeting if greeting > 0 else math.inf, silent_at=silent_at, name=name,
                 )
             finally:
+                self._awaiting_greeting.discard(key)
                 for limiter in reversed(held):
                     limiter.release()
 

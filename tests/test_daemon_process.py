@@ -121,7 +121,7 @@ async def world(nursery: trio.Nursery, dns_server: FakeDNSServer, farm: Callable
     f = await farm(Mode.OK, Mode.CODE_421)
     dns_server.zone.update(backup_zone("up.example", "127.0.0.2"))
     dns_server.zone.update(backup_zone("down.example", "127.0.0.3"))
-    base = [*NO_SYSTEM_CONFIG, "--nameserver", nameserver_arg(dns_server), "--smtp-port", str(f.port), "--timeout", "1", "--deadline", "3"]
+    base = [*NO_SYSTEM_CONFIG, "--nameserver", nameserver_arg(dns_server), "--smtp-port", str(f.port), "--timeout", "1", "--dns-timeout", "1", "--deadline", "3"]
     return base, f
 
 
@@ -161,7 +161,7 @@ async def test_sigterm_finishes_request_in_flight(nursery: trio.Nursery, dns_ser
 
     dns_server.zone[("slowdns.example", "MX")] = Slow(1.0, ["10 mx1.slowdns.example.", "20 backup.slowdns.example."])
     daemon = await start_daemon(
-        nursery, ["--nameserver", nameserver_arg(dns_server), "--smtp-port", str(f.port), "--dns-timeout", "3", "--deadline", "4"]
+        nursery, ["--nameserver", nameserver_arg(dns_server), "--smtp-port", str(f.port), "--dns-timeout", "3", "--timeout", "0.5", "--deadline", "4"]
     )
     with trio.fail_after(15):
         stream = await trio.open_tcp_stream("127.0.0.1", daemon.port)

@@ -45,22 +45,31 @@ def test_confirm_grace_is_twice_the_last_greeting_plus_a_margin_capped_at_the_ti
 
 def test_an_up_is_fresh_then_believed_while_its_probe_is_young_then_unconfirmed() -> None:
     # Expires at 100; the last greeting took 20 ms, so its refresh started at 99.98; grace 0.54 s.
-    assert believe_up(99.99, 100.0, 99.98, 0.02, 5.0) is Belief.FRESH
-    assert believe_up(99.99, 100.0, None, 0.02, 5.0) is Belief.FRESH
-    assert believe_up(100.5, 100.0, 99.98, 0.02, 5.0) is Belief.STALE  # probe 0.52 s old
-    assert believe_up(100.53, 100.0, 99.98, 0.02, 5.0) is Belief.UNCONFIRMED  # 0.55 s: overdue
-    assert believe_up(104.0, 100.0, 99.98, 0.02, 5.0) is Belief.UNCONFIRMED
+    assert believe_up(99.99, 100.0, 99.98, 0.02, 5.0) == (Belief.FRESH, 100.0)
+    assert believe_up(99.99, 100.0, None, 0.02, 5.0) == (Belief.FRESH, 100.0)
+    # Probe 0.52 s old: believed until it is 0.54 s old.
+    assert believe_up(100.5, 100.0, 99.98, 0.02, 5.0) == (Belief.STALE, pytest.approx(100.52))
+    assert believe_up(100.53, 100.0, 99.98, 0.02, 5.0) == (Belief.UNCONFIRMED, -math.inf)  # 0.55 s: overdue
+    assert believe_up(104.0, 100.0, 99.98, 0.02, 5.0) == (Belief.UNCONFIRMED, -math.inf)
     # A slow greeter gets a longer grace: twice its 1 s greeting plus 0.5 s.
-    assert believe_up(101.4, 100.0, 99.0, 1.0, 5.0) is Belief.STALE
-    assert believe_up(101.6, 100.0, 99.0, 1.0, 5.0) is Belief.UNCONFIRMED
+    assert believe_up(101.4, 100.0, 99.0, 1.0, 5.0) == (Belief.STALE, pytest.approx(101.5))
+    assert believe_up(101.6, 100.0, 99.0, 1.0, 5.0)[0] is Belief.UNCONFIRMED
+    # One that greets after 20 s is believed while its confirming probe runs, up to the greeting timeout.
+    assert believe_up(130.0, 100.0, 95.0, 20.0, 40.0) == (Belief.STALE, 135.0)
+    assert believe_up(135.5, 100.0, 95.0, 20.0, 40.0)[0] is Belief.UNCONFIRMED
 
 
-def test_no_probe_or_a_late_one_confirms_nothing() -> None:
+def test_no_probe_confirms_nothing_and_a_late_one_is_waited_for_while_it_is_young() -> None:
     # Nothing under way (our own probe limit refused it): not believed past expiry at all.
-    assert believe_up(100.0, 100.0, None, 0.02, 5.0) is Belief.UNCONFIRMED
-    # A probe started late, by the first RCPT after a pause, does not make an old "up" new.
-    assert believe_up(100.3, 100.0, 100.3, 0.02, 5.0) is Belief.STALE
-    assert believe_up(103.0, 100.0, 103.0, 0.02, 5.0) is Belief.UNCONFIRMED
+    assert believe_up(100.0, 100.0, None, 0.02, 5.0) == (Belief.UNCONFIRMED, -math.inf)
+    # A probe started just after expiry: the old "up" is still within the grace of its expiry.
+    assert believe_up(100.3, 100.0, 100.3, 0.02, 5.0) == (Belief.STALE, pytest.approx(100.54))
+    # A probe started late, by the first RCPT after a pause, does not make an
+    # old "up" new: every caller of the burst waits for it while it is young...
+    assert believe_up(125.0, 100.0, 125.0, 0.02, 5.0) == (Belief.WAIT, pytest.approx(125.54))
+    assert believe_up(125.5, 100.0, 125.0, 0.02, 5.0) == (Belief.WAIT, pytest.approx(125.54))
+    # ... and no longer: then it is unconfirmed, like any overdue confirmation.
+    assert believe_up(125.55, 100.0, 125.0, 0.02, 5.0) == (Belief.UNCONFIRMED, -math.inf)
 
 
 # -- whole outages on virtual time, with the defaults -------------------------

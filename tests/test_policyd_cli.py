@@ -69,7 +69,7 @@ def test_unreadable_resolv_conf_is_named(tmp_path: Path) -> None:
 
 def test_check_says_which_nameservers_it_asked(files: SystemFiles) -> None:
     files.resolv_conf.write_text("nameserver 127.0.0.1\nnameserver ::1\n")
-    run = policyd(files, "--check", "user@example.invalid", "--dns-timeout", "0.2", "--deadline", "1")
+    run = policyd(files, "--check", "user@example.invalid", "--dns-timeout", "0.2", "--timeout", "0.5", "--deadline", "1")
     assert run.stdout.splitlines()[0] == f"nameservers 127.0.0.1:53, [::1]:53 (from {files.resolv_conf})", run
     run = policyd(files, "--check", "user@example.invalid", "--nameserver", "127.0.0.1:1", "--dns-timeout", "0.2")
     assert run.stdout.splitlines()[0] == "nameservers 127.0.0.1:1 (from --nameserver)", run
@@ -173,3 +173,28 @@ def test_bad_unix_socket_path_is_fatal_naming_it(files: SystemFiles, tmp_path: P
     run = policyd(files, *_ns(files), "--listen", f"unix:{path}")
     line = one_line(run)
     assert line == f"fatal: unix:{path}: {why.format(dir=path.parent)}"
+
+
+# -- budgets that cannot work together ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--timeout", "6"], "--timeout 6 plus --dns-timeout 2 (8s) must be less than --deadline 8"),
+        (["--deadline", "6", "--dns-timeout", "1.5"], "--timeout 5 plus --dns-timeout 1.5 (6.5s) must be less than --deadline 6"),
+        (["--greeting-timeout", "4"], "--greeting-timeout 4 must be at least --timeout 5"),
+    ],
+)
+def test_waits_that_cannot_fit_are_refused_in_one_line_naming_the_options(
+    files: SystemFiles, args: list[str], message: str,
+) -> None:
+    line = one_line(policyd(files, "--nameserver", "127.0.0.1", *LISTEN, *args))
+    assert message in line, line
+
+
+def test_waits_that_cannot_fit_are_refused_in_a_file_too(files: SystemFiles, tmp_path: Path) -> None:
+    config = tmp_path / "policyd.toml"
+    config.write_text("deadline = 4\n")
+    line = one_line(policyd(files, "--config", str(config), "--nameserver", "127.0.0.1", *LISTEN))
+    assert line.endswith("--timeout 5 plus --dns-timeout 2 (7s) must be less than --deadline 4: a lookup and a probe must fit in a request's deadline"), line

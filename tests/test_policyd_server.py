@@ -205,7 +205,7 @@ async def test_deadline_bounds_slow_dns(nursery: trio.Nursery, dns_server: FakeD
         ("mx1.slow.example", "A"): Slow(0.4, ["127.0.0.2"]),
         ("backup.slow.example", "A"): ["127.0.0.1"],
     })
-    config = policyd_config(dns_server.port, f.port, deadline=1.0, timeout=3.0, dns_timeout=1.0)
+    config = policyd_config(dns_server.port, f.port, deadline=1.0, timeout=0.5, dns_timeout=0.45)
     running = await start_policyd(nursery, config)
     start = trio.current_time()
     with trio.fail_after(3):

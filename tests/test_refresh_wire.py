@@ -314,7 +314,7 @@ async def test_shutdown_during_a_refresh_logs_no_failure(
     f = await farm(Mode.SILENT)
     greeter = f.greeters[0]
     dns_server.zone.update(backup_zone("stopping.example", f.host(0)))
-    config = policyd_config(dns_server.port, f.port, timeout=0.5, cache_down_ttl=1.0)
+    config = policyd_config(dns_server.port, f.port, timeout=0.5, greeting_timeout=0.5, cache_down_ttl=1.0)
     async with trio.open_nursery() as daemon:
         running = await start_policyd(daemon, config)
         with trio.fail_after(STEP):

@@ -49,7 +49,7 @@ async def test_reload_applies_dns_timeout_fully_or_not_at_all(
     service = Responder(config, build_core(nursery, core_settings(config)))
     assert service.core.checker.timeout == 5 + 2
 
-    path.write_text('nameserver = ["127.0.0.1:53"]\ndns_timeout = 7\ntimeout = 3\nmode = "warn"\n')
+    path.write_text('nameserver = ["127.0.0.1:53"]\ndns_timeout = 7\ntimeout = 3\ndeadline = 12\nmode = "warn"\n')
     with caplog.at_level(logging.INFO, logger="smtpdcheck"):
         await cli._reload(service, args, cli.SystemFiles())
 

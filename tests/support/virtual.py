@@ -38,6 +38,30 @@ class Peer:
     code: int = 220
     refuse: bool = False
     connect_after: float = 0.0
+    #: More than 0: the greeting is a "220-" line, then its last line this
+    #: much later (postscreen's teaser and greet wait).
+    last_line_after: float = 0.0
+
+
+@dataclass(slots=True)
+class Session:
+    """What one probe connection did, as a primary's log would tell it.
+
+    ``early`` is what the client sent before the greeting's last line
+    (postscreen: PREGREET); ``quit_at`` when it said QUIT; ``closed_at``
+    when it closed its side.  ``ended`` is "quit" for a client that said
+    QUIT after the whole greeting and read the reply, else "hangup".
+    """
+
+    opened: float
+    early: bytes = b""
+    last_line_at: float = math.nan
+    quit_at: float = math.nan
+    closed_at: float = math.nan
+
+    @property
+    def ended(self) -> str:
+        return "quit" if not self.early and self.quit_at >= self.last_line_at else "hangup"
 
 
 SILENT = Peer(greet_after=math.inf)
@@ -57,6 +81,8 @@ class VirtualNet:
         self.connections: Counter[str] = Counter()
         self.attempts: list[tuple[float, str]] = []
         """Every connection attempt: (virtual time, address), in order."""
+        self.sessions: list[tuple[str, Session]] = []
+        """Every connection made: (address, what happened on it), in order."""
 
     async def connect(self, host: str, port: int) -> trio.abc.Stream:
         peer = self.peers.get(host, REFUSING)
@@ -66,25 +92,44 @@ class VirtualNet:
         if peer.refuse:
             raise OSError(errno.ECONNREFUSED, "Connection refused")
         client, server = trio.testing.memory_stream_pair()
-        self._nursery.start_soon(self._serve, peer, server)
+        session = Session(trio.current_time())
+        self.sessions.append((host, session))
+        self._nursery.start_soon(self._serve, peer, server, session)
         return client
 
     @staticmethod
-    async def _serve(peer: Peer, stream: trio.abc.Stream) -> None:
+    async def _serve(peer: Peer, stream: trio.abc.Stream, session: Session) -> None:
         try:
             async with stream:
-                with trio.move_on_after(peer.greet_after):
-                    # Until the greeting is due, a closed client ends the peer.
-                    while await stream.receive_some(1024):
-                        pass
+                if not await _until(stream, peer.greet_after, session):
                     return
+                if peer.last_line_after > 0:
+                    await stream.send_all(f"{peer.code}-virtual.test ESMTP\r\n".encode())
+                    if not await _until(stream, peer.last_line_after, session):
+                        return
                 await stream.send_all(f"{peer.code} virtual.test ESMTP\r\n".encode())
+                session.last_line_at = trio.current_time()
                 while data := await stream.receive_some(1024):
                     if b"QUIT" in data:
+                        session.quit_at = trio.current_time()
                         await stream.send_all(b"221 bye\r\n")
-                        return
+                        break
+                # The client closes once it has the reply.
+                while await stream.receive_some(1024):
+                    pass
+                session.closed_at = trio.current_time()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return
+            session.closed_at = trio.current_time()
+
+
+async def _until(stream: trio.abc.Stream, wait: float, session: Session) -> bool:
+    """Wait ``wait`` seconds, noting what the client sends meanwhile; False if it closed."""
+    with trio.move_on_after(wait):
+        while data := await stream.receive_some(1024):
+            session.early += data
+        session.closed_at = trio.current_time()
+        return False
+    return True
 
 
 class VirtualDNS:
