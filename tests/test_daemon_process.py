@@ -24,8 +24,8 @@ import trio
 from policyd.client import parse_reply
 from tests.conftest import Farm
 from tests.policyd_helpers import rcpt, read_replies
-from tests.support.dnsserver import FakeDNSServer, nameserver_arg
-from tests.support.greeters import Mode, unused_port
+from testbeds.dnsserver import FakeDNSServer, nameserver_arg
+from testbeds.greeters import Mode, unused_port
 from tests.test_policyd_server import backup_zone
 
 PYTHON = sys.executable
@@ -157,7 +157,7 @@ async def test_sigterm_finishes_request_in_flight(nursery: trio.Nursery, dns_ser
     """A request being decided when SIGTERM arrives is still answered; then exit 0."""
     f = await farm(Mode.PAUSED_MULTILINE, pause=5.0)
     dns_server.zone.update(backup_zone("slowdns.example", "127.0.0.2"))
-    from tests.support.dnsserver import Slow
+    from testbeds.dnsserver import Slow
 
     dns_server.zone[("slowdns.example", "MX")] = Slow(1.0, ["10 mx1.slowdns.example.", "20 backup.slowdns.example."])
     daemon = await start_daemon(
@@ -302,7 +302,7 @@ async def test_start_up_errors_exit_2(tmp_path: Path, world: tuple[list[str], Fa
 
 
 async def test_check_exits_2_when_it_cannot_decide(world: tuple[list[str], Farm], dns_server: FakeDNSServer) -> None:
-    from tests.support.dnsserver import Behavior
+    from testbeds.dnsserver import Behavior
 
     base, _ = world
     dns_server.zone[("broken.example", "MX")] = Behavior.SERVFAIL

@@ -26,8 +26,8 @@ from smtpdcheck.resolver import MAX_MX_HOSTS, MXKind
 from smtpdcheck.servers import is_valid_hostname, parse_servers
 from smtpdcheck.stoprule import StopSet
 from tests.conftest import Core, Farm, zone_with_hosts
-from tests.support.dnsserver import Behavior, FakeDNSServer, Slow, Zone
-from tests.support.greeters import Greeter, Mode
+from testbeds.dnsserver import Behavior, FakeDNSServer, Slow, Zone
+from testbeds.greeters import Greeter, Mode
 
 STOP_NONE = StopSet()
 QUIT_GRACE = 0.5  # what make_core gives its Prober

@@ -16,7 +16,7 @@ import pytest
 
 from policyd.cli import SystemFiles
 from smtpdcheck import release
-from tests.support.greeters import unused_port
+from testbeds.greeters import unused_port
 
 ROOT = Path(__file__).resolve().parent.parent
 LISTEN = ["--listen", f"inet:127.0.0.1:{unused_port()}"]

@@ -17,8 +17,8 @@ from policyd.listeners import ListenError, open_listeners
 from policyd.client import parse_reply
 from tests.conftest import Farm, zone_with_hosts
 from tests.policyd_helpers import RunningPolicyd, policyd_config, rcpt, read_replies, start_policyd
-from tests.support.dnsserver import Behavior, FakeDNSServer, Slow
-from tests.support.greeters import Mode
+from testbeds.dnsserver import Behavior, FakeDNSServer, Slow
+from testbeds.greeters import Mode
 
 
 def backup_zone(domain: str, primary_ip: str, *, backup_ip: str = "127.0.0.1") -> dict:

@@ -301,7 +301,7 @@ async def test_shutdown_drain_waits_for_the_request_being_decided_and_no_longer(
     """wait_drained returns the instant the last request in flight is answered."""
     from policyd.config import Config
     from policyd.responder import Responder
-    from tests.support.postfix_request import POSTFIX_37_RCPT_ATTRS
+    from testbeds.postfix_request import POSTFIX_37_RCPT_ATTRS
     from policyd.request import PolicyRequest
 
     dns = VirtualDNS()
