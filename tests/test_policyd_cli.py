@@ -173,3 +173,16 @@ def test_bad_unix_socket_path_is_fatal_naming_it(files: SystemFiles, tmp_path: P
     run = policyd(files, *_ns(files), "--listen", f"unix:{path}")
     line = one_line(run)
     assert line == f"fatal: unix:{path}: {why.format(dir=path.parent)}"
+
+
+# -- values that are accepted only if they can work ----------------------------
+
+
+def test_a_cache_up_ttl_below_the_probe_refresh_floor_is_refused_in_one_line(files: SystemFiles, tmp_path: Path) -> None:
+    """0.5 s expired before a probe could confirm it: half the RCPTs to a live primary got DUNNO."""
+    line = one_line(policyd(files, *LISTEN, "--cache-up-ttl", "0.5"))
+    assert line == "smtpdcheck-policyd: --cache-up-ttl: must be 0, or 1 or more: '0.5'"
+    config = tmp_path / "p.toml"
+    config.write_text("cache_up_ttl = 0.999\n")
+    line = one_line(policyd(files, *LISTEN, "--config", str(config)))
+    assert line == f"smtpdcheck-policyd: {config}: cache_up_ttl: must be 0, or 1 or more: 0.999"
