@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -406,3 +407,16 @@ async def test_unix_socket_on_a_read_only_file_system(tmp_path: Path) -> None:
         assert await _listen_error(path) == f"unix:{path}: read-only file system ({mount})"
     finally:
         subprocess.run(["umount", str(mount)], check=True)
+
+
+async def test_listeners_open_all_or_none_and_remove_the_socket_files_they_made(tmp_path: Path) -> None:
+    """A half-started daemon is worse than none: no listener and no socket file is left."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    path = tmp_path / "policy.sock"
+    with taken:
+        endpoint = f"inet:127.0.0.1:{taken.getsockname()[1]}"
+        with pytest.raises(ListenError, match=f"^{endpoint}: "):
+            await open_listeners((f"unix:{path}", endpoint), socket_mode=0o660)
+    assert not path.exists()
