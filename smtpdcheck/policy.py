@@ -1,4 +1,4 @@
-"""The decision for one recipient domain, in one place.
+"""The decision for one recipient domain: every step, in order.
 
 The algorithm, as the policy server runs it on every RCPT and as
 ``smtpdcheck --mx`` and ``smtpdcheck-policyd --check`` explain it:

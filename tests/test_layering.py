@@ -74,3 +74,12 @@ def test_the_reader_sees_imports_at_any_depth(tmp_path: Path) -> None:
         "from .. import parent\n"
     )
     assert imported_trees(module, "policyd.sub") == {"os", "tests", "bench", "policyd"}
+
+
+def test_the_package_docstring_names_every_module() -> None:
+    """smtpdcheck/__init__.py is the map of the core: a module it omits is one nobody finds."""
+    import smtpdcheck
+
+    assert smtpdcheck.__doc__ is not None
+    modules = {path.stem for path in (ROOT / "smtpdcheck").glob("*.py")} - {"__init__"}
+    assert {m for m in modules if f":mod:`smtpdcheck.{m}`" not in smtpdcheck.__doc__} == set()

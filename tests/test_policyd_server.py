@@ -338,26 +338,6 @@ async def test_ipv6_listener(nursery: trio.Nursery, dns_server: FakeDNSServer, f
     assert action == "DEFER_IF_PERMIT"
 
 
-async def test_answer_memo_lives_exactly_as_long_as_its_inputs(
-    nursery: trio.Nursery, dns_server: FakeDNSServer, farm: Callable[..., Farm]
-) -> None:
-    f = await farm(Mode.OK)
-    dns_server.zone.update(backup_zone("up.example", "127.0.0.2"))
-    running = await start_policyd(nursery, policyd_config(dns_server.port, f.port, cache_up_ttl=1.2))
-    with trio.fail_after(10):
-        stream = await running.connect()
-        async with stream:
-            for i in range(5):
-                assert (await running.ask(rcpt(f"u{i}@up.example"), stream))[0] == "DEFER_IF_PERMIT"
-            assert running.responder.answers.hits == 3  # 1st: probe, 2nd: built from caches, then memo
-            await trio.sleep(1.4)  # the probe result (and so the memo) has expired
-            assert (await running.ask(rcpt("late@up.example"), stream))[0] == "DEFER_IF_PERMIT"
-            assert f.greeters[0].connections == 2
-            # A reload's new policy applies at once, memo or not.
-            running.responder.reconfigure(replace(running.responder.config, mode="warn"), running.responder.core.stop)
-            assert (await running.ask(rcpt("after@up.example"), stream))[0] == "WARN"
-
-
 async def test_idle_close_is_not_a_protocol_error(
     nursery: trio.Nursery, dns_server: FakeDNSServer, farm: Callable[..., Farm], caplog: pytest.LogCaptureFixture
 ) -> None:

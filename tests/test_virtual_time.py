@@ -352,3 +352,46 @@ async def test_a_primary_going_down_is_seen_within_ttl_plus_timeout_and_nobody_w
     assert {c for t, _, c in seen if 10.5 < t < first_down} == {"stale"}  # expired, served while refreshing
     assert {c for t, _, c in seen if t <= 10.4 or t > first_down} == {"hit"}
     assert net.connections["127.0.0.2"] == 2  # one probe per TTL, no more
+
+
+@pytest.mark.parametrize("refresh_window", [0.0, 600.0])
+async def test_answer_memo_lives_until_its_first_input_expires_or_is_refreshed_and_no_longer(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, refresh_window: float
+) -> None:
+    """A memoised answer is served until the first cached input it was built
+    from expires -- here the probe's "up", the shortest -- or, with refresh
+    ahead, until that input's refresh is due, whichever is first; never later."""
+    from dataclasses import replace
+
+    from policyd.config import Config
+    from policyd.request import PolicyRequest
+    from policyd.responder import Responder, core_settings
+    from testbeds.postfix_request import POSTFIX_37_RCPT_ATTRS
+
+    dns = VirtualDNS()
+    backup_world(dns)  # MX list 300 s, addresses 200 s and 100 s
+    config = Config(cache_up_ttl=10.0, refresh_window=refresh_window)
+    net = VirtualNet(nursery, {"127.0.0.2": Peer(greet_after=0.1)})
+    service = Responder(config, build_core(nursery, core_settings(config), connect=net.connect, lookups=dns))
+
+    def rcpt(local: str) -> PolicyRequest:
+        return PolicyRequest({**POSTFIX_37_RCPT_ATTRS, "recipient": f"{local}@d.test", "server_address": "192.0.2.25"})
+
+    assert (await service.answer(rcpt("first"))).decision.verdict.action is Action.DEFER_IF_PERMIT  # probes
+    assert service.answer_now(rcpt("second"), trio.current_time()) is None  # nothing memoised yet
+    assert (await service.answer(rcpt("second"))).decision.cache is Cache.HIT  # from caches: memoised
+    probe = service.core.prober.flights.cache.raw(("127.0.0.2", 25))
+    assert probe is not None
+    ends = min(probe.expires, probe.due)
+    assert ends <= probe.expires < trio.current_time() + 10.0 + 1e-9
+    [(_, memo)] = service.answers.entries()
+    assert memo.expires == ends
+
+    await trio.sleep_until(ends - 0.001)
+    assert service.answer_now(rcpt("before"), trio.current_time()) is not None
+    await trio.sleep_until(ends)
+    assert service.answer_now(rcpt("after"), trio.current_time()) is None
+    # A reload's new policy applies at once, memo or not.
+    assert (await service.answer(rcpt("again"))).reply.startswith(b"action=DEFER_IF_PERMIT ")
+    service.reconfigure(replace(config, mode="warn"), service.core.stop)
+    assert (await service.answer(rcpt("warned"))).reply.startswith(b"action=WARN ")
