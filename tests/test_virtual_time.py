@@ -395,3 +395,36 @@ async def test_answer_memo_lives_until_its_first_input_expires_or_is_refreshed_a
     assert (await service.answer(rcpt("again"))).reply.startswith(b"action=DEFER_IF_PERMIT ")
     service.reconfigure(replace(config, mode="warn"), service.core.stop)
     assert (await service.answer(rcpt("warned"))).reply.startswith(b"action=WARN ")
+
+
+@pytest.mark.parametrize(("trickle", "outcome", "ends"), [
+    (0.5, Outcome.TIMEOUT, 1.0),  # the line would take 11 s: the probe gives up at its timeout
+    (0.01, Outcome.AVAILABLE, 0.01 * (len(Peer().greeting) - 1)),  # the last byte, then up
+])
+async def test_a_trickled_greeting_is_read_until_the_probe_timeout_and_no_longer(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, trickle: float, outcome: Outcome, ends: float
+) -> None:
+    net = VirtualNet(nursery, {"127.0.0.2": Peer(trickle=trickle)})
+    core = build_core(nursery, CoreSettings(probe_timeout=1.0, check_timeout=2.0), connect=net.connect, lookups=VirtualDNS())
+    start = trio.current_time()
+    result = await core.checker.check(parse_servers(["127.0.0.2"]), NO_STOP)
+    assert trio.current_time() - start == pytest.approx(ends)
+    assert [p.outcome for p in result.reports[0].probes] == [outcome]
+
+
+async def test_lookups_of_a_nameserver_that_never_answers_end_at_the_dns_timeout(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The resolver's budget is a trio timer: against a socket that takes queries
+    and never answers, nothing else can wake the loop, so virtual time is exact."""
+    with trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM) as silent:
+        await silent.bind(("127.0.0.1", 0))
+        resolver = build_core(nursery, CoreSettings(nameservers=[silent.getsockname()], dns_timeout=0.5)).resolver
+        start = trio.current_time()
+        mx, _ = await resolver.mx("hang.test")
+        assert trio.current_time() - start == pytest.approx(0.5)
+        assert mx.kind is MXKind.FAILURE and mx.error == "timeout"
+        start = trio.current_time()
+        lookup, _ = await resolver.addresses("hang.test")
+        assert trio.current_time() - start == pytest.approx(0.5)
+        assert lookup.addresses == () and lookup.error == "timeout"

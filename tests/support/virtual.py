@@ -31,13 +31,20 @@ class Peer:
     """How one SMTP address behaves: greet ``code`` after ``greet_after`` seconds.
 
     ``greet_after=math.inf`` is a peer that accepts and never greets;
-    ``refuse=True`` refuses the connection after ``connect_after`` seconds.
+    ``refuse=True`` refuses the connection after ``connect_after`` seconds;
+    ``trickle`` > 0 sends the greeting one byte at a time, that many seconds
+    apart (the first at once).
     """
 
     greet_after: float = 0.0
     code: int = 220
     refuse: bool = False
     connect_after: float = 0.0
+    trickle: float = 0.0
+
+    @property
+    def greeting(self) -> bytes:
+        return f"{self.code} virtual.test ESMTP\r\n".encode()
 
 
 SILENT = Peer(greet_after=math.inf)
@@ -78,7 +85,13 @@ class VirtualNet:
                     while await stream.receive_some(1024):
                         pass
                     return
-                await stream.send_all(f"{peer.code} virtual.test ESMTP\r\n".encode())
+                if peer.trickle > 0:
+                    for i, byte in enumerate(peer.greeting):
+                        if i:
+                            await trio.sleep(peer.trickle)
+                        await stream.send_all(bytes([byte]))
+                else:
+                    await stream.send_all(peer.greeting)
                 while data := await stream.receive_some(1024):
                     if b"QUIT" in data:
                         await stream.send_all(b"221 bye\r\n")
