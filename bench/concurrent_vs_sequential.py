@@ -33,8 +33,8 @@ from smtpdcheck.core import CoreSettings, open_core
 from smtpdcheck.servers import Server, parse_server
 from smtpdcheck.stoprule import StopSet
 
-from tests.support.dnsserver import FakeDNSServer
-from tests.support.greeters import Farm, Greeter, Mode, start_farm
+from testbeds.dnsserver import FakeDNSServer
+from testbeds.greeters import Farm, Greeter, Mode, start_farm
 
 from .procs import LOOPBACK
 from .report import BenchResult, Check, Table, fmt_ms, fmt_ratio

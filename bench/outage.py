@@ -9,7 +9,7 @@ costs the primary in probes, and how much background DNS work names asked
 once cause.
 
 In one run, against the previous release and this tree side by side (each
-daemon with its own fake DNS server and greeters from ``tests/support``):
+daemon with its own fake DNS server and greeters from ``testbeds``):
 
 * outage: two domains, one RCPT every 250 ms each on its own Postfix-like
   connection; after a warm-up both primaries go down at the same instant,
@@ -38,8 +38,8 @@ from typing import Any, Final
 
 import trio
 
-from tests.support.dnsserver import Behavior, FakeDNSServer, Zone
-from tests.support.greeters import Farm, Mode, start_farm
+from testbeds.dnsserver import Behavior, FakeDNSServer, Zone
+from testbeds.greeters import Farm, Mode, start_farm
 
 from .previous import PREVIOUS_RELEASE, THIS, Release, ReleaseUnavailable
 from .procs import LOOPBACK, Child, free_port, start_daemon

@@ -4,7 +4,7 @@ The daemon is the real ``smtpdcheck-policyd`` command in its own process,
 configured only through its command line (``--nameserver`` pointing at the
 fake DNS, ``--smtp-port`` at the greeter's port), so what is measured is
 what an administrator would run.  The fakes are the test suite's own
-(``tests/support``), the DNS server in its fast mode; they live in the
+(``testbeds``), the DNS server in its fast mode; they live in the
 benchmark process, whose trio loop keeps serving them while the load
 generator (a third process) runs, and they stop with ``lifetime`` at the
 latest.
@@ -20,8 +20,8 @@ from typing import Any
 import trio
 
 from smtpdcheck.compat import TaskStatus
-from tests.support.dnsserver import FakeDNSServer, backup_mx_zone
-from tests.support.greeters import Farm, Greeter, Mode, start_farm
+from testbeds.dnsserver import FakeDNSServer, backup_mx_zone
+from testbeds.greeters import Farm, Greeter, Mode, start_farm
 
 from .previous import THIS, Release
 from .procs import LOOPBACK, Child, start_daemon

@@ -10,7 +10,7 @@ domain's first RCPT nothing should wait on the network.
 
 Two real ``smtpdcheck-policyd`` processes run side by side for the same
 time, each against its own DNS server and greeters (the doubles of
-``tests/support``): one with ``--refresh-window 0`` (the baseline: no
+``testbeds``): one with ``--refresh-window 0`` (the baseline: no
 background refresh, no stale answers) and one with the defaults.  Both get
 ``--cache-up-ttl 3 --cache-down-ttl 3 --timeout 2`` and three domains:
 
@@ -38,8 +38,8 @@ from typing import Any, Final
 
 import trio
 
-from tests.support.dnsserver import FakeDNSServer, Slow, Zone
-from tests.support.greeters import Greeter, Mode, unused_port
+from testbeds.dnsserver import FakeDNSServer, Slow, Zone
+from testbeds.greeters import Greeter, Mode, unused_port
 
 from .procs import Child, start_daemon
 from .report import BenchResult, Check, Table, fmt_ratio

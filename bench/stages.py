@@ -215,9 +215,10 @@ def _logic_stages(wire: bytes, responder: Responder, sink: decisionlog.LineSink,
         # line the queue id and the recipient again.
         parse = _measure(noop, lambda: (request.is_smtpd_rcpt, request.queue_id, request.recipient), overhead)
         memo = _measure(noop, lambda: responder.answers.get(_key(request), now), overhead)
+        # The previous release's Metrics, which counted through observe_request.
         verdict = answer.decision.verdict
-        metrics = _measure(noop, lambda: responder.metrics.observe_request(verdict.action.value, verdict.kind.value,
-                                                                           0.0000123), overhead)
+        observe_request = getattr(responder.metrics, "observe_request")
+        metrics = _measure(noop, lambda: observe_request(verdict.action.value, verdict.kind.value, 0.0000123), overhead)
     middle = answer.line
     queue_id, recipient = request.queue_id, request.recipient
     count = 0

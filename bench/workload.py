@@ -1,7 +1,7 @@
 """What the load generator sends: Postfix 3.7 RCPT requests, built fast.
 
 The request is the full 29-attribute one a Debian 12 Postfix (3.7.11)
-sends (``tests/support/postfix_request.py``, shared with the tests),
+sends (``testbeds/postfix_request.py``, shared with the tests),
 because parse cost grows with the attribute count and a benchmark with a
 three-line request would flatter the parser.  It is encoded once with the
 project's own :func:`policyd.client.encode_request` and then only the
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Final
 
 from policyd.client import encode_request
-from tests.support.postfix_request import POSTFIX_37_RCPT_PAIRS
+from testbeds.postfix_request import POSTFIX_37_RCPT_PAIRS
 
 _MARK: Final = "\x01RCPT\x01"
 

@@ -6,9 +6,10 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 import textwrap
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NoReturn
@@ -17,7 +18,7 @@ import trio
 
 from smtpdcheck import release
 from smtpdcheck.compat import STRICT_EXCEPTION_GROUPS
-from smtpdcheck.core import CoreSettings, open_core
+from smtpdcheck.core import Core, CoreSettings, open_core
 from smtpdcheck.resolver import RESOLV_CONF, DNSConfigError
 from smtpdcheck.servers import parse_address
 from smtpdcheck.stophost import StopHostError
@@ -70,7 +71,8 @@ EPILOG = (
 ) + textwrap.fill(
     "signals: SIGHUP re-reads the configuration file; these options keep their running values "
     f"until a restart ({', '.join(cfg.RESTART_ONLY)}).  SIGTERM and SIGINT stop accepting, let "
-    "requests in progress finish for a few seconds, and exit 0.",
+    "requests in progress finish for a few seconds, and exit 0.  A signal that arrives during "
+    "start-up is held until the daemon serves, then acted on.",
     width=76,
 ) + "\n"
 
@@ -157,57 +159,87 @@ async def _resolve_stop(config: cfg.Config, responder: Responder) -> StopSet:
 
 
 async def run_daemon(config: cfg.Config, args: argparse.Namespace, files: SystemFiles) -> int:
-    inherited = systemd.inherited_sockets()
-    try:
-        async with open_core(settings_of(config, files)) as core:
-            responder = Responder(config, core, sink=current_sink())
-            try:
-                if inherited:
-                    listeners = systemd.listeners_from(inherited)
-                else:
-                    listeners = await open_listeners(config.listen, socket_mode=config.socket_mode)
-                if config.metrics:
-                    registry = make_registry(responder)
-                    metric_listeners = await open_listeners((config.metrics,), socket_mode=0o600)
-            except (ListenError, MetricsUnavailable) as exc:
-                log.critical("%s", exc)
-                return 2
-            async with trio.open_nursery() as nursery:
-                if responder.sink is not None:
-                    nursery.start_soon(responder.sink.run)
-                if config.metrics:
-                    await nursery.start(serve_metrics, metric_listeners, registry)
-                    log.info("metrics on %s", ", ".join(endpoint_of(l) for l in metric_listeners))
-                server = PolicyServer(listeners, responder, max_connections=config.max_connections)
-                await nursery.start(server.serve)
-                how = " (socket activation)" if inherited else ""
-                log.info("listening on %s%s", ", ".join(endpoint_of(l) for l in listeners), how)
-                systemd.notify("READY=1")
-                await _serve_signals(responder, server, args, files)
-                config = responder.config
-                nursery.cancel_scope.cancel()
-    except (StopHostError, DNSConfigError) as exc:
-        log.critical("%s", exc)
-        return 2
-    for path in [] if inherited else unix_paths(config.listen):
+    """Serve until SIGTERM or SIGINT; 2 after a ``fatal:`` line.
+
+    The signal receiver is installed first, before anything that can take
+    time (a ``--stop`` name's lookup, binding): a signal that arrives during
+    start-up is held and acted on once the daemon serves, instead of
+    killing it with the default action of SIGHUP.
+    """
+    with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
         try:
-            os.unlink(path)
-        except OSError:
-            pass
+            inherited = systemd.inherited_sockets()
+            async with open_core(settings_of(config, files)) as core:
+                # Caught in here: raised through the core's nursery, they would come out in a group.
+                try:
+                    await _listen_and_serve(config, core, inherited, signals, args, files)
+                except (ListenError, MetricsUnavailable) as exc:
+                    log.critical("%s", exc)
+                    return 2
+        except (StopHostError, DNSConfigError, ListenError) as exc:
+            log.critical("%s", exc)
+            return 2
     return 0
 
 
-async def _serve_signals(responder: Responder, server: PolicyServer, args: argparse.Namespace, files: SystemFiles) -> None:
-    """SIGHUP reloads; SIGTERM and SIGINT drain and return."""
-    with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            if signum == signal.SIGHUP:
-                await _reload(responder, args, files)
-                continue
-            log.info("stopping on %s", signal.Signals(signum).name)
-            systemd.notify("STOPPING=1")
-            await server.shutdown(SHUTDOWN_GRACE_S)
-            return
+async def _listen_and_serve(
+    config: cfg.Config, core: Core, inherited: list[socket.socket], signals: AsyncIterator[int],
+    args: argparse.Namespace, files: SystemFiles,
+) -> None:
+    """Listen, serve, and on every way out close the listeners and remove the socket files this run made."""
+    responder = Responder(config, core, sink=current_sink())
+    if inherited:
+        listeners = systemd.listeners_from(inherited)
+    else:
+        listeners = await open_listeners(config.listen, socket_mode=config.socket_mode)
+    made = [] if inherited else unix_paths(config.listen)
+    try:
+        await _serve(config, responder, listeners, inherited, signals, args, files)
+    finally:
+        for listener in listeners:
+            listener.socket.close()
+        for path in made:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+async def _serve(
+    config: cfg.Config, responder: Responder, listeners: list[trio.SocketListener], inherited: list[socket.socket],
+    signals: AsyncIterator[int], args: argparse.Namespace, files: SystemFiles,
+) -> None:
+    """Open the metrics listener, serve, and return when a signal says stop."""
+    if config.metrics:
+        registry = make_registry(responder)
+        metric_listeners = await open_listeners((config.metrics,), socket_mode=0o600)
+    async with trio.open_nursery() as nursery:
+        if responder.sink is not None:
+            nursery.start_soon(responder.sink.run)
+        if config.metrics:
+            await nursery.start(serve_metrics, metric_listeners, registry)
+            log.info("metrics on %s", ", ".join(endpoint_of(l) for l in metric_listeners))
+        server = PolicyServer(listeners, responder, max_connections=config.max_connections)
+        await nursery.start(server.serve)
+        how = " (socket activation)" if inherited else ""
+        log.info("listening on %s%s", ", ".join(endpoint_of(l) for l in listeners), how)
+        systemd.notify("READY=1")
+        await _serve_signals(responder, server, signals, args, files)
+        nursery.cancel_scope.cancel()
+
+
+async def _serve_signals(
+    responder: Responder, server: PolicyServer, signals: AsyncIterator[int], args: argparse.Namespace, files: SystemFiles
+) -> None:
+    """SIGHUP reloads; SIGTERM and SIGINT drain and return (those held during start-up first)."""
+    async for signum in signals:
+        if signum == signal.SIGHUP:
+            await _reload(responder, args, files)
+            continue
+        log.info("stopping on %s", signal.Signals(signum).name)
+        systemd.notify("STOPPING=1")
+        await server.shutdown(SHUTDOWN_GRACE_S)
+        return
 
 
 async def run_stdio(config: cfg.Config, files: SystemFiles) -> int:

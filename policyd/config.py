@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Final, Literal, get_args, get_type_hints
 
 from smtpdcheck import values
-from smtpdcheck.probe import GREETING_TIMEOUT_S, QUIT_GRACE_S
+from smtpdcheck.probe import GREETING_TIMEOUT_S, PROBE_REFRESH_FLOOR_S, QUIT_GRACE_S
 from smtpdcheck.resolver import DNSConfigError, parse_nameserver
 from smtpdcheck.servers import is_valid_hostname, parse_address
 
@@ -129,6 +129,10 @@ _seconds = Number(values.seconds, values.ZERO_OR_MORE)
 _positive_seconds = Number(values.seconds, values.MORE_THAN_ZERO)
 _port = Number(values.port, values.PORTS)
 _count = Number(values.whole, values.ONE_OR_MORE)
+# An "up" is confirmed by a probe at most once per PROBE_REFRESH_FLOOR_S; a
+# shorter TTL expires before its confirmation can come, and RCPTs to a live
+# primary would get DUNNO ("unconfirmed").  0 still means "not cached".
+_up_ttl = Number(values.seconds, values.Range(PROBE_REFRESH_FLOOR_S, or_zero=True))
 
 
 def _mode_bits(value: object) -> int:
@@ -273,10 +277,10 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option("deadline", _positive_seconds, "every request is answered within this time; keep it below Postfix's policy timeout", "SECONDS"),
     Option("smtp_port", _port, "port probed on the MX hosts", "PORT"),
     Option("nameserver", _nameserver, "DNS server to ask, IP[:PORT] (repeatable)", "IP[:PORT]", True, restart=True, default_doc="the nameservers of /etc/resolv.conf"),
-    Option("mode", _choice(Mode), "enforce: answer DEFER_IF_PERMIT; warn: answer WARN with the same text (Postfix logs and accepts)", "MODE"),
+    Option("mode", _choice(Mode), "enforce: answer DEFER_IF_PERMIT; warn: answer WARN with the same text wherever enforce would defer, a failure action of DEFER_IF_PERMIT included (Postfix logs and accepts: nothing is deferred)", "MODE"),
     Option("defer_text", _defer_text, "reply text when deferring; {mx} is the live MX, {domain} the recipient domain", "TEMPLATE"),
-    Option("failure_action", _choice(FailureAction), "answer when DNS fails, the deadline passes or anything breaks (DUNNO: fail-open)", "ACTION"),
-    Option("cache_up_ttl", _seconds, "how long an MX address that greeted with 220 is believed up; one in use is probed again this often, and past expiry its 'up' is believed only while that probe is young (twice the last greeting time plus 0.5 s, at most --timeout), then the RCPT gets DUNNO (reason unconfirmed) until the probe ends", "SECONDS"),
+    Option("failure_action", _choice(FailureAction), "answer when DNS fails, the deadline passes or anything breaks (DUNNO: fail-open); in --mode warn, DEFER_IF_PERMIT is answered as WARN with the same text", "ACTION"),
+    Option("cache_up_ttl", _up_ttl, "how long an MX address that greeted with 220 is believed up; one in use is probed again this often, and past expiry its 'up' is believed only while that probe is young (twice the last greeting time plus 0.5 s, at most --timeout), then the RCPT gets DUNNO (reason unconfirmed) until the probe ends; 0 = not cached: every RCPT waits for a probe", "SECONDS"),
     Option("cache_down_ttl", _seconds, "how long an MX address that failed is believed down", "SECONDS"),
     Option("dns_max_ttl", _seconds, "cap on how long a DNS answer is reused (its own TTL otherwise)", "SECONDS", restart=True),
     Option("dns_negative_ttl", _seconds, "cap on how long NXDOMAIN / no-records answers are reused", "SECONDS", restart=True),

@@ -17,7 +17,6 @@ from typing import Final
 import trio
 
 
-
 class ListenError(OSError):
     """An endpoint that cannot be listened on; the message says why."""
 
@@ -102,12 +101,18 @@ async def open_unix_listener(path: str, mode: int, backlog: int = 128) -> trio.S
 
 
 async def open_listeners(endpoints: tuple[str, ...], *, socket_mode: int) -> list[trio.SocketListener]:
-    """Open every endpoint or none: a half-started daemon is worse than none."""
+    """Open every endpoint or none: a half-started daemon is worse than none.
+
+    When one fails, those already open are closed and the socket files made
+    for them removed.
+    """
     opened: list[trio.SocketListener] = []
+    made: list[str] = []
     try:
         for endpoint in endpoints:
             if endpoint.startswith("unix:"):
                 opened.append(await open_unix_listener(endpoint[5:], socket_mode))
+                made.append(endpoint[5:])
                 continue
             host, port = split_inet(endpoint)  # validated by policyd.config
             try:
@@ -117,6 +122,11 @@ async def open_listeners(endpoints: tuple[str, ...], *, socket_mode: int) -> lis
     except BaseException:
         for listener in opened:
             await trio.aclose_forcefully(listener)
+        for path in made:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
         raise
     return opened
 

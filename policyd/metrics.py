@@ -37,9 +37,6 @@ class Metrics:
     idle_closes: int = 0
     accept_errors: int = 0
 
-    def observe_request(self, action: str, kind: str, seconds: float) -> None:
-        self.observe((action, kind), seconds)
-
     def observe(self, labels: tuple[str, str], seconds: float) -> None:
         """Count one request with its (action, kind) labels and its latency."""
         self.requests[labels] += 1

@@ -128,8 +128,10 @@ class Responder:
         # embedding) they are plain logging records.
         self.sink = sink
         # Whole answers, keyed by the recipient from its last "@" on and the
-        # server address (see _memo_key), valid exactly as long as every cached input they
-        # were computed from: the hot path then skips even the decision.
+        # server address (see _memo_key), valid until the first cached input
+        # they were computed from expires or is due for its background
+        # refresh, never longer (an answer that fetched anything is not
+        # kept): the hot path then skips even the decision.
         self.answers: TTLCache[tuple[str, str], Answer] = TTLCache(config.cache_size)
         self.config = config
         self.policy = self._policy(config, core.stop)

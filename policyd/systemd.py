@@ -9,6 +9,7 @@ processes do not mistake them for their own.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 from collections.abc import MutableMapping
@@ -16,11 +17,17 @@ from typing import Final
 
 import trio
 
+from .listeners import ListenError
+
 SD_LISTEN_FDS_START: Final = 3
 
 
 def inherited_sockets(environ: MutableMapping[str, str] | None = None) -> list[socket.socket]:
-    """Listening sockets passed by systemd socket activation, or []."""
+    """Listening sockets passed by systemd socket activation, or [].
+
+    Raises:
+        ListenError: a passed descriptor is not a socket (or not open).
+    """
     env = os.environ if environ is None else environ
     pid = env.get("LISTEN_PID", "")
     count = env.get("LISTEN_FDS", "")
@@ -32,14 +39,32 @@ def inherited_sockets(environ: MutableMapping[str, str] | None = None) -> list[s
         return []
     sockets = []
     for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count)):
-        os.set_inheritable(fd, False)
-        sockets.append(socket.socket(fileno=fd))
+        try:
+            os.set_inheritable(fd, False)
+            sockets.append(socket.socket(fileno=fd))
+        except OSError as exc:
+            for sock in sockets:
+                sock.close()
+            raise ListenError(exc.errno or errno.EBADF, f"socket activation: descriptor {fd}: {exc.strerror or exc}") from None
     return sockets
 
 
 def listeners_from(sockets: list[socket.socket]) -> list[trio.SocketListener]:
+    """Listeners for the passed sockets, which must be listening stream sockets.
+
+    A unit that passes a datagram socket (``ListenDatagram=``) or a
+    connection (``Accept=yes``) is a configuration error to report, not
+    something to serve.
+
+    Raises:
+        ListenError: a socket is not a listening stream socket.
+    """
     result = []
     for sock in sockets:
+        if sock.type != socket.SOCK_STREAM:
+            raise ListenError(errno.ESOCKTNOSUPPORT, f"socket activation: descriptor {sock.fileno()} is not a stream socket (want ListenStream=)")
+        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise ListenError(errno.EINVAL, f"socket activation: descriptor {sock.fileno()} is not listening (want Accept=no)")
         sock.setblocking(False)
         result.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
     return result

@@ -12,7 +12,13 @@ one module per concept; import from them directly:
 * :mod:`smtpdcheck.servers`, :mod:`smtpdcheck.stoprule`, :mod:`smtpdcheck.stophost`:
   server lists, the stop rule and this host's identity;
 * :mod:`smtpdcheck.cache`: TTL caches with single-flight;
-* :mod:`smtpdcheck.values`: option values shared by both commands.
+* :mod:`smtpdcheck.refresh`: when cached entries are refreshed ahead of expiry,
+  and how long a stale one may be served;
+* :mod:`smtpdcheck.confirm`: how long a cached "up" is believed past its TTL;
+* :mod:`smtpdcheck.values`: option values shared by both commands;
+* :mod:`smtpdcheck.cli`: the ``smtpdcheck`` command;
+* :mod:`smtpdcheck.release`: the version, from the installed metadata;
+* :mod:`smtpdcheck.compat`: what the oldest supported trio and dnspython need.
 
 The version is the distribution's (``importlib.metadata.version("smtpdcheck")``),
 set once in ``pyproject.toml``.

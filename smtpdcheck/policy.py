@@ -1,4 +1,4 @@
-"""The decision for one recipient domain, in one place.
+"""The decision for one recipient domain: every step, in order.
 
 The algorithm, as the policy server runs it on every RCPT and as
 ``smtpdcheck --mx`` and ``smtpdcheck-policyd --check`` explain it:
@@ -243,7 +243,8 @@ class Policy:
             (0 or inf = no limit); what is still running then is abandoned
             and the failure action answered.
         failure_action: the answer when no decision can be made.
-        warn_only: answer ``WARN`` instead of ``DEFER_IF_PERMIT`` (shadow mode).
+        warn_only: answer ``WARN`` instead of ``DEFER_IF_PERMIT`` (shadow mode),
+            for a live primary and for the failure action alike.
         sequential: probe one server after another (``smtpdcheck --sequential``).
     """
 
@@ -277,8 +278,16 @@ class Policy:
         return stop
 
     def failure(self, kind: Kind, reason: str, domain: str = "") -> Decision:
-        """The failure action, for DNS failures, the deadline and bugs."""
-        return Decision(Verdict(self.failure_action, kind, reason), domain)
+        """The failure action, for DNS failures, the deadline and bugs.
+
+        In shadow mode (``warn_only``) a failure action of ``DEFER_IF_PERMIT``
+        comes out as ``WARN``, as a live primary does: while the policy is
+        being tried, nothing is ever deferred.
+        """
+        action = self.failure_action
+        if self.warn_only and action is Action.DEFER_IF_PERMIT:
+            action = Action.WARN
+        return Decision(Verdict(action, kind, reason), domain)
 
     @staticmethod
     def undecided(kind: Kind, reason: str, domain: str = "") -> Decision:

@@ -23,21 +23,30 @@ class BadValueError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Range:
-    """Where a number may lie: from ``low`` (excluded when ``open``) up to ``high``."""
+    """Where a number may lie: from ``low`` (excluded when ``open``) up to ``high``.
+
+    ``or_zero`` admits 0 as well, below ``low``: for options where 0 means
+    "off" but a small value other than 0 cannot work.
+    """
 
     low: float
     open: bool = False
     high: float | None = None
+    or_zero: bool = False
 
     def __contains__(self, number: float) -> bool:
+        if self.or_zero and number == 0:
+            return True
         above = number > self.low if self.open else number >= self.low
         return above and (self.high is None or number <= self.high)
 
     def __str__(self) -> str:
         low = _number_text(self.low)
         if self.high is not None:
-            return f"{low} to {_number_text(self.high)}"
-        return f"more than {low}" if self.open else f"{low} or more"
+            words = f"{low} to {_number_text(self.high)}"
+        else:
+            words = f"more than {low}" if self.open else f"{low} or more"
+        return f"0, or {words}" if self.or_zero else words
 
 
 def _number_text(number: float) -> str:

@@ -20,8 +20,8 @@ import trio
 
 from smtpdcheck.compat import STRICT_EXCEPTION_GROUPS
 from smtpdcheck.core import Core, CoreSettings, build_core
-from tests.support.dnsserver import FakeDNSServer, Zone
-from tests.support.greeters import Farm, Mode, start_farm
+from testbeds.dnsserver import FakeDNSServer, Zone
+from testbeds.greeters import Farm, Mode, start_farm
 from tests.support.pytest_postfix import postfix_factory as _postfix_factory
 
 IN_CI = os.environ.get("CI") == "true"

@@ -20,7 +20,7 @@ from pathlib import Path
 import trio
 
 from policyd.config import OPTIONS, Config
-from tests.support.greeters import unused_port
+from testbeds.greeters import unused_port
 
 BINDIR_ENV = "SMTPDCHECK_BINDIR"
 

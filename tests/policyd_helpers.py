@@ -14,7 +14,7 @@ from policyd.server import PolicyServer
 from policyd.responder import Responder, core_settings
 from smtpdcheck.core import build_core
 from smtpdcheck.stoprule import StopSet
-from tests.support.postfix_request import POSTFIX_37_RCPT_ATTRS
+from testbeds.postfix_request import POSTFIX_37_RCPT_ATTRS
 
 #: The request Postfix 3.7 sends at RCPT; tests vary the recipient and more.
 BASE_REQUEST: Mapping[str, str] = POSTFIX_37_RCPT_ATTRS

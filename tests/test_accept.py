@@ -17,7 +17,7 @@ from policyd.responder import Responder, core_settings
 from smtpdcheck.core import build_core
 from policyd.watchdog import Watchdog
 from smtpdcheck.stoprule import StopSet
-from tests.support.postfix_request import POSTFIX_37_RCPT_ATTRS
+from testbeds.postfix_request import POSTFIX_37_RCPT_ATTRS
 
 
 class CountingListener:

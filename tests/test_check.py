@@ -12,8 +12,8 @@ from smtpdcheck.probe import Outcome
 from smtpdcheck.servers import parse_servers
 from smtpdcheck.stoprule import StopSet
 from tests.conftest import Core, Farm, zone_with_hosts
-from tests.support.dnsserver import Behavior, FakeDNSServer
-from tests.support.greeters import Mode
+from testbeds.dnsserver import Behavior, FakeDNSServer
+from testbeds.greeters import Mode
 
 STOP_NONE = StopSet()
 

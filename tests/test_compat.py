@@ -22,14 +22,51 @@ from smtpdcheck.core import CoreSettings, build_core
 from smtpdcheck.resolver import DNSConfigError, MXKind
 
 
-async def test_trio_tests_run_with_strict_exception_groups() -> None:
-    # trio < 0.25 would raise the bare ValueError from a nursery's only task.
+async def _only_task_fails() -> str:
+    """What a nursery whose only task fails raises: the group, or (trio < 0.25 by default) the bare error."""
     async def fail() -> None:
         raise ValueError("only task")
 
-    with pytest.RaisesGroup(ValueError):
+    try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(fail)
+    except ValueError:
+        return "bare"
+    except BaseExceptionGroup:
+        return "group"
+    return "nothing"
+
+
+async def test_trio_tests_run_with_strict_exception_groups() -> None:
+    # trio < 0.25 would raise the bare ValueError from a nursery's only task.
+    assert await _only_task_fails() == "group"
+
+
+@pytest.mark.parametrize("argv", [
+    ["smtpdcheck", "--timeout", "1", "127.0.0.1"],
+    ["smtpdcheck-policyd", "--config", "", "--nameserver", "127.0.0.1:9", "--check", "user@example.com"],
+    ["smtpdcheck-policyd", "--config", "", "--nameserver", "127.0.0.1:9", "--listen", "inet:127.0.0.1:9"],
+    ["smtpdcheck-policyd", "--config", "", "--nameserver", "127.0.0.1:9", "--stdio"],
+], ids=lambda argv: " ".join(argv[:1] + [a for a in argv[1:] if a in ("--check", "--stdio", "--listen")]))
+def test_both_commands_run_trio_with_strict_exception_groups(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The code is written for strict groups: each trio.run of the commands
+    asks for them (trio < 0.25 defaults to loose ones), and a run with what
+    they pass does raise groups."""
+    from policyd import cli as policyd_cli
+    from smtpdcheck import cli as smtpdcheck_cli
+
+    real_run = trio.run
+    runs: list[tuple[object, str]] = []
+
+    def recording_run(main: object, *args: object, **kwargs: object) -> int:
+        runs.append((kwargs.get("strict_exception_groups"), real_run(_only_task_fails, **kwargs)))
+        return 0
+
+    monkeypatch.setattr(trio, "run", recording_run)
+    monkeypatch.setattr("policyd.cli.setup_logging", lambda *args, **kwargs: None)
+    command = smtpdcheck_cli.main if argv[0] == "smtpdcheck" else policyd_cli.main
+    command(argv[1:])
+    assert runs == [(True, "group")]
 
 
 async def test_same_nameserver_address_with_two_ports_is_refused(nursery: trio.Nursery) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 from policyd import config as cfg
 from policyd.cli import build_parser
 from policyd.listeners import ListenError, open_listeners
+from smtpdcheck.probe import PROBE_REFRESH_FLOOR_S
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "etc" / "smtpdcheck-policyd.toml"
@@ -30,6 +32,20 @@ def parse(argv: list[str], tmp_path: Path | None = None, toml: str | None = None
         path.write_text(toml)
     args = build_parser().parse_args(argv + (["--config", str(path)] if path else []))
     return cfg.build(args, Path(args.config) if args.config else None)
+
+
+def test_cache_up_ttl_is_0_or_at_least_the_probe_refresh_floor() -> None:
+    """An "up" must live long enough for the probe that confirms it, which
+    comes at most once per PROBE_REFRESH_FLOOR_S; 0 keeps meaning "not cached"."""
+    option = next(o for o in cfg.OPTIONS if o.name == "cache_up_ttl")
+    assert isinstance(option.convert, cfg.Number)
+    assert option.convert.range == cfg.values.Range(PROBE_REFRESH_FLOOR_S, or_zero=True)
+    assert option.allowed == f"0, or {PROBE_REFRESH_FLOOR_S:g} or more"
+    assert parse(["--cache-up-ttl", "0"]).cache_up_ttl == 0
+    assert parse(["--cache-up-ttl", str(PROBE_REFRESH_FLOOR_S)]).cache_up_ttl == PROBE_REFRESH_FLOOR_S
+    for below in (PROBE_REFRESH_FLOOR_S / 2, PROBE_REFRESH_FLOOR_S - 0.001):
+        with pytest.raises(cfg.ConfigError, match=r"^--cache-up-ttl: must be 0, or "):
+            parse(["--cache-up-ttl", str(below)])
 
 
 def test_defaults_work_out_of_the_box() -> None:
@@ -60,7 +76,7 @@ def test_file_then_flags_override(tmp_path: Path) -> None:
         ("timeout = 0\n", "timeout: must be more than 0: 0"),
         ("timeout = inf\n", "timeout: not a finite number: inf"),
         ("timeout = nan\n", "timeout: not a number: nan"),
-        ("cache_up_ttl = -1\n", "cache_up_ttl: must be 0 or more: -1"),
+        ("cache_up_ttl = -1\n", "cache_up_ttl: must be 0, or 1 or more: -1"),
         ("smtp_port = 70000\n", "smtp_port: not a TCP port"),
         ('listen = "inet:127.0.0.1:10040"\n', "listen: must be a list"),
         ('listen = ["tcp:1.2.3.4:5"]\n', "listen: bad listen address"),
@@ -320,11 +336,9 @@ def test_every_number_is_refused_in_words_its_range_gives(option: cfg.Option, te
             assert message.endswith(f"not a finite number: {text!r}")
         elif option.convert.range == cfg.values.PORTS:
             assert message.endswith((f"not a TCP port ({option.allowed}): {text!r}", f"not a TCP port: {text!r}"))
-        elif number.is_integer():
+        else:
             assert number not in option.convert.range
             assert message.endswith(f"must be {option.allowed}: {text!r}"), message
-        else:
-            raise AssertionError(message)
     else:
         assert number in option.convert.range  # type: ignore[attr-defined]
         assert getattr(config, option.name) == number
@@ -397,3 +411,16 @@ async def test_unix_socket_on_a_read_only_file_system(tmp_path: Path) -> None:
         assert await _listen_error(path) == f"unix:{path}: read-only file system ({mount})"
     finally:
         subprocess.run(["umount", str(mount)], check=True)
+
+
+async def test_listeners_open_all_or_none_and_remove_the_socket_files_they_made(tmp_path: Path) -> None:
+    """A half-started daemon is worse than none: no listener and no socket file is left."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    path = tmp_path / "policy.sock"
+    with taken:
+        endpoint = f"inet:127.0.0.1:{taken.getsockname()[1]}"
+        with pytest.raises(ListenError, match=f"^{endpoint}: "):
+            await open_listeners((f"unix:{path}", endpoint), socket_mode=0o660)
+    assert not path.exists()

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,8 +24,8 @@ import trio
 from policyd.client import parse_reply
 from tests.conftest import Farm
 from tests.policyd_helpers import rcpt, read_replies
-from tests.support.dnsserver import FakeDNSServer, nameserver_arg
-from tests.support.greeters import Mode, unused_port
+from testbeds.dnsserver import FakeDNSServer, nameserver_arg
+from testbeds.greeters import Mode, unused_port
 from tests.test_policyd_server import backup_zone
 
 PYTHON = sys.executable
@@ -74,11 +74,13 @@ async def start_daemon(
     nursery: trio.Nursery, args: list[str], *, port: int | None = None, prefix: list[str] | None = None,
     pass_fds: tuple[int, ...] = (),
     read_stderr: bool = True,
+    while_starting: Callable[[trio.Process], Awaitable[None]] | None = None,
 ) -> Daemon:
     """The daemon as a child process, ready (sd_notify) on ``port``.
 
     ``read_stderr=False`` leaves its stderr pipe unread, for tests of a log
-    target that stops taking lines.
+    target that stops taking lines.  ``while_starting`` runs alongside the
+    wait for readiness (to signal the process during start-up).
     """
     port = port or unused_port()
     notify, notify_path = _notify_socket()
@@ -102,6 +104,8 @@ async def start_daemon(
                     await process.wait()
 
     nursery.start_soon(reap)
+    if while_starting is not None:
+        nursery.start_soon(while_starting, process)
     try:
         with trio.fail_after(15):
             tsock = trio.socket.from_stdlib_socket(notify)
@@ -157,7 +161,7 @@ async def test_sigterm_finishes_request_in_flight(nursery: trio.Nursery, dns_ser
     """A request being decided when SIGTERM arrives is still answered; then exit 0."""
     f = await farm(Mode.PAUSED_MULTILINE, pause=5.0)
     dns_server.zone.update(backup_zone("slowdns.example", "127.0.0.2"))
-    from tests.support.dnsserver import Slow
+    from testbeds.dnsserver import Slow
 
     dns_server.zone[("slowdns.example", "MX")] = Slow(1.0, ["10 mx1.slowdns.example.", "20 backup.slowdns.example."])
     daemon = await start_daemon(
@@ -168,7 +172,7 @@ async def test_sigterm_finishes_request_in_flight(nursery: trio.Nursery, dns_ser
         idle = await trio.open_tcp_stream("127.0.0.1", daemon.port)
         async with stream, idle:
             await stream.send_all(rcpt("a@slowdns.example"))
-            await trio.sleep(0.3)  # the request is now waiting on DNS
+            await dns_server.wait_for_query("slowdns.example", "MX")  # the request is now waiting on DNS
             daemon.process.send_signal(signal.SIGTERM)
             reply = parse_reply(await read_replies(stream, 1))
             assert reply[0] == "DEFER_IF_PERMIT"
@@ -207,6 +211,80 @@ async def test_socket_activation(nursery: trio.Nursery, world: tuple[list[str], 
             await trio.open_tcp_stream("127.0.0.1", daemon.port)
         daemon.process.send_signal(signal.SIGTERM)
         assert await daemon.process.wait() == 0
+
+
+async def test_sighup_during_a_slow_start_up_is_held_until_the_daemon_serves(
+    nursery: trio.Nursery, world: tuple[list[str], Farm], dns_server: FakeDNSServer
+) -> None:
+    """A --stop name whose lookup is slow: SIGHUP arriving meanwhile must not kill
+    the daemon (SIGHUP's default action); it reloads once the daemon serves."""
+    base, _ = world
+    from testbeds.dnsserver import Slow
+
+    dns_server.zone[("slowstop.example", "A")] = Slow(1.0, ["192.0.2.25"])
+    dns_server.zone[("slowstop.example", "AAAA")] = Slow(1.0, [])
+
+    async def hangup_while_resolving(process: trio.Process) -> None:
+        await dns_server.wait_for_query("slowstop.example")
+        process.send_signal(signal.SIGHUP)
+
+    daemon = await start_daemon(
+        nursery, [*base, "--stop", "slowstop.example", "--dns-timeout", "5"], while_starting=hangup_while_resolving,
+    )
+    with trio.fail_after(15):
+        await daemon.wait_log("configuration reloaded", timeout=15)
+        stream = await trio.open_tcp_stream("127.0.0.1", daemon.port)
+        async with stream:
+            assert (await daemon.ask(rcpt("a@up.example"), stream))[0] == "DEFER_IF_PERMIT"
+        daemon.process.send_signal(signal.SIGTERM)
+        assert await daemon.process.wait() == 0
+
+
+def _activated(sock: socket.socket, *args: str) -> subprocess.CompletedProcess[str]:
+    """The daemon started by socket activation with ``sock`` as its one descriptor."""
+    wrapper = (
+        "import os, sys; os.dup2(int(sys.argv[1]), 3); os.environ['LISTEN_FDS'] = '1'; "
+        "os.environ['LISTEN_PID'] = str(os.getpid()); os.execv(sys.argv[2], sys.argv[2:])"
+    )
+    return subprocess.run(
+        [PYTHON, "-c", wrapper, str(sock.fileno()), PYTHON, "-m", "policyd.cli", *NO_SYSTEM_CONFIG,
+         "--nameserver", "127.0.0.1:9", *args],
+        pass_fds=(sock.fileno(),), capture_output=True, text=True, timeout=60, check=False,
+    )
+
+
+def test_an_inherited_socket_of_the_wrong_kind_is_fatal_in_one_line() -> None:
+    """A unit with ListenDatagram= or Accept=yes passes what cannot be served: say so, exit 2."""
+    datagram = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    datagram.bind(("127.0.0.1", 0))
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    connected = socket.create_connection(listener.getsockname())
+    with datagram, listener, connected:
+        for sock, why in [(datagram, "is not a stream socket (want ListenStream=)"),
+                          (connected, "is not listening (want Accept=no)")]:
+            run = _activated(sock)
+            assert run.returncode == 2, run
+            assert run.stderr == f"fatal: socket activation: descriptor 3 {why}\n"
+
+
+def test_a_metrics_endpoint_that_cannot_be_bound_leaves_nothing_behind(tmp_path: Path) -> None:
+    """The policy socket file this run made is removed, and one line says why."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    path = tmp_path / "policy.sock"
+    with taken:
+        metrics = f"inet:127.0.0.1:{taken.getsockname()[1]}"
+        run = subprocess.run(
+            [PYTHON, "-m", "policyd.cli", *NO_SYSTEM_CONFIG, "--nameserver", "127.0.0.1:9",
+             "--listen", f"unix:{path}", "--metrics", metrics],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+    assert run.returncode == 2, run
+    assert run.stderr.startswith(f"fatal: {metrics}: ") and run.stderr.count("\n") == 1, run.stderr
+    assert not path.exists()
 
 
 async def test_metrics_scrape(nursery: trio.Nursery, world: tuple[list[str], Farm]) -> None:
@@ -302,7 +380,7 @@ async def test_start_up_errors_exit_2(tmp_path: Path, world: tuple[list[str], Fa
 
 
 async def test_check_exits_2_when_it_cannot_decide(world: tuple[list[str], Farm], dns_server: FakeDNSServer) -> None:
-    from tests.support.dnsserver import Behavior
+    from testbeds.dnsserver import Behavior
 
     base, _ = world
     dns_server.zone[("broken.example", "MX")] = Behavior.SERVFAIL

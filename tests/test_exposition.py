@@ -12,8 +12,8 @@ from prometheus_client.core import CollectorRegistry, CounterMetricFamily
 from policyd.exposition import make_registry, serve_metrics
 from tests.conftest import Farm
 from tests.policyd_helpers import policyd_config, start_policyd
-from tests.support.dnsserver import FakeDNSServer
-from tests.support.greeters import Mode
+from testbeds.dnsserver import FakeDNSServer
+from testbeds.greeters import Mode
 
 
 class Flaky:

@@ -26,8 +26,8 @@ from policyd.client import encode_request, parse_reply
 from smtpdcheck.compat import STRICT_EXCEPTION_GROUPS
 from tests.conftest import Farm, start_farm
 from tests.policyd_helpers import BASE_REQUEST, RunningPolicyd, policyd_config, rcpt, read_replies, start_policyd
-from tests.support.dnsserver import FakeDNSServer
-from tests.support.greeters import Mode, unused_port
+from testbeds.dnsserver import FakeDNSServer
+from testbeds.greeters import Mode, unused_port
 from tests.test_policyd_server import backup_zone
 
 REPLY_RE = re.compile(rb"action=(DUNNO|DEFER_IF_PERMIT)( [\x20-\x7e]{1,400})?\n\n")

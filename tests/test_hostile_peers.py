@@ -26,12 +26,14 @@ from smtpdcheck.resolver import MAX_MX_HOSTS, MXKind
 from smtpdcheck.servers import is_valid_hostname, parse_servers
 from smtpdcheck.stoprule import StopSet
 from tests.conftest import Core, Farm, zone_with_hosts
-from tests.support.dnsserver import Behavior, FakeDNSServer, Slow, Zone
-from tests.support.greeters import Greeter, Mode
+from testbeds.dnsserver import Behavior, FakeDNSServer, Slow, Zone
+from testbeds.greeters import Greeter, Mode
 
 STOP_NONE = StopSet()
 QUIT_GRACE = 0.5  # what make_core gives its Prober
-SLACK = 0.4  # scheduling slack on top of a deadline
+# Scheduling slack on top of the quit grace, for the quit-grace tests only;
+# every other rule of time is checked on virtual time (test_virtual_time).
+SLACK = 0.4
 
 
 async def closed(greeter: Greeter, limit: float = 3.0) -> None:
@@ -70,11 +72,11 @@ async def test_trickled_greeting_gives_up_at_the_deadline(farm: Callable[..., Fa
     """One byte every 0.5 s: the first line would take ~10 s; the probe stops at 1 s."""
     f = await farm(Mode.TRICKLE, Mode.OK, trickle_interval=0.5)
     core = make_core(f.port, timeout=1.0)
-    result, elapsed = await timed_check(core.checker, ["127.0.0.2"], 3)
+    result, _ = await timed_check(core.checker, ["127.0.0.2"], 3)
     assert result.winner is None
     report = result.reports[0]
     assert report.timed_out or [p.outcome for p in report.probes] == [Outcome.TIMEOUT]
-    assert 0.95 <= elapsed < 1.0 + SLACK
+    # When it gives up is proven at exact instants on virtual time (test_virtual_time).
     await closed(f.greeters[0])
     await probes_finished(core.prober, 1.0)
     assert f.greeters[0].pregreet == [b""]
@@ -84,9 +86,8 @@ async def test_trickled_greeting_gives_up_at_the_deadline(farm: Callable[..., Fa
 async def test_trickled_greeting_that_arrives_in_time_is_available(farm: Callable[..., Farm], make_core: Callable[..., Core]) -> None:
     f = await farm(Mode.TRICKLE, Mode.OK, trickle_interval=0.01)  # ~0.2 s for the whole line
     core = make_core(f.port, timeout=1.5)
-    result, elapsed = await timed_check(core.checker, ["127.0.0.2"], 3)
+    result, _ = await timed_check(core.checker, ["127.0.0.2"], 3)
     assert result.winner is not None
-    assert elapsed < 1.5
     greeter = f.greeters[0]
     await closed(greeter)
     assert greeter.pregreet == [b""]  # nothing said while the greeting trickled in
@@ -115,12 +116,11 @@ async def test_flood_without_newline_is_a_bad_greeting_read_in_bounded_bytes(
 
     monkeypatch.setattr(trio.SocketStream, "receive_some", counting)
     core = make_core(f.port, timeout=2.0)
-    result, elapsed = await timed_check(core.checker, ["127.0.0.2"], 3)
+    result, _ = await timed_check(core.checker, ["127.0.0.2"], 3)
     assert result.winner is None
     [probe] = result.reports[0].probes
-    assert probe.outcome is Outcome.BAD_GREETING
+    assert probe.outcome is Outcome.BAD_GREETING  # not TIMEOUT: it did not wait for the rest
     assert str(MAX_GREETING_BYTES) in probe.detail
-    assert elapsed < 0.5
     assert 0 < read_by_probe <= MAX_GREETING_BYTES + RECEIVE_CHUNK
     await closed(f.greeters[0])  # our close (with unread data) stops the flood
     await probes_finished(core.prober, 1.0)
@@ -130,11 +130,10 @@ async def test_flood_without_newline_is_a_bad_greeting_read_in_bounded_bytes(
 async def test_reset_in_the_middle_of_the_greeting(farm: Callable[..., Farm], make_core: Callable[..., Core]) -> None:
     f = await farm(Mode.RESET_MID, Mode.OK)
     core = make_core(f.port, timeout=2.0)
-    result, elapsed = await timed_check(core.checker, ["127.0.0.2"], 3)
+    result, _ = await timed_check(core.checker, ["127.0.0.2"], 3)
     assert result.winner is None
     [probe] = result.reports[0].probes
-    assert probe.outcome is Outcome.CLOSED
-    assert elapsed < 0.5
+    assert probe.outcome is Outcome.CLOSED  # not TIMEOUT: the reset ended it
     await closed(f.greeters[0])
     await probes_finished(core.prober, 1.0)
     await next_check_works(core.checker)
@@ -238,12 +237,9 @@ async def test_address_lookup_ends_by_the_resolver_timeout(
 ) -> None:
     dns_server.zone.update(zone)
     core = make_core(timeout=2.0, dns_timeout=0.5)
-    start = trio.current_time()
-    with trio.fail_after(2):
+    with trio.fail_after(2):  # a hang guard: the budget's arithmetic is proven on virtual time
         lookup, cached = await core.resolver.addresses("bad.test")
-    elapsed = trio.current_time() - start
     assert not cached
-    assert elapsed < 0.5 + SLACK, why
     if why == "one family hangs":
         # The family that answered is used; the failure is not cached for long.
         assert lookup.addresses == (ipaddress.ip_address("::1"),)
@@ -258,10 +254,8 @@ async def test_address_lookup_ends_by_the_resolver_timeout(
 async def test_mx_lookup_ends_by_the_resolver_timeout(make_core: Callable[..., Core], dns_server: FakeDNSServer, behavior: Behavior) -> None:
     dns_server.zone.update({("bad.test", "*"): behavior, ("bad.test", "MX"): ["10 mx.bad.test."]})
     core = make_core(dns_timeout=0.5)
-    start = trio.current_time()
-    with trio.fail_after(2):
+    with trio.fail_after(2):  # a hang guard: the budget's arithmetic is proven on virtual time
         mx, _ = await core.resolver.mx("bad.test")
-    assert trio.current_time() - start < 0.5 + SLACK
     assert mx.kind is MXKind.FAILURE and mx.error == "timeout" and mx.hosts == ()
     await resolver_is_healthy(core, dns_server)
 
@@ -294,15 +288,12 @@ async def test_cname_loop_for_an_mx_host(farm: Callable[..., Farm], make_core: C
     core = make_core(f.port, dns_timeout=1.0)
     with trio.fail_after(3):
         mx, _ = await core.resolver.mx("loop.test")
-        start = trio.current_time()
         looped, _ = await core.resolver.addresses("mx.loop.test")
         selfish, _ = await core.resolver.addresses("self.loop.test")
-        elapsed = trio.current_time() - start
         result = await core.checker.check(mx_servers(mx), STOP_NONE)
     assert [h for _, h in mx.hosts] == ["mx.loop.test", "self.loop.test", "live.loop.test"]
     for lookup in (looped, selfish):
-        assert lookup.addresses == () and lookup.error is not None
-    assert elapsed < 0.5  # an answer, not a timeout
+        assert lookup.addresses == () and lookup.error not in (None, "timeout")  # an answer, not a timeout
     assert result.winner is not None and result.winner.name == "live.loop.test"
     assert [r.lookup_error is not None for r in result.reports] == [True, True, False]
     await closed(f.greeters[0])
@@ -401,16 +392,13 @@ async def test_mx_target_longer_than_255_octets_is_never_returned(nursery: trio.
         async with trio.open_nursery() as server:
             server.start_soon(_raw_mx_server, sock, labels)
             resolver = build_core(nursery, CoreSettings(nameservers=[sock.getsockname()], dns_timeout=0.5)).resolver
-            start = trio.current_time()
             with trio.fail_after(2):
                 mx, _ = await resolver.mx("long.test")
-            elapsed = trio.current_time() - start
             server.cancel_scope.cancel()
     if labels == 3:
         assert mx.kind is MXKind.LIST and mx.hosts == ((10, ".".join(["a" * 63] * 3)),)
     else:
         assert mx.kind is MXKind.FAILURE and mx.hosts == () and mx.error == "timeout"
-        assert elapsed < 0.5 + SLACK
 
 
 async def _udp_always_truncates(sock: trio.socket.SocketType) -> None:
@@ -455,15 +443,12 @@ async def test_truncated_over_udp_and_broken_over_tcp(nursery: trio.Nursery, how
                 accepted: list[int] = []
                 server.start_soon(_tcp_misbehaves, listener, how, accepted)
                 resolver = build_core(nursery, CoreSettings(nameservers=[tcp.getsockname()], dns_timeout=0.5)).resolver
-                start = trio.current_time()
                 with trio.fail_after(2):
                     mx, _ = await resolver.mx("t.test")
                     lookup, _ = await resolver.addresses("t.test")
-                elapsed = trio.current_time() - start
                 server.cancel_scope.cancel()
     assert mx.kind is MXKind.FAILURE and mx.hosts == () and mx.error
     assert lookup.addresses == () and lookup.error
-    assert elapsed < 2 * 0.5 + SLACK
     assert accepted  # the fallback to TCP did happen
     assert resolver.limiter.borrowed_tokens == 0
 

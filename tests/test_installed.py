@@ -15,8 +15,8 @@ import trio
 
 from tests.conftest import Farm
 from tests.installed import command
-from tests.support.dnsserver import FakeDNSServer
-from tests.support.greeters import Mode
+from testbeds.dnsserver import FakeDNSServer
+from testbeds.greeters import Mode
 from tests.test_policyd_server import backup_zone
 
 

@@ -13,7 +13,7 @@ import pytest
 import trio
 import trio.testing
 
-from policyd import manpage
+from tools import manpage, roff
 from policyd.cli import build_parser as daemon_parser
 from policyd.config import OPTIONS, default_text
 from smtpdcheck.cli import build_parser as check_parser
@@ -24,11 +24,11 @@ MAN = Path(__file__).resolve().parent.parent / "man"
 @pytest.mark.parametrize("name", sorted(manpage.PAGES))
 def test_committed_page_is_current(name: str) -> None:
     committed = (MAN / name).read_text()
-    assert committed == manpage.PAGES[name](), f"man/{name} is stale: run python -m policyd.manpage man"
+    assert committed == manpage.PAGES[name](), f"man/{name} is stale: run python -m tools.manpage man"
 
 
 def _flags(parser_flags: list[str], page: str) -> list[str]:
-    return [flag for flag in parser_flags if manpage.bold(flag) not in page]
+    return [flag for flag in parser_flags if roff.bold(flag) not in page]
 
 
 def test_policyd_page_has_every_option_with_its_default() -> None:
@@ -36,8 +36,8 @@ def test_policyd_page_has_every_option_with_its_default() -> None:
     flags = [flag for action in daemon_parser()._actions for flag in action.option_strings]
     assert _flags(flags, page) == []
     for option in OPTIONS:
-        assert f"File key {manpage.bold(option.name)}" in page
-        assert manpage.text(default_text(option)) in page or manpage.lit(default_text(option)) in page
+        assert f"File key {roff.bold(option.name)}" in page
+        assert roff.text(default_text(option)) in page or roff.lit(default_text(option)) in page
 
 
 def test_smtpdcheck_page_has_every_option() -> None:
@@ -64,12 +64,12 @@ def test_sections_in_order(name: str, sections: list[str]) -> None:
 def test_mail_avenger_examples() -> None:
     page = manpage.smtpdcheck_page()
     for servers in ("10:s1.domain.com 10:s2.domain.com", "10:s1.domain.com 20:s2.domain.com"):
-        assert manpage.lit(f"smtpdcheck --stop s2.domain.com {servers} 20:s3.domain.com") in page
+        assert roff.lit(f"smtpdcheck --stop s2.domain.com {servers} 20:s3.domain.com") in page
 
 
 def test_escaping() -> None:
-    assert manpage.paragraph(".starts with a dot\\") == ["\\&.starts with a dot\\e"]
-    assert manpage.display(["'quoted", "--flag"])[3:5] == ["\\&'quoted", "\\-\\-flag"]
+    assert roff.paragraph(".starts with a dot\\") == ["\\&.starts with a dot\\e"]
+    assert roff.display(["'quoted", "--flag"])[3:5] == ["\\&'quoted", "\\-\\-flag"]
 
 
 @pytest.mark.parametrize("name", sorted(manpage.PAGES))
@@ -150,7 +150,7 @@ def test_diagnostics_show_a_decision_line_as_the_daemon_writes_it() -> None:
     diagnostics = _section(manpage.policyd_page(), "DIAGNOSTICS")
     line = decision_line("", "user@example.com", decision_middle("example.com", "DEFER_IF_PERMIT",
                                                                  "primary mx1.example.com live", "miss"), 0.0124)
-    assert manpage.lit(line) in diagnostics
+    assert roff.lit(line) in diagnostics
     for field in ("rcpt=", "domain=", "action=", "reason=", "cache=", "ms=", "NOQUEUE"):
         assert field in diagnostics.replace("\\-", "-")
     for cache in ("hit", "miss", "stale"):
@@ -176,7 +176,7 @@ async def test_state_change_example_is_what_the_prober_logs(
         await prober.probe(address, 25, "mx1.example.com")
     changes = [r.getMessage() for r in caplog.records if " -> " in r.getMessage()]
     assert len(changes) == 1 and changes[0].startswith(manpage.STATE_CHANGE_EXAMPLE), changes
-    assert manpage.lit(manpage.STATE_CHANGE_EXAMPLE) in _section(manpage.policyd_page(), "DIAGNOSTICS")
+    assert roff.lit(manpage.STATE_CHANGE_EXAMPLE) in _section(manpage.policyd_page(), "DIAGNOSTICS")
 
 
 def test_dropped_lines_example_is_what_the_log_sink_writes() -> None:
@@ -207,7 +207,7 @@ def test_dropped_lines_example_is_what_the_log_sink_writes() -> None:
     sink.flush()
     warning = gate.data.decode().splitlines()[-1]
     assert warning == re.sub(r"\d+", str(sink.dropped), manpage.DROPPED_EXAMPLE, count=1)
-    assert manpage.lit(manpage.DROPPED_EXAMPLE) in _section(manpage.policyd_page(), "DIAGNOSTICS")
+    assert roff.lit(manpage.DROPPED_EXAMPLE) in _section(manpage.policyd_page(), "DIAGNOSTICS")
 
 
 def test_security_lists_the_service_units_sandbox() -> None:
@@ -215,7 +215,7 @@ def test_security_lists_the_service_units_sandbox() -> None:
     unit = (MAN.parent / "etc" / "systemd" / "smtpdcheck-policyd.service").read_text()
     for key in ("DynamicUser", "ProtectSystem", "NoNewPrivileges", "RestrictAddressFamilies", "SystemCallFilter"):
         line = next(l for l in unit.splitlines() if l.startswith(key + "="))
-        assert manpage.lit(line) in security, line
+        assert roff.lit(line) in security, line
     for topic in ("Who can query it", "Socket modes", "What it connects to", "systemd sandbox"):
         assert f'.IP "{topic}"' in security
     assert "0666" in security  # --socket-mode's default, from the option table
@@ -225,4 +225,4 @@ def test_smtpdcheck_diagnostics_show_a_verbose_line_as_the_command_writes_it() -
     diagnostics = _section(manpage.smtpdcheck_page(), "DIAGNOSTICS")
     line = manpage.verbose_example()
     assert re.fullmatch(r"smtpdcheck: 10:mx1\.example\.com \[192\.0\.2\.1\] 192\.0\.2\.1:25 declined \(421 [^)]*\) 12\.3 ms", line)
-    assert manpage.lit(line) in diagnostics
+    assert roff.lit(line) in diagnostics

@@ -19,7 +19,7 @@ def expected_bucket(seconds: float) -> int:
 @given(st.one_of(st.sampled_from(LATENCY_BUCKETS_S), st.floats(min_value=0.0, max_value=60.0)))
 def test_a_request_is_counted_in_the_first_bucket_that_holds_it(seconds: float) -> None:
     metrics = Metrics()
-    metrics.observe_request("DUNNO", "all down", seconds)
+    metrics.observe(("DUNNO", "all down"), seconds)
     assert metrics.latency_counts == [int(i == expected_bucket(seconds)) for i in range(len(LATENCY_BUCKETS_S) + 1)]
     assert metrics.requests[("DUNNO", "all down")] == 1 and metrics.latency_sum == seconds
 

@@ -28,7 +28,7 @@ from policyd.responder import Responder, core_settings
 from smtpdcheck.confirm import Belief, believe_up, confirm_grace
 from smtpdcheck.core import build_core
 from smtpdcheck.policy import Kind
-from tests.support.postfix_request import POSTFIX_37_RCPT_ATTRS
+from testbeds.postfix_request import POSTFIX_37_RCPT_ATTRS
 from tests.support.virtual import REFUSING, SILENT, Peer, VirtualDNS, VirtualNet
 
 # -- the rules, as plain arithmetic -------------------------------------------

@@ -21,8 +21,8 @@ from policyd.config import Config
 from smtpdcheck.confirm import confirm_grace
 from tests.conftest import Farm
 from tests.policyd_helpers import start_policyd
-from tests.support.dnsserver import FakeDNSServer
-from tests.support.greeters import Mode
+from testbeds.dnsserver import FakeDNSServer
+from testbeds.greeters import Mode
 from tests.test_refresh_wire import SLOW, Stream, backup_zone, describe, steady
 
 PERIOD = 0.25

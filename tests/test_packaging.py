@@ -47,3 +47,17 @@ def test_build_dependency_on_setuptools_agrees() -> None:
     requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
     build_depends = control_field("Build-Depends", 0)
     assert {k: v for k, v in build_depends.items() if k == "python3-setuptools"} == pyproject_minimums(requires)
+
+
+def test_the_shipped_packages_are_the_product_and_read_no_source_tree() -> None:
+    """Only smtpdcheck and policyd are installed; the development trees
+    (tools, testbeds, bench, tests) are not, and no installed module reads a
+    file beside the packages (debian/changelog, etc/), which an installed
+    copy does not have."""
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    assert packages == ["smtpdcheck", "policyd"]
+    for package in packages:
+        for module in sorted((ROOT / package).rglob("*.py")):
+            source = module.read_text()
+            assert "parent.parent" not in source, f"{module.relative_to(ROOT)} reads the source tree"
+            assert not re.search(r"[\"'/](debian|etc/systemd)\b", source), f"{module.relative_to(ROOT)} reads the source tree"

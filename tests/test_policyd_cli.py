@@ -16,7 +16,7 @@ import pytest
 
 from policyd.cli import SystemFiles
 from smtpdcheck import release
-from tests.support.greeters import unused_port
+from testbeds.greeters import unused_port
 
 ROOT = Path(__file__).resolve().parent.parent
 LISTEN = ["--listen", f"inet:127.0.0.1:{unused_port()}"]
@@ -198,3 +198,16 @@ def test_waits_that_cannot_fit_are_refused_in_a_file_too(files: SystemFiles, tmp
     config.write_text("deadline = 4\n")
     line = one_line(policyd(files, "--config", str(config), "--nameserver", "127.0.0.1", *LISTEN))
     assert line.endswith("--timeout 5 plus --dns-timeout 2 (7s) must be less than --deadline 4: a lookup and a probe must fit in a request's deadline"), line
+
+
+# -- values that are accepted only if they can work ----------------------------
+
+
+def test_a_cache_up_ttl_below_the_probe_refresh_floor_is_refused_in_one_line(files: SystemFiles, tmp_path: Path) -> None:
+    """0.5 s expired before a probe could confirm it: half the RCPTs to a live primary got DUNNO."""
+    line = one_line(policyd(files, *LISTEN, "--cache-up-ttl", "0.5"))
+    assert line == "smtpdcheck-policyd: --cache-up-ttl: must be 0, or 1 or more: '0.5'"
+    config = tmp_path / "p.toml"
+    config.write_text("cache_up_ttl = 0.999\n")
+    line = one_line(policyd(files, *LISTEN, "--config", str(config)))
+    assert line == f"smtpdcheck-policyd: {config}: cache_up_ttl: must be 0, or 1 or more: 0.999"

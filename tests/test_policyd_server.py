@@ -17,8 +17,8 @@ from policyd.listeners import ListenError, open_listeners
 from policyd.client import parse_reply
 from tests.conftest import Farm, zone_with_hosts
 from tests.policyd_helpers import RunningPolicyd, policyd_config, rcpt, read_replies, start_policyd
-from tests.support.dnsserver import Behavior, FakeDNSServer, Slow
-from tests.support.greeters import Mode
+from testbeds.dnsserver import Behavior, FakeDNSServer, Slow
+from testbeds.greeters import Mode
 
 
 def backup_zone(domain: str, primary_ip: str, *, backup_ip: str = "127.0.0.1") -> dict:
@@ -181,10 +181,11 @@ async def test_dns_failure_fails_open(
     dns_server.zone[("broken.example", "MX")] = zone_value
     running = await start_policyd(nursery, policyd_config(dns_server.port, f.port))
     caplog.set_level(logging.INFO, logger="smtpdcheck")
-    start = trio.current_time()
     with trio.fail_after(running.responder.config.deadline + 1):
         assert await running.ask(rcpt("user@broken.example")) == ("DUNNO", "")
-    assert trio.current_time() - start <= running.responder.config.deadline + 0.2
+    # Answered as a DNS failure, not cut off by the deadline (whose arithmetic
+    # test_virtual_time proves at exact instants).
+    assert running.responder.metrics.requests == {("DUNNO", "dns failure"): 1}
     assert expect_reason in caplog.text
 
 
@@ -207,10 +208,12 @@ async def test_deadline_bounds_slow_dns(nursery: trio.Nursery, dns_server: FakeD
     })
     config = policyd_config(dns_server.port, f.port, deadline=1.0, timeout=0.5, dns_timeout=0.45)
     running = await start_policyd(nursery, config)
-    start = trio.current_time()
     with trio.fail_after(3):
         assert await running.ask(rcpt("user@slow.example")) == ("DUNNO", "")
-    assert 0.9 <= trio.current_time() - start < 1.5
+    # The deadline answered, not the silent primary's 3 s timeout; that it does
+    # so at exactly 1 s is proven on virtual time (test_virtual_time).
+    assert running.responder.metrics.requests == {("DUNNO", "deadline"): 1}
+    assert dns_server.query_count("mx1.slow.example", "A") == 1  # it got as far as the second lookup
     assert running.responder.metrics.requests[("DUNNO", "deadline")] == 1
 
 
@@ -336,26 +339,6 @@ async def test_ipv6_listener(nursery: trio.Nursery, dns_server: FakeDNSServer, f
         async with stream:
             action, _ = await running.ask(rcpt("user@up.example"), stream)
     assert action == "DEFER_IF_PERMIT"
-
-
-async def test_answer_memo_lives_exactly_as_long_as_its_inputs(
-    nursery: trio.Nursery, dns_server: FakeDNSServer, farm: Callable[..., Farm]
-) -> None:
-    f = await farm(Mode.OK)
-    dns_server.zone.update(backup_zone("up.example", "127.0.0.2"))
-    running = await start_policyd(nursery, policyd_config(dns_server.port, f.port, cache_up_ttl=1.2))
-    with trio.fail_after(10):
-        stream = await running.connect()
-        async with stream:
-            for i in range(5):
-                assert (await running.ask(rcpt(f"u{i}@up.example"), stream))[0] == "DEFER_IF_PERMIT"
-            assert running.responder.answers.hits == 3  # 1st: probe, 2nd: built from caches, then memo
-            await trio.sleep(1.4)  # the probe result (and so the memo) has expired
-            assert (await running.ask(rcpt("late@up.example"), stream))[0] == "DEFER_IF_PERMIT"
-            assert f.greeters[0].connections == 2
-            # A reload's new policy applies at once, memo or not.
-            running.responder.reconfigure(replace(running.responder.config, mode="warn"), running.responder.core.stop)
-            assert (await running.ask(rcpt("after@up.example"), stream))[0] == "WARN"
 
 
 async def test_idle_close_is_not_a_protocol_error(

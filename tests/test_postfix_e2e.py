@@ -27,8 +27,8 @@ from packaging.utils import canonicalize_name
 from tests.conftest import Farm
 from tests.installed import command, installed_daemon_requested, start_daemon
 from tests.policyd_helpers import policyd_config, start_policyd
-from tests.support.dnsserver import FakeDNSServer
-from tests.support.greeters import Mode
+from testbeds.dnsserver import FakeDNSServer
+from testbeds.greeters import Mode
 from tests.support.postfix import smtp_rcpt
 from tests.support.pytest_postfix import PostfixFactory
 from tests.test_policyd_server import backup_zone

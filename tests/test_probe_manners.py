@@ -27,7 +27,7 @@ from smtpdcheck.policy import Kind
 from smtpdcheck.probe import GREETING_TIMEOUT_S, QUIT_GRACE_S, Outcome
 from smtpdcheck.servers import parse_servers
 from smtpdcheck.stoprule import StopSet
-from tests.support.postfix_request import POSTFIX_37_RCPT_ATTRS
+from testbeds.postfix_request import POSTFIX_37_RCPT_ATTRS
 from tests.support.virtual import Peer, VirtualDNS, VirtualNet
 
 DEFAULTS = Config()

@@ -1,7 +1,7 @@
 """The policy protocol without I/O: framing, limits, replies.
 
 The real request is the one a Debian 12 Postfix 3.7.11 sent for one RCPT
-(``tests/support/postfix_request.py``); everything else is derived from it
+(``testbeds/postfix_request.py``); everything else is derived from it
 or from the protocol grammar in Postfix's ``attr_scan_plain.c``.
 """
 
@@ -31,7 +31,7 @@ from policyd.protocol import (
     format_reply,
     sanitize_text,
 )
-from tests.support.postfix_request import POSTFIX_37_RCPT as POSTFIX_37_REQUEST
+from testbeds.postfix_request import POSTFIX_37_RCPT as POSTFIX_37_REQUEST
 
 
 Event = PolicyRequest | type[NEED_DATA] | type[CLOSED]

@@ -25,8 +25,8 @@ from smtpdcheck.core import Core
 from smtpdcheck.resolver import MXKind
 from tests.conftest import Farm, zone_with_hosts
 from tests.policyd_helpers import RunningPolicyd, policyd_config, rcpt, read_replies, start_policyd
-from tests.support.dnsserver import Behavior, FakeDNSServer, Zone
-from tests.support.greeters import Mode
+from testbeds.dnsserver import Behavior, FakeDNSServer, Zone
+from testbeds.greeters import Mode
 
 PERIOD = 0.05
 """One RCPT per connection every 50 ms, as in a steady stream of mail."""

@@ -64,3 +64,24 @@ async def test_reload_applies_dns_timeout_fully_or_not_at_all(
     assert "reload: dns_timeout changed; takes effect after a restart" in messages
     # Logged after the reload set up logging afresh (to stderr, as configured).
     assert "configuration reloaded" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("restore_logging")
+async def test_a_reload_to_a_cache_up_ttl_that_cannot_work_keeps_the_running_configuration(
+    tmp_path: Path, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "policyd.toml"
+    path.write_text('nameserver = ["127.0.0.1:53"]\ncache_up_ttl = 10\n')
+    args = cli.build_parser().parse_args(["--config", str(path)])
+    config = cli.load(args, cli.SystemFiles())
+    service = Responder(config, build_core(nursery, core_settings(config)))
+
+    path.write_text('nameserver = ["127.0.0.1:53"]\ncache_up_ttl = 0.5\nmode = "warn"\n')
+    with caplog.at_level(logging.INFO, logger="smtpdcheck"):
+        await cli._reload(service, args, cli.SystemFiles())
+
+    assert service.config is config and service.core.prober.up_ttl == 10
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors == [
+        f"reload failed, keeping the running configuration: {path}: cache_up_ttl: must be 0, or 1 or more: 0.5"
+    ]

@@ -21,8 +21,8 @@ import pytest
 import trio
 
 from tests.conftest import Farm, zone_with_hosts
-from tests.support.dnsserver import Behavior, FakeDNSServer, Zone, nameserver_arg
-from tests.support.greeters import Greeter, Mode
+from testbeds.dnsserver import Behavior, FakeDNSServer, Zone, nameserver_arg
+from testbeds.greeters import Greeter, Mode
 
 CLI = [sys.executable, "-m", "smtpdcheck.cli"]
 ROOT = Path(__file__).resolve().parents[1]  # run the same code the tests import

@@ -91,6 +91,17 @@ def test_a_range_says_what_it_holds(within: values.Range, words: str) -> None:
     assert low + 1 in within and low - 1 not in within
 
 
+def test_a_range_may_admit_zero_below_its_low_end() -> None:
+    """0 means "off" for some options where small values other than 0 cannot work."""
+    within = values.Range(1, or_zero=True)
+    assert str(within) == "0, or 1 or more"
+    assert 0 in within and 1 in within and 7.5 in within
+    assert 0.5 not in within and -1 not in within and 1e-9 not in within
+    assert str(values.Range(1, open=True, or_zero=True)) == "0, or more than 1"
+    with pytest.raises(values.BadValueError, match=r"^must be 0, or 1 or more: '0.5'$"):
+        values.seconds("0.5", within)
+
+
 def test_whole_numbers() -> None:
     assert values.whole("12") == 12 and values.whole(3) == 3
     for bad, message in [("1.5", "not a whole number: '1.5'"), (True, "not a whole number: True"),

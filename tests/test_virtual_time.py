@@ -301,7 +301,7 @@ async def test_shutdown_drain_waits_for_the_request_being_decided_and_no_longer(
     """wait_drained returns the instant the last request in flight is answered."""
     from policyd.config import Config
     from policyd.responder import Responder
-    from tests.support.postfix_request import POSTFIX_37_RCPT_ATTRS
+    from testbeds.postfix_request import POSTFIX_37_RCPT_ATTRS
     from policyd.request import PolicyRequest
 
     dns = VirtualDNS()
@@ -352,3 +352,79 @@ async def test_a_primary_going_down_is_seen_within_ttl_plus_timeout_and_nobody_w
     assert {c for t, _, c in seen if 10.5 < t < first_down} == {"stale"}  # expired, served while refreshing
     assert {c for t, _, c in seen if t <= 10.4 or t > first_down} == {"hit"}
     assert net.connections["127.0.0.2"] == 2  # one probe per TTL, no more
+
+
+@pytest.mark.parametrize("refresh_window", [0.0, 600.0])
+async def test_answer_memo_lives_until_its_first_input_expires_or_is_refreshed_and_no_longer(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, refresh_window: float
+) -> None:
+    """A memoised answer is served until the first cached input it was built
+    from expires -- here the probe's "up", the shortest -- or, with refresh
+    ahead, until that input's refresh is due, whichever is first; never later."""
+    from dataclasses import replace
+
+    from policyd.config import Config
+    from policyd.request import PolicyRequest
+    from policyd.responder import Responder, core_settings
+    from testbeds.postfix_request import POSTFIX_37_RCPT_ATTRS
+
+    dns = VirtualDNS()
+    backup_world(dns)  # MX list 300 s, addresses 200 s and 100 s
+    config = Config(cache_up_ttl=10.0, refresh_window=refresh_window)
+    net = VirtualNet(nursery, {"127.0.0.2": Peer(greet_after=0.1)})
+    service = Responder(config, build_core(nursery, core_settings(config), connect=net.connect, lookups=dns))
+
+    def rcpt(local: str) -> PolicyRequest:
+        return PolicyRequest({**POSTFIX_37_RCPT_ATTRS, "recipient": f"{local}@d.test", "server_address": "192.0.2.25"})
+
+    assert (await service.answer(rcpt("first"))).decision.verdict.action is Action.DEFER_IF_PERMIT  # probes
+    assert service.answer_now(rcpt("second"), trio.current_time()) is None  # nothing memoised yet
+    assert (await service.answer(rcpt("second"))).decision.cache is Cache.HIT  # from caches: memoised
+    probe = service.core.prober.flights.cache.raw(("127.0.0.2", 25))
+    assert probe is not None
+    ends = min(probe.expires, probe.due)
+    assert ends <= probe.expires < trio.current_time() + 10.0 + 1e-9
+    [(_, memo)] = service.answers.entries()
+    assert memo.expires == ends
+
+    await trio.sleep_until(ends - 0.001)
+    assert service.answer_now(rcpt("before"), trio.current_time()) is not None
+    await trio.sleep_until(ends)
+    assert service.answer_now(rcpt("after"), trio.current_time()) is None
+    # A reload's new policy applies at once, memo or not.
+    assert (await service.answer(rcpt("again"))).reply.startswith(b"action=DEFER_IF_PERMIT ")
+    service.reconfigure(replace(config, mode="warn"), service.core.stop)
+    assert (await service.answer(rcpt("warned"))).reply.startswith(b"action=WARN ")
+
+
+@pytest.mark.parametrize(("trickle", "outcome", "ends"), [
+    (0.5, Outcome.TIMEOUT, 1.0),  # the line would take 11 s: the probe gives up at its timeout
+    (0.01, Outcome.AVAILABLE, 0.01 * (len(Peer().greeting) - 1)),  # the last byte, then up
+])
+async def test_a_trickled_greeting_is_read_until_the_probe_timeout_and_no_longer(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, trickle: float, outcome: Outcome, ends: float
+) -> None:
+    net = VirtualNet(nursery, {"127.0.0.2": Peer(trickle=trickle)})
+    core = build_core(nursery, CoreSettings(probe_timeout=1.0, check_timeout=2.0), connect=net.connect, lookups=VirtualDNS())
+    start = trio.current_time()
+    result = await core.checker.check(parse_servers(["127.0.0.2"]), NO_STOP)
+    assert trio.current_time() - start == pytest.approx(ends)
+    assert [p.outcome for p in result.reports[0].probes] == [outcome]
+
+
+async def test_lookups_of_a_nameserver_that_never_answers_end_at_the_dns_timeout(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The resolver's budget is a trio timer: against a socket that takes queries
+    and never answers, nothing else can wake the loop, so virtual time is exact."""
+    with trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM) as silent:
+        await silent.bind(("127.0.0.1", 0))
+        resolver = build_core(nursery, CoreSettings(nameservers=[silent.getsockname()], dns_timeout=0.5)).resolver
+        start = trio.current_time()
+        mx, _ = await resolver.mx("hang.test")
+        assert trio.current_time() - start == pytest.approx(0.5)
+        assert mx.kind is MXKind.FAILURE and mx.error == "timeout"
+        start = trio.current_time()
+        lookup, _ = await resolver.addresses("hang.test")
+        assert trio.current_time() - start == pytest.approx(0.5)
+        assert lookup.addresses == () and lookup.error == "timeout"

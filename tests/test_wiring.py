@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from policyd import manpage
+from tools import manpage, roff
 from policyd.cli import MAIN_CF_EXAMPLE, build_parser
 
 ROOT = Path(__file__).resolve().parent.parent

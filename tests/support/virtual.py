@@ -31,7 +31,9 @@ class Peer:
     """How one SMTP address behaves: greet ``code`` after ``greet_after`` seconds.
 
     ``greet_after=math.inf`` is a peer that accepts and never greets;
-    ``refuse=True`` refuses the connection after ``connect_after`` seconds.
+    ``refuse=True`` refuses the connection after ``connect_after`` seconds;
+    ``trickle`` > 0 sends the greeting one byte at a time, that many seconds
+    apart (the first at once).
     """
 
     greet_after: float = 0.0
@@ -41,6 +43,11 @@ class Peer:
     #: More than 0: the greeting is a "220-" line, then its last line this
     #: much later (postscreen's teaser and greet wait).
     last_line_after: float = 0.0
+    trickle: float = 0.0
+
+    @property
+    def greeting(self) -> bytes:
+        return f"{self.code} virtual.test ESMTP\r\n".encode()
 
 
 @dataclass(slots=True)
@@ -107,7 +114,13 @@ class VirtualNet:
                     await stream.send_all(f"{peer.code}-virtual.test ESMTP\r\n".encode())
                     if not await _until(stream, peer.last_line_after, session):
                         return
-                await stream.send_all(f"{peer.code} virtual.test ESMTP\r\n".encode())
+                if peer.trickle > 0:
+                    for i, byte in enumerate(peer.greeting):
+                        if i:
+                            await trio.sleep(peer.trickle)
+                        await stream.send_all(bytes([byte]))
+                else:
+                    await stream.send_all(peer.greeting)
                 session.last_line_at = trio.current_time()
                 while data := await stream.receive_some(1024):
                     if b"QUIT" in data:

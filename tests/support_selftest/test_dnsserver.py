@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from smtpdcheck.compat import dns_backend, use_nameservers
-from tests.support.dnsserver import (
+from testbeds.dnsserver import (
     MAX_CNAME_CHAIN,
     SOA_TEXT,
     Behavior,

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 
-from tests.support.greeters import RECEIVED_CAP, Greeter, Mode, start_farm, start_greeters, unused_port
+from testbeds.greeters import RECEIVED_CAP, Greeter, Mode, start_farm, start_greeters, unused_port
 
 STEP = 2.0
 """Upper bound for any single exchange that is expected to succeed."""

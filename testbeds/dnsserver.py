@@ -200,6 +200,7 @@ class FakeDNSServer:
         """Queries per rdtype, kept in every mode."""
         self.malformed = 0
         """Incoming packets that could not be parsed as a query and were ignored."""
+        self._arrived = trio.Event()  # set (and replaced) whenever a query is recorded
         self._family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._rrset_cache: dict[tuple[str, str, tuple[str, ...], int], dns.rrset.RRset] = {}
 
@@ -217,6 +218,16 @@ class FakeDNSServer:
             if (wanted_name is None or qname == wanted_name)
             and (wanted_type is None or qtype == wanted_type)
         )
+
+    async def wait_for_query(self, name: str, rdtype: str | None = None) -> None:
+        """Return once a query for ``name`` (of ``rdtype``, if given) has arrived.
+
+        What a test waits on to know a client is now waiting for this
+        server, instead of sleeping and hoping (not in fast mode, which
+        records no queries).
+        """
+        while not self.query_count(name, rdtype):
+            await self._arrived.wait()
 
     # ------------------------------------------------------------------ serving
 
@@ -365,6 +376,8 @@ class FakeDNSServer:
             self.queries_by_type[rdtype] += 1
             if not self.fast:
                 self.queries.append((_qname_text(question.name), rdtype, transport))
+                self._arrived.set()
+                self._arrived = trio.Event()
         return query
 
     async def _reply(self, wire: bytes, transport: str) -> bytes | None:

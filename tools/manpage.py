@@ -1,4 +1,4 @@
-"""The manual pages smtpdcheck(1) and smtpdcheck-policyd(8), generated.
+"""The manual pages smtpdcheck(1) and smtpdcheck-policyd(8), generated (a development tool).
 
 The options are read from the same places ``--help`` reads them: the
 daemon's table (:data:`policyd.config.OPTIONS`, which also drives the TOML
@@ -10,22 +10,27 @@ written here, in the layout of Postfix's own pages.
 
 The generated pages are committed under ``man/`` so a build needs no
 Python; ``tests/test_manpages.py`` fails when they are stale.  Regenerate
-with ``python -m policyd.manpage man``.
+with ``python -m tools.manpage man``.
 """
+
 
 from __future__ import annotations
 
-import argparse
 import email.utils
 import errno
 import io
 import os
 import re
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
+from policyd import cli as daemon_cli
+from policyd.config import DEFAULT_LISTEN, OPTIONS, Config, default_text
+from policyd.decisionlog import BUFFER_LIMIT, decision_line, decision_middle
+from policyd.listeners import unix_listen_error
+from policyd.protocol import MAX_ATTRIBUTES, MAX_LINE_BYTES, MAX_REQUEST_BYTES
 from smtpdcheck import cli as check_cli
 from smtpdcheck import release
 from smtpdcheck.check import CheckResult, ServerReport
@@ -33,11 +38,10 @@ from smtpdcheck.policy import Action, Cache
 from smtpdcheck.probe import Outcome, ProbeResult
 from smtpdcheck.servers import parse_address, parse_servers
 
-from . import cli as daemon_cli
-from .config import DEFAULT_LISTEN, OPTIONS, Config, default_text
-from .decisionlog import BUFFER_LIMIT, decision_line, decision_middle
-from .listeners import unix_listen_error
-from .protocol import MAX_ATTRIBUTES, MAX_LINE_BYTES, MAX_REQUEST_BYTES
+from .roff import (
+    bold, display, epilog_sections, examples, exit_status, italic, item, lit, name_section, paragraph,
+    paragraphs, parser_options, section, sentence, text, usage_line,
+)
 
 #: Where this release's date is kept; the pages are generated in the source tree.
 CHANGELOG: Final = Path(__file__).resolve().parent.parent / "debian" / "changelog"
@@ -45,62 +49,8 @@ CHANGELOG: Final = Path(__file__).resolve().parent.parent / "debian" / "changelo
 SERVICE_UNIT: Final = Path(__file__).resolve().parent.parent / "etc" / "systemd" / "smtpdcheck-policyd.service"
 CONFIG_PATH: Final = str(daemon_cli.SystemFiles().config)
 
-# -- roff escaping and layout ----------------------------------------------
 
-
-def text(value: str) -> str:
-    """Escape running text: a backslash would start an escape sequence."""
-    return value.replace("\\", "\\e")
-
-
-def lit(value: str) -> str:
-    """Escape literal text (flags, commands): '-' must stay an ASCII minus, not a hyphen."""
-    return text(value).replace("-", "\\-")
-
-
-def bold(value: str) -> str:
-    return f"\\fB{lit(value)}\\fR"
-
-
-def italic(value: str) -> str:
-    return f"\\fI{lit(value)}\\fR"
-
-
-def _safe_line(line: str) -> str:
-    """A line starting with '.' or "'" would be read as a request."""
-    return "\\&" + line if line.startswith((".", "'")) else line
-
-
-def paragraph(words: str) -> list[str]:
-    """Filled text: source line breaks are not kept, runs of spaces collapse."""
-    joined = " ".join(words.split())
-    return [_safe_line(text(joined))] if joined else []
-
-
-def paragraphs(block: str) -> list[str]:
-    out: list[str] = []
-    for chunk in re.split(r"\n\s*\n", block.strip()):
-        if out:
-            out.append(".PP")
-        out.extend(paragraph(chunk))
-    return out
-
-
-def display(lines: Iterable[str]) -> list[str]:
-    """Unfilled, indented literal lines (commands, configuration)."""
-    out = [".sp", ".in +4", ".nf"]
-    out.extend(_safe_line(lit(line)) if line.strip() else "" for line in lines)
-    out.extend([".fi", ".in -4"])
-    return [line if line else ".sp" for line in out]
-
-
-def section(title: str, *, filled: bool = True) -> list[str]:
-    quoted = f'"{title}"' if " " in title else title
-    return [f".SH {quoted}", ".ad" if filled else ".na", ".fi" if filled else ".nf"]
-
-
-def item(label: str, body: Sequence[str]) -> list[str]:
-    return [f'.IP "{label}"', *body]
+# -- the page header: name, section, this release and its date ----------------
 
 
 def release_date(changelog: Path = CHANGELOG, version: str | None = None) -> str:
@@ -133,116 +83,6 @@ def header(name: str, number: int, volume: str) -> list[str]:
     ]
 
 
-def name_section(name: str, summary: str) -> list[str]:
-    return [".SH NAME", f"{lit(name)} \\- {text(summary)}"]
-
-
-# -- argparse -----------------------------------------------------------------
-
-
-def _help_of(action: argparse.Action, prog: str) -> str:
-    assert action.help is not None
-    if "%" not in action.help:
-        return action.help
-    return action.help % {**vars(action), "prog": prog}
-
-
-def _action_label(action: argparse.Action) -> str:
-    flags = ", ".join(bold(flag) for flag in action.option_strings)
-    if action.nargs == 0:
-        return flags
-    metavar = action.metavar if isinstance(action.metavar, str) else action.dest.upper()
-    return f"{flags} {italic(metavar)}"
-
-
-def parser_options(parser: argparse.ArgumentParser, skip: Iterable[str] = ()) -> list[str]:
-    """An .IP item per optional argument, in the order of ``--help``."""
-    skipped = set(skip)
-    out: list[str] = []
-    for action in parser._actions:
-        if not action.option_strings or action.help == argparse.SUPPRESS or action.dest in skipped:
-            continue
-        out.extend(item(_action_label(action), paragraph(_sentence(_help_of(action, parser.prog)))))
-    return out
-
-
-def _sentence(value: str) -> str:
-    """Help strings are phrases; on a page each item ends with a full stop."""
-    value = value.strip()
-    return value if value.endswith(".") else value + "."
-
-
-def epilog_sections(epilog: str) -> dict[str, list[str]]:
-    """``--help`` epilog blocks: a title and a colon at column 0 start one.
-
-    The block's text may follow the colon on the same line ("signals: ...").
-    """
-    sections: dict[str, list[str]] = {}
-    current: list[str] | None = None
-    for line in epilog.splitlines():
-        heading = _HEADING.match(line)
-        if heading is not None:
-            current = sections.setdefault(heading[1], [])
-            if heading[2]:
-                current.append(heading[2])
-        elif current is not None:
-            current.append(line)
-    return sections
-
-
-_HEADING: Final = re.compile(r"([A-Za-z][A-Za-z .()]*):(?: (.*))?$")
-
-
-def _dedent(lines: Sequence[str]) -> list[str]:
-    margin = min((len(l) - len(l.lstrip()) for l in lines if l.strip()), default=0)
-    return [l[margin:] for l in lines]
-
-
-# -- smtpdcheck(1) ------------------------------------------------------------
-
-
-def _usage_line(parser: argparse.ArgumentParser) -> str:
-    usage = parser.format_usage().strip().removeprefix("usage:").strip()
-    prog, _, rest = usage.partition(" ")
-    return f"{bold(prog)} {lit(' '.join(rest.split()))}"
-
-
-def _exit_status(lines: Sequence[str]) -> list[str]:
-    out: list[str] = []
-    for line in _dedent(lines):
-        head, _, rest = line.partition("  ")
-        if line and not line[0].isspace() and head.isdigit():
-            out.extend([f".IP {head}", _safe_line(text(rest.strip()))])
-        elif line.strip():
-            out.append(_safe_line(text(line.strip())))
-    return out
-
-
-def _examples(lines: Sequence[str]) -> list[str]:
-    """Commands at the epilog's left margin, each followed by its explanation."""
-    out: list[str] = []
-    commands: list[str] = []
-    prose: list[str] = []
-
-    def flush() -> None:
-        if commands:
-            out.extend(display(commands))
-        if prose:
-            out.extend([".PP", *paragraph(" ".join(prose))])
-        commands.clear()
-        prose.clear()
-
-    for line in _dedent(lines):
-        if not line.strip():
-            continue
-        if not line[0].isspace():
-            flush()
-            commands.append(line)
-        else:
-            prose.append(line.strip())
-    flush()
-    return out
-
 
 def smtpdcheck_page() -> str:
     parser = check_cli.build_parser()
@@ -252,7 +92,7 @@ def smtpdcheck_page() -> str:
     out = header("smtpdcheck", 1, "User Commands")
     out += name_section("smtpdcheck", "check SMTP servers")
     out += section("SYNOPSIS", filled=False)
-    out += [_usage_line(parser)]
+    out += [usage_line(parser)]
     out += section("DESCRIPTION")
     out += paragraphs(description)
     out += [
@@ -268,7 +108,7 @@ def smtpdcheck_page() -> str:
     out += section("OPTIONS")
     out += parser_options(parser)
     out += section("EXIT STATUS")
-    out += _exit_status(epilog["exit status"])
+    out += exit_status(epilog["exit status"])
     out += section("DIAGNOSTICS")
     out += paragraph(
         "Standard output carries only the name of the available server (with --mx: the explanation).  "
@@ -286,7 +126,7 @@ def smtpdcheck_page() -> str:
     )
     out += section("EXAMPLES")
     out += paragraph("The examples of Mail Avenger's page; in the first two, this host is s2.domain.com:")
-    out += _examples(epilog["examples"])
+    out += examples(epilog["examples"])
     out += [".PP"]
     out += paragraph("To see why the policy server would defer mail for a domain:")
     out += display(["smtpdcheck --mx example.com --stop 192.0.2.25 -v"])
@@ -513,7 +353,7 @@ def _table_options() -> list[str]:
         label = f"{bold(option.flag)} {italic(option.metavar)}"
         default = f"{bold(default_text(option))}" if option.name != "defer_text" else f'"{text(default_text(option))}"'
         allowed = f"allowed: {text(option.allowed)}; " if option.allowed else ""
-        out.extend(item(label, [*paragraph(_sentence(option.help)), ".br", f"File key {bold(option.name)}, {allowed}default {default}."]))
+        out.extend(item(label, [*paragraph(sentence(option.help)), ".br", f"File key {bold(option.name)}, {allowed}default {default}."]))
     return out
 
 
@@ -621,7 +461,7 @@ PAGES: Final = {"smtpdcheck.1": smtpdcheck_page, "smtpdcheck-policyd.8": policyd
 def main(argv: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     if len(args) != 1:
-        print("usage: python -m policyd.manpage DIRECTORY", file=sys.stderr)
+        print("usage: python -m tools.manpage DIRECTORY", file=sys.stderr)
         return 2
     directory = Path(args[0])
     directory.mkdir(parents=True, exist_ok=True)
