@@ -229,7 +229,7 @@ async def test_sighup_during_a_slow_start_up_is_held_until_the_daemon_serves(
         process.send_signal(signal.SIGHUP)
 
     daemon = await start_daemon(
-        nursery, [*base, "--stop", "slowstop.example", "--dns-timeout", "5"], while_starting=hangup_while_resolving,
+        nursery, [*base, "--stop", "slowstop.example", "--dns-timeout", "5", "--deadline", "7"], while_starting=hangup_while_resolving,
     )
     with trio.fail_after(15):
         await daemon.wait_log("configuration reloaded", timeout=15)
