@@ -72,8 +72,9 @@ POSTFIX_FILTER = Path("/etc/fail2ban/filter.d/postfix.conf")
 KNOWN_MODES = {"normal", "more", "aggressive", "ddos", "auth", "rbl", "errors", "extra"}
 
 #: The policy requests: one RCPT every REQUEST_EVERY seconds for STREAM_FOR
-#: seconds, long enough for three probes at the default --cache-up-ttl (10 s).
-STREAM_FOR = 28.0
+#: seconds: three probes at the default --cache-up-ttl (10 s), at about 0,
+#: 10 and 20 s, and the stop falls halfway between the third and the fourth.
+STREAM_FOR = 25.0
 REQUEST_EVERY = 0.25
 #: How long the log may take to show that a connection ended.
 LOG_SETTLE = 10.0
@@ -256,6 +257,10 @@ def assert_not_matched(verdicts: dict[str, Verdict], log: str) -> None:
 # ---------------------------------------------------------------------- the policy server
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="the probe hangs up 2 s after postscreen's teaser, before the final greeting line (HANGUP)",
+)
 async def test_policy_server_probes_a_postscreen_primary_without_tripping_fail2ban(
     nursery: trio.Nursery, dns_server: FakeDNSServer, primary: PostfixInstance, tmp_path: Path
 ) -> None:
@@ -276,8 +281,9 @@ async def test_policy_server_probes_a_postscreen_primary_without_tripping_fail2b
                 await trio.sleep_until(start + n * REQUEST_EVERY)
                 request = rcpt(f"user{n}@{DOMAIN}", server_address=BACKUP_ADDRESS)
                 answers.append(await daemon.ask(request, stream))
-        # Stop between two probes: the daemon probes the primary again every
-        # --cache-up-ttl while the answer is in its refresh window.
+        # Stop between two probes (the daemon probes the primary again every
+        # --cache-up-ttl while the answer is in its refresh window): what is
+        # judged is how a probe leaves, not whether a stop cuts one short.
         await settled_log(primary, CLIENT_ADDRESS)
         daemon.process.send_signal(signal.SIGTERM)
         assert await daemon.process.wait() == 0, daemon.stderr_lines
