@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import trio
 
 __all__ = [
+    "HARNESS_SOURCE_ADDRESS",
     "PostfixError",
     "PostfixInstance",
     "SMTPClientError",
@@ -65,6 +66,10 @@ _BIND_RETRIES = 3  # a freshly probed free port can be taken by someone else bef
 # Unix-domain socket paths (Postfix's own under queue/private and our policy socket)
 # are limited to 108 bytes; keep the instance root well below that.
 _MAX_ROOT_LEN = 48
+# The harness's own connections (the start-up greeting check) come from this address, so
+# that they never share a test client's address in the log, nor in postscreen's memory of
+# which clients passed its tests; a postscreen instance lets it through untested.
+HARNESS_SOURCE_ADDRESS = "127.0.0.254"
 
 
 class PostfixError(RuntimeError):
@@ -296,6 +301,11 @@ class PostfixInstance:
     # Run the SMTP listener chrooted into the queue directory, as Debian does:
     # its unix: policy endpoints are then resolved inside the queue directory.
     chroot_smtpd: bool = False
+    # Put postscreen(8) in front of smtpd on the listener, as a primary MX runs it.  Its
+    # tests and their actions are main.cf parameters (``main_cf_extra``).  Only
+    # HARNESS_SOURCE_ADDRESS is exempt: the default ``postscreen_access_list``
+    # (permit_mynetworks, and mynetworks is 127.0.0.0/8) would wave every test client through.
+    postscreen: bool = False
 
     _started: bool = field(default=False, init=False, repr=False)
     _stopped: bool = field(default=False, init=False, repr=False)
@@ -318,6 +328,10 @@ class PostfixInstance:
     @property
     def maillog_path(self) -> pathlib.Path:
         return self.workdir / "maillog"
+
+    @property
+    def postscreen_access_path(self) -> pathlib.Path:
+        return self.config_dir / "postscreen_access.cidr"
 
     @property
     def policy_restriction(self) -> str:
@@ -407,9 +421,21 @@ class PostfixInstance:
             "smtpd_relay_restrictions": "reject_unauth_destination",
             "smtpd_recipient_restrictions": self.recipient_restrictions,
         }
+        if self.postscreen:
+            self.postscreen_access_path.write_text(f"{HARNESS_SOURCE_ADDRESS}/32 permit\n")
+            settings["postscreen_access_list"] = f"cidr:{self.postscreen_access_path}"
         settings.update(self.main_cf_extra)
         self._postconf("-e", *(f"{k} = {v}" for k, v in settings.items()))
-        for service in self.master_services:
+        services = list(self.master_services)
+        if self.postscreen:
+            # postscreen hands clients that passed to smtpd through the pass service;
+            # dnsblog and tlsproxy are spawned for DNSBL lookups and STARTTLS.
+            services += [
+                "smtpd/pass = smtpd pass - - n - - smtpd",
+                "dnsblog/unix = dnsblog unix - - n - 0 dnsblog",
+                "tlsproxy/unix = tlsproxy unix - - n - 0 tlsproxy",
+            ]
+        for service in services:
             self._postconf("-Me", service)
         # Drop the :25 listener; we never compete with a system Postfix.
         self._postconf("-MX", "smtp/inet")
@@ -428,7 +454,9 @@ class PostfixInstance:
         if old_port is not None:
             self._postconf("-MX", f"127.0.0.1:{old_port}/inet")
         chroot = "y" if self.chroot_smtpd else "n"
-        self._postconf("-Me", f"127.0.0.1:{port}/inet = 127.0.0.1:{port} inet n - {chroot} - - smtpd")
+        # postscreen is a single process per listener (process limit 1).
+        command = "1 postscreen" if self.postscreen else "- smtpd"
+        self._postconf("-Me", f"127.0.0.1:{port}/inet = 127.0.0.1:{port} inet n - {chroot} - {command}")
         self.smtp_port = port
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -484,11 +512,16 @@ class PostfixInstance:
             )
 
     def _wait_for_greeting(self, deadline: float) -> None:
-        """Poll until smtpd answers 220: master binds the port, but smtpd is spawned lazily."""
+        """Poll until smtpd answers 220: master binds the port, but smtpd is spawned lazily.
+
+        The check connects from HARNESS_SOURCE_ADDRESS, which postscreen lets through.
+        """
         last_error = "no attempt made"
         while time.monotonic() < deadline:
             try:
-                with socket.create_connection(("127.0.0.1", self.smtp_port), timeout=2) as sock:
+                with socket.create_connection(
+                    ("127.0.0.1", self.smtp_port), timeout=2, source_address=(HARNESS_SOURCE_ADDRESS, 0)
+                ) as sock:
                     sock.settimeout(max(0.1, min(5.0, deadline - time.monotonic())))
                     greeting = b""
                     while not re.search(rb"(^|\n)\d{3}(?: [^\n]*)?\r?\n$", greeting):
