@@ -33,7 +33,7 @@ import pytest
 import trio
 
 from tests.policyd_helpers import rcpt
-from tests.support.dnsserver import FakeDNSServer, nameserver_arg
+from testbeds.dnsserver import FakeDNSServer, nameserver_arg
 from tests.support.postfix import PostfixInstance
 from tests.support.pytest_postfix import PostfixFactory
 from tests.test_daemon_process import start_daemon
@@ -257,10 +257,6 @@ def assert_not_matched(verdicts: dict[str, Verdict], log: str) -> None:
 # ---------------------------------------------------------------------- the policy server
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the probe hangs up 2 s after postscreen's teaser, before the final greeting line (HANGUP)",
-)
 async def test_policy_server_probes_a_postscreen_primary_without_tripping_fail2ban(
     nursery: trio.Nursery, dns_server: FakeDNSServer, primary: PostfixInstance, tmp_path: Path
 ) -> None:
