@@ -34,7 +34,7 @@ from smtpdcheck.probe import Outcome, ProbeResult
 from smtpdcheck.servers import parse_address, parse_servers
 
 from . import cli as daemon_cli
-from .config import DEFAULT_LISTEN, OPTIONS, Config, default_text
+from .config import DEFAULT_LISTEN, DEFAULT_PORT, OPTIONS, Config, default_text
 from .decisionlog import BUFFER_LIMIT, decision_line, decision_middle
 from .listeners import unix_listen_error
 from .protocol import MAX_ATTRIBUTES, MAX_LINE_BYTES, MAX_REQUEST_BYTES
@@ -397,19 +397,26 @@ def _sandbox() -> list[str]:
 def _security() -> list[str]:
     out = section("SECURITY")
     out += item("Who can query it", paragraph(
-        f"Anyone who can connect to its endpoints; the protocol has no authentication.  The default, "
-        f"{DEFAULT_LISTEN}, is reachable by every user and process on this host.  A query reveals only "
-        "whether the MX hosts of a domain are up, but it makes the daemon look them up and probe them.  "
-        "To let only Postfix ask, use a unix socket whose group is postfix and mode 0660 (the socket unit "
-        "smtpdcheck-policyd-unix.socket does this); never listen on an address other hosts can reach "
-        "without a firewall.  --metrics serves its counters to anyone who can connect, without "
+        f"Anyone who can connect to its endpoints; the protocol has no authentication, and a query makes "
+        "the daemon look a domain up and connect to port 25 of the addresses its MX hosts name.  The "
+        f"default, {DEFAULT_LISTEN}, is reachable by every user and process on this host.  An inet "
+        "endpoint on any other address (0.0.0.0 and :: included) is refused at start-up unless "
+        "--allow-client names the clients that may ask; with --allow-client given, every inet endpoint "
+        "closes a connection from any other address as soon as it is accepted, before reading a byte, "
+        f"counts it (smtpdcheck_clients_refused_total) and logs at most one warning a minute about such "
+        "connections, with how many it did not log.  "
+        "To let only Postfix ask, use a unix socket whose group is postfix and mode 0660: the socket unit "
+        "smtpdcheck-policyd-unix.socket makes one, and --socket-group postfix gives one the daemon makes "
+        "to that group.  --metrics serves its counters to anyone who can connect, without "
         "authentication; it is off by default."
     ))
     out += item("Socket modes", paragraph(
-        f"A unix socket the daemon makes is bound under umask 0177 and then given --socket-mode (default "
-        f"{Config().socket_mode:04o}), so it is never reachable more widely than configured, even for a "
-        "moment.  An existing path that is not a socket, or a socket another server answers on, is never "
-        "replaced.  Sockets handed over by systemd keep the owner and mode their unit gives them."
+        f"A unix socket the daemon makes is bound under umask 0177, then given to --socket-group if set, "
+        f"then given --socket-mode (default {Config().socket_mode:04o}), so it is never reachable more "
+        "widely than configured, even for a moment.  Giving it to a group needs a daemon running as root "
+        "or as a member of that group; a group that does not exist stops start-up.  An existing path that "
+        "is not a socket, or a socket another server answers on, is never replaced.  Sockets handed over "
+        "by systemd keep the owner and mode their unit gives them."
     ))
     out += item("What it connects to", paragraph(
         "The nameservers of --nameserver or /etc/resolv.conf, for MX and address lookups; and the "
@@ -587,7 +594,7 @@ def policyd_page() -> str:
         f"{CONFIG_PATH}, the configuration, read when it exists and no --config is given",
         "/etc/resolv.conf, the nameservers asked when no --nameserver is given",
         "/usr/lib/systemd/system/smtpdcheck-policyd.service, the service",
-        "/usr/lib/systemd/system/smtpdcheck-policyd.socket, socket activation on 127.0.0.1:10040",
+        f"/usr/lib/systemd/system/smtpdcheck-policyd.socket, socket activation on 127.0.0.1:{DEFAULT_PORT}",
         "/usr/share/doc/smtpdcheck/examples/, Postfix main.cf and master.cf snippets, and",
         "    smtpdcheck-policyd-unix.socket, socket activation in the queue directory",
     ]

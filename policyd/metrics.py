@@ -36,6 +36,8 @@ class Metrics:
     # Connections closed by --idle-timeout: routine, so not a protocol error.
     idle_closes: int = 0
     accept_errors: int = 0
+    # Connections closed unanswered: the peer is not in --allow-client.
+    clients_refused: int = 0
 
     def observe_request(self, action: str, kind: str, seconds: float) -> None:
         self.observe((action, kind), seconds)

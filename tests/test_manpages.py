@@ -15,7 +15,7 @@ import trio.testing
 
 from policyd import manpage
 from policyd.cli import build_parser as daemon_parser
-from policyd.config import OPTIONS, default_text
+from policyd.config import OPTIONS, Config, default_text
 from smtpdcheck.cli import build_parser as check_parser
 
 MAN = Path(__file__).resolve().parent.parent / "man"
@@ -218,7 +218,7 @@ def test_security_lists_the_service_units_sandbox() -> None:
         assert manpage.lit(line) in security, line
     for topic in ("Who can query it", "Socket modes", "What it connects to", "systemd sandbox"):
         assert f'.IP "{topic}"' in security
-    assert "0666" in security  # --socket-mode's default, from the option table
+    assert f"{Config().socket_mode:04o}" in security  # --socket-mode's default, from the option table
 
 
 def test_smtpdcheck_diagnostics_show_a_verbose_line_as_the_command_writes_it() -> None:
