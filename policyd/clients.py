@@ -16,9 +16,10 @@ from __future__ import annotations
 import grp
 import ipaddress
 import logging
-import math
 from collections.abc import Iterable
 from typing import Final
+
+from .logfmt import ThrottledWarning
 
 log = logging.getLogger("smtpdcheck.policyd")
 
@@ -104,26 +105,13 @@ def exposed_endpoint(endpoints: Iterable[str]) -> str | None:
     return None
 
 
-class RefusalLog:
-    """Refused connections, logged at most once per interval with how many were not logged.
+class RefusalLog(ThrottledWarning):
+    """Refused connections: a scan may knock thousands of times a second, so one line a minute."""
 
-    A scan or a misconfigured client may knock thousands of times a second;
-    one warning a minute says so without flooding the log.  ``now`` is trio
-    time, so the interval runs on a test's clock.
-    """
-
-    __slots__ = ("interval", "_next", "_unlogged")
+    __slots__ = ()
 
     def __init__(self, interval: float = REFUSAL_LOG_INTERVAL_S) -> None:
-        self.interval = interval
-        self._next = -math.inf
-        self._unlogged = 0
+        super().__init__(log, interval)
 
     def refused(self, peer: str, endpoint: str, now: float) -> None:
-        if now < self._next:
-            self._unlogged += 1
-            return
-        more = f" ({self._unlogged} more refused since the last such line)" if self._unlogged else ""
-        self._unlogged = 0
-        self._next = now + self.interval
-        log.warning("refused a connection from %s to %s: not in --allow-client%s", peer, endpoint, more)
+        self.warn(now, "refused a connection from %s to %s: not in --allow-client", peer, endpoint)

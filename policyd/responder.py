@@ -17,11 +17,14 @@ import trio
 
 from smtpdcheck.cache import TTLCache
 from smtpdcheck.core import Core, CoreSettings
+from smtpdcheck.check import CheckResult
 from smtpdcheck.policy import Action, Decision, Kind, Policy
+from smtpdcheck.probe import Outcome
 from smtpdcheck.stoprule import StopSet
 
 from . import decisionlog
 from .config import Config
+from .logfmt import ThrottledWarning
 from .metrics import Metrics
 from .protocol import DUNNO_REPLY, PolicyRequest, format_reply
 
@@ -133,6 +136,9 @@ class Responder:
         self.config = config
         self.policy = self._policy(config, core.stop)
         self._drained: trio.Event | None = None
+        # Limits reached are state an administrator must see at --log-level warning, but at most once a minute.
+        self.probe_limit_warning = ThrottledWarning(log)
+        self.connection_limit_warning = ThrottledWarning(log)
 
     def _policy(self, config: Config, stop: StopSet) -> Policy:
         return Policy(
@@ -206,8 +212,21 @@ class Responder:
             if not metrics.requests_in_flight and self._drained is not None:
                 self._drained.set()
         end = trio.current_time()
+        if outcome.decision.result is not None:
+            self._note_probe_limit(outcome.decision.result, end)
         self._finish(request, outcome, end - start, end)
         return outcome
+
+    def _note_probe_limit(self, result: CheckResult, now: float) -> None:
+        """Warn when a probe was not made for want of a slot: --max-probes is too low for the load."""
+        for report in result.reports:
+            for probe in report.probes:
+                if probe.outcome is Outcome.OVERLOADED:
+                    self.probe_limit_warning.warn(
+                        now, "probe limit reached (--max-probes %d): %s [%s] not probed, counted as down",
+                        self.config.max_probes, report.server.name, probe.address,
+                    )
+                    return
 
     async def wait_drained(self) -> None:
         """Return once no request is being decided (shutdown bounds it with its grace)."""

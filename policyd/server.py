@@ -289,6 +289,12 @@ async def accept_loop(
     """
     with _twin(listener) as twin:
         while True:
+            if not slots.value:
+                responder.connection_limit_warning.warn(
+                    trio.current_time(),
+                    "connection limit reached (--max-connections %d): new connections wait in the listen queue",
+                    responder.config.max_connections,
+                )
             await slots.acquire()
             try:
                 stream = await listener.accept()

@@ -131,7 +131,7 @@ async def test_refusals_are_logged_at_most_once_a_minute_with_the_count(
     assert [r.getMessage() for r in caplog.records] == [
         "refused a connection from 192.0.2.7 to inet:0.0.0.0:10036: not in --allow-client",
         "refused a connection from 192.0.2.8 to inet:0.0.0.0:10036: not in --allow-client"
-        " (4 more refused since the last such line)",
+        " (4 more since the last such line)",
     ]
 
 
