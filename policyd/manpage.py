@@ -322,7 +322,10 @@ def verbose_example() -> str:
 
 #: A decision line, written by the daemon's own formatter.
 DECISION_EXAMPLE: Final = decision_line(
-    "", "user@example.com", decision_middle("example.com", Action.DEFER_IF_PERMIT.value, "primary mx1.example.com live", Cache.MISS.value), 0.0124
+    "", "user@example.com", decision_middle(
+        "example.com", Action.DEFER_IF_PERMIT.value, "primary mx1.example.com live", Cache.HIT.value,
+        mx="10:mx1.example.com,20:backup.example.net", up="192.0.2.1",
+    ), 0.0004, 3.2,
 )
 #: A state-change line, as the prober logs it (tests/test_manpages.py checks it against the prober).
 STATE_CHANGE_EXAMPLE: Final = "mx1.example.com [192.0.2.1] up -> down (timeout)"
@@ -341,7 +344,8 @@ def _diagnostics() -> list[str]:
         "DNS is escaped (\\xNN), so no recipient can forge a log line."
     )
     out += item("Decision lines", paragraph(
-        "One line per RCPT decided, at level info:"
+        "One line per RCPT decided, at level info (--log-level warning drops them and keeps every "
+        "state change below):"
     ))
     out += display([DECISION_EXAMPLE])
     out += [".sp"]
@@ -352,14 +356,26 @@ def _diagnostics() -> list[str]:
         "more-preferred MXes down, no more-preferred MX, domain does not exist, null MX, dns failure: "
         f"SERVFAIL, deadline of Ns exceeded, ...); cache= where its inputs came from ({', '.join(c.value for c in Cache)}; "
         "stale: from caches, one of them past its expiry and being refreshed); ms= the time it took to answer, "
-        "in milliseconds."
+        "in milliseconds.  What Postfix's own log line for the 450 does not say is here too: mx= the MX "
+        "list considered, preference:host, most preferred first (absent when DNS gave none); up= the address of "
+        "the live MX whose greeting a DEFER or WARN rests on; and, after ms=, age= how old that greeting "
+        "was when the answer was given."
     )
     out += item("State changes", paragraph(
-        "When a probe finds an MX address in another state than its cached result said, one info line "
+        "When a probe finds an MX address in another state than its cached result said, one warning line "
         "names the MX host, the address (with :port when --smtp-port is not 25), the old and the new "
         f"state, and the probe's outcome ({', '.join(STATE_OUTCOMES)}); it may say more after that:"
     ))
     out += display([STATE_CHANGE_EXAMPLE])
+    out += item("Limits and refusals", paragraph(
+        "Also at warning, each at most once a minute with how many were not logged: a probe not made "
+        "because --max-probes were all busy (probe limit reached (--max-probes N): ... not probed, counted "
+        "as down), a connection left waiting because --max-connections were open (connection limit "
+        "reached ...), and a connection closed unanswered because its client is not in --allow-client "
+        "(refused a connection from ADDRESS to ENDPOINT ...).  A DNS refresh that fails and leaves the "
+        "last good answer being served is a warning too, once per name (the line saying it answers "
+        "again is at info)."
+    ))
     out += item("Dropped lines", paragraph(
         "When the log target does not take lines (a stalled journald, a full pipe), lines wait in a "
         f"{BUFFER_LIMIT >> 20} MiB buffer, beyond it they are dropped and counted (smtpdcheck_log_lines_dropped_total), "

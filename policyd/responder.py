@@ -87,9 +87,16 @@ _NOT_RCPT = Answer(DUNNO_REPLY, Policy.undecided(Kind.NOT_RCPT, "not an RCPT req
 
 
 def _middle(decision: Decision) -> str:
-    """The part of the decision line that depends only on the decision."""
+    """The part of the decision line that depends only on the decision: built from the full one, then memoised."""
     verdict = decision.verdict
-    return decisionlog.decision_middle(decision.domain, verdict.action.value, verdict.reason, decision.cache.value)
+    mx = ",".join(f"{pref}:{host}" for pref, host in decision.mx.hosts) if decision.mx is not None else ""
+    up = ""
+    result = decision.result
+    if result is not None and result.winner is not None:
+        up = next((p.address for r in result.reports if r.server is result.winner for p in r.probes if p.available), "")
+    return decisionlog.decision_middle(
+        decision.domain, verdict.action.value, verdict.reason, decision.cache.value, mx=mx, up=up
+    )
 
 
 def _memo_key(recipient: str, server_address: str) -> tuple[str, str] | None:
@@ -248,7 +255,7 @@ class Responder:
             if key is not None:
                 small = Decision(decision.verdict, decision.domain, decision.cache, decision.valid_until,
                                  decision.confirmed_at)
-                self.answers.put(key, Answer(answer.reply, small, line=_middle(small)), ttl)
+                self.answers.put(key, Answer(answer.reply, small, line=_middle(decision)), ttl)
         return answer
 
     def _finish(
@@ -258,20 +265,23 @@ class Responder:
         """Count and log one answered request, answered at ``now`` (``fields``: its
         :meth:`~PolicyRequest.rcpt_fields`, if read)."""
         self.metrics.observe(outcome.counted, elapsed)
+        age = math.nan
         if outcome.rests_on_a_greeting:
-            self.metrics.observe_defer_evidence(now - outcome.decision.confirmed_at)
+            age = now - outcome.decision.confirmed_at
+            self.metrics.observe_defer_evidence(age)
         if not outcome.checked:
             return
         sink = self.sink
         if sink is None:  # logging not set up (embedded, tests): a plain record
             if log.isEnabledFor(logging.INFO):
-                log.info("%s", decisionlog.decision_line(request.queue_id, request.recipient, _middle(outcome.decision), elapsed))
+                middle = outcome.line or _middle(outcome.decision)
+                log.info("%s", decisionlog.decision_line(request.queue_id, request.recipient, middle, elapsed, age))
         elif sink.decisions:
             middle = outcome.line or _middle(outcome.decision)
             if fields is None:
-                sink.decision(request.queue_id, request.recipient, middle, elapsed)
+                sink.decision(request.queue_id, request.recipient, middle, elapsed, age)
             else:
-                sink.decision(fields[2], fields[0], middle, elapsed)
+                sink.decision(fields[2], fields[0], middle, elapsed, age)
 
     async def explain(self, recipient: str, server_address: str = "") -> Explanation:
         """Decide one RCPT as the server would, and say how."""

@@ -148,10 +148,11 @@ def test_diagnostics_show_a_decision_line_as_the_daemon_writes_it() -> None:
     from policyd.decisionlog import decision_line, decision_middle
 
     diagnostics = _section(manpage.policyd_page(), "DIAGNOSTICS")
-    line = decision_line("", "user@example.com", decision_middle("example.com", "DEFER_IF_PERMIT",
-                                                                 "primary mx1.example.com live", "miss"), 0.0124)
+    middle = decision_middle("example.com", "DEFER_IF_PERMIT", "primary mx1.example.com live", "hit",
+                             mx="10:mx1.example.com,20:backup.example.net", up="192.0.2.1")
+    line = decision_line("", "user@example.com", middle, 0.0004, 3.2)
     assert manpage.lit(line) in diagnostics
-    for field in ("rcpt=", "domain=", "action=", "reason=", "cache=", "ms=", "NOQUEUE"):
+    for field in ("rcpt=", "domain=", "action=", "reason=", "mx=", "up=", "cache=", "ms=", "age=", "NOQUEUE"):
         assert field in diagnostics.replace("\\-", "-")
     for cache in ("hit", "miss", "stale"):
         assert cache in diagnostics
