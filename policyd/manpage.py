@@ -571,6 +571,21 @@ def policyd_page() -> str:
         "later permit cannot undo DEFER_IF_PERMIT.  try_limit=1 and default_action=DUNNO keep mail "
         "flowing if the daemon is down; timeout must exceed --deadline."
     )
+    out += [".PP"]
+    out += paragraph(
+        "The check is the restriction class smtpdcheck_backup, and only recipients of relay domains reach "
+        "it: the relay domains are a table, /etc/postfix/relay_domains (postmap it after each change), "
+        f"whose value for each domain is the class ({daemon_cli.RELAY_DOMAINS_EXAMPLE}).  relay_domains "
+        "only asks whether a domain is in the table; check_recipient_access on the same table applies "
+        "the value.  One table cannot drift apart as a list and a second table would, and a list cannot "
+        "be looked up by check_recipient_access.  Recipients of local (mydestination) and virtual domains "
+        "never reach the daemon: a more-preferred MX of such a domain that is this site's own filtering "
+        "front end, delivering here, would be found up and its deliveries deferred.  A relay domain with "
+        "such a front end gets DUNNO in the table instead of smtpdcheck_backup, or the front end's "
+        "addresses go into mynetworks, permitted before the check.  Subdomains match both lookups alike "
+        "while parent_domain_matches_subdomains lists relay_domains and smtpd_access_maps (the default); "
+        "change both or neither."
+    )
     out += section("DECISION RULES")
     for title, body in DECISION_RULES:
         out += item(text(title), paragraph(body))
@@ -598,8 +613,9 @@ def policyd_page() -> str:
         *paragraph("With --check: the mail would be deferred (a more-preferred MX is up)."),
         ".IP 2",
         *paragraph(
-            "Bad usage or configuration, a --stop name that does not resolve, or a listening socket "
-            "that cannot be opened; with --check, the decision could not be made (DNS failure, "
+            "Bad usage or configuration, a --stop name that does not resolve, a listening socket "
+            "that cannot be opened or given to --socket-group, or an inet endpoint off loopback without "
+            "--allow-client; with --check, the decision could not be made (DNS failure, "
             "deadline, error)."
         ),
     ]
