@@ -14,6 +14,7 @@ Skipped loudly without Postfix; a failure under CI=true.
 from __future__ import annotations
 
 import grp
+import os
 import pathlib
 import pwd
 import re
@@ -36,7 +37,12 @@ from tests.test_policyd_server import backup_zone
 pytestmark = pytest.mark.postfix
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-SNIPPET = ROOT / "etc" / "postfix-snippets" / "main.cf"
+# The source tree's snippet, or (testing an installed package, whose tests run without etc/) the package's copy.
+SNIPPET = (
+    ROOT / "etc" / "postfix-snippets" / "main.cf"
+    if (ROOT / "etc").is_dir()
+    else pathlib.Path("/usr/share/doc/smtpdcheck/examples/main.cf")
+)
 SYSTEM_PYTHON = "/usr/bin/python3"
 
 # Connect to a unix socket as whoever runs this; exit 0 connected, 13 refused (EACCES), 1 otherwise.
@@ -55,6 +61,8 @@ def mail_owner_group() -> str:
 
 
 def connect_as_nobody(path: pathlib.Path) -> int:
+    if not os.access(SYSTEM_PYTHON, os.X_OK):
+        pytest.fail(f"{SYSTEM_PYTHON} is needed to try the socket as another user")
     run = subprocess.run(
         [SYSTEM_PYTHON, "-I", "-c", _CONNECT, str(path)],
         user="nobody", group="nogroup", extra_groups=[], capture_output=True, text=True, timeout=30, check=False,
