@@ -185,3 +185,9 @@ async def test_unix_sockets_are_not_gated(nursery: trio.Nursery, tmp_path: Path)
             await stream.send_all(NOT_RCPT)
             assert await stream.receive_some(100) == b"action=DUNNO\n\n"
     assert running.responder.metrics.clients_refused == 0
+
+
+def test_a_socket_group_that_does_not_exist_stops_start_up(files: SystemFiles) -> None:  # noqa: F811
+    files.resolv_conf.write_text("nameserver 127.0.0.1\n")
+    line = one_line(policyd(files, "--listen", f"inet:127.0.0.1:{unused_port()}", "--socket-group", "no-such-group-here"))
+    assert line == "smtpdcheck-policyd: --socket-group: no such group: 'no-such-group-here'"
