@@ -421,7 +421,7 @@ def figures(w: OutageWorld, p: Primary, phases: Phases) -> OutageFigures:
     )
 
 
-_DECISION: Final = re.compile(r" domain=(\S+) .* ms=([0-9.]+)$")
+_DECISION: Final = re.compile(r" domain=(\S+) .* ms=([0-9.]+)(?: age=[0-9.]+s)?$")  # a DEFER also says its greeting's age
 
 
 def daemon_slowest(stderr: str, domain: str) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -26,6 +27,7 @@ from smtpdcheck.stoprule import StopSet
 
 from . import config as cfg
 from . import systemd
+from .clients import exposed_endpoint
 from .exposition import MetricsUnavailable, make_registry, serve_metrics
 from .listeners import ListenError, endpoint_of, open_listeners, unix_paths
 from .logsetup import close_logging, current_sink, setup_logging
@@ -49,25 +51,34 @@ an "up" that its probe does not confirm in time answers DUNNO at once.
 # The lines of etc/postfix-snippets/main.cf without its comments, which
 # say why each is there; tests/test_wiring.py keeps the two equal and every
 # other example (README, the manual page, the other snippets) in this order.
-MAIN_CF_EXAMPLE = """\
-relay_domains = example.com
+MAIN_CF_EXAMPLE = f"""\
+relay_domains = hash:/etc/postfix/relay_domains
 relay_recipient_maps = hash:/etc/postfix/relay_recipients
 smtpd_relay_restrictions =
     permit_mynetworks,
     permit_sasl_authenticated,
     reject_unauth_destination
+smtpd_restriction_classes = smtpdcheck_backup
+smtpdcheck_backup =
+    check_policy_service {{ {cfg.DEFAULT_LISTEN}, timeout=10s, try_limit=1, default_action=DUNNO }}
 smtpd_recipient_restrictions =
     permit_mynetworks,
     permit_sasl_authenticated,
     reject_unlisted_recipient,
-    check_policy_service { inet:127.0.0.1:10040, timeout=10s, try_limit=1, default_action=DUNNO }
+    check_recipient_access hash:/etc/postfix/relay_domains
 """
+# The table both relay_domains and check_recipient_access read: a domain's
+# value selects the check (see the snippet's comments).
+RELAY_DOMAINS_EXAMPLE = "example.com     smtpdcheck_backup"
 
 EPILOG = (
     "Postfix wiring (main.cf):\n"
     + textwrap.indent(MAIN_CF_EXAMPLE, "  ")
-    + "  (the relay check and the permit_* exemptions come before the policy check;\n"
-    "  see the commented snippets in the package's examples or etc/postfix-snippets/)\n\n"
+    + "  and in /etc/postfix/relay_domains (then: postmap /etc/postfix/relay_domains):\n"
+    + f"    {RELAY_DOMAINS_EXAMPLE}\n"
+    + "  (the relay check and the permit_* exemptions come before the policy check, which\n"
+    "  runs only for relay domains; see the commented snippets in the package's examples\n"
+    "  or etc/postfix-snippets/)\n\n"
 ) + textwrap.fill(
     "signals: SIGHUP re-reads the configuration file; these options keep their running values "
     f"until a restart ({', '.join(cfg.RESTART_ONLY)}).  SIGTERM and SIGINT stop accepting, let "
@@ -190,8 +201,15 @@ async def _listen_and_serve(
     responder = Responder(config, core, sink=current_sink())
     if inherited:
         listeners = systemd.listeners_from(inherited)
+        try:
+            _check_exposed([endpoint_of(listener) for listener in listeners], config)
+        except ListenError:
+            for listener in listeners:
+                listener.socket.close()
+            raise
     else:
-        listeners = await open_listeners(config.listen, socket_mode=config.socket_mode)
+        _check_exposed(config.listen, config)
+        listeners = await open_listeners(config.listen, socket_mode=config.socket_mode, socket_group=config.socket_group)
     made = [] if inherited else unix_paths(config.listen)
     try:
         await _serve(config, responder, listeners, inherited, signals, args, files)
@@ -240,6 +258,17 @@ async def _serve_signals(
         systemd.notify("STOPPING=1")
         await server.shutdown(SHUTDOWN_GRACE_S)
         return
+
+
+def _check_exposed(endpoints: Sequence[str], config: cfg.Config) -> None:
+    """Refuse to answer the network at large: an endpoint off loopback needs --allow-client."""
+    exposed = None if config.allow_clients else exposed_endpoint(endpoints)
+    if exposed is not None:
+        raise ListenError(
+            errno.EACCES,
+            f"{exposed}: other hosts may reach this address; name the clients allowed to ask with "
+            "--allow-client (allow_clients in the file)",
+        )
 
 
 async def run_stdio(config: cfg.Config, files: SystemFiles) -> int:

@@ -27,7 +27,10 @@ from smtpdcheck.probe import GREETING_TIMEOUT_S, PROBE_REFRESH_FLOOR_S, QUIT_GRA
 from smtpdcheck.resolver import DNSConfigError, parse_nameserver
 from smtpdcheck.servers import is_valid_hostname, parse_address
 
-DEFAULT_LISTEN: Final = "inet:127.0.0.1:10040"
+from .clients import check_group, check_network
+
+DEFAULT_PORT: Final = 10036  # written once: the units, snippets and documents say it too (tests check)
+DEFAULT_LISTEN: Final = f"inet:127.0.0.1:{DEFAULT_PORT}"
 DEFAULT_DEFER_TEXT: Final = "this is a backup MX and primary MX {mx} is up; please deliver there"
 
 
@@ -50,7 +53,9 @@ class ConflictingOptions(ConfigError):
 @dataclass(frozen=True, slots=True)
 class Config:
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
-    socket_mode: int = 0o666
+    socket_mode: int = 0o660
+    socket_group: str = ""
+    allow_clients: tuple[str, ...] = ()
     stop: tuple[str, ...] = ()
     timeout: float = 5.0
     greeting_timeout: float = GREETING_TIMEOUT_S
@@ -255,10 +260,12 @@ class Option:
     default_doc: str | None = field(default=None, kw_only=True)
     # The TOML types a file may give; None: the type of the Config field.
     file_types: tuple[type, ...] | None = field(default=None, kw_only=True)
+    # The flag when the file key's plural reads wrong on a command line (--allow-client).
+    cli: str = field(default="", kw_only=True)
 
     @property
     def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        return self.cli or "--" + self.name.replace("_", "-")
 
     @property
     def allowed(self) -> str | None:
@@ -269,7 +276,9 @@ class Option:
 
 OPTIONS: Final[tuple[Option, ...]] = (
     Option("listen", check_listen, "where to accept Postfix's connections: inet:IP:PORT, inet:[IPv6]:PORT or unix:/path (repeatable)", "ENDPOINT", True, restart=True),
-    Option("socket_mode", _mode_bits, "file mode of unix sockets, in octal: 0660 on the command line; 0o660 or \"0660\" in the file (a bare TOML integer such as 660 is decimal, and refused)", "MODE", restart=True, file_types=(int, str)),
+    Option("socket_mode", _mode_bits, "file mode of unix sockets the daemon makes, in octal: 0660 on the command line; 0o660 or \"0660\" in the file (a bare TOML integer such as 660 is decimal, and refused)", "MODE", restart=True, file_types=(int, str)),
+    Option("socket_group", check_group, "group of unix sockets the daemon makes (postfix: with mode 0660 only Postfix's smtpd, and root, may connect); the daemon must run as root or be a member of it; empty = the daemon's own", "GROUP", restart=True, default_doc="(the daemon's)"),
+    Option("allow_clients", check_network, "client network (CIDR) or address allowed to connect to inet endpoints (repeatable); others are closed unanswered; needed to listen on an address other than loopback; empty = any client of loopback endpoints", "NETWORK", True, restart=True, cli="--allow-client"),
     Option("stop", _stop_value, "this host's names and addresses besides the request's server_address (repeatable); names are resolved at start-up and on every reload", "NAME|IP", True),
     Option("timeout", _positive_seconds, "how long a request waits for a probe: for a probe slot (--max-probes), the connect and the greeting's first line; a primary still silent then is reported down for now (later for one known to greet slower), and the probe goes on waiting up to --greeting-timeout", "SECONDS"),
     Option("greeting_timeout", _positive_seconds, f"how long a probe waits for a primary's greeting at all (RFC 5321 asks for 5 minutes; primaries that delay it on purpose wait 5 to 30 s); a 220 after --timeout marks the primary up for the requests that follow; at least --timeout. After the first line the probe reads the rest of the greeting, says QUIT and reads the reply, for up to {QUIT_GRACE_S:g} s more, holding its --max-probes slot", "SECONDS"),
@@ -393,7 +402,7 @@ def _convert(option: Option, raw: object, where: str, *, from_file: bool = False
         if from_file:
             _check_file_type(option, raw)
         return option.convert(raw)
-    except ConfigError as exc:
+    except ValueError as exc:  # ConfigError, or the ValueError of a check from elsewhere
         raise ConfigError(f"{where}: {exc}") from None
 
 

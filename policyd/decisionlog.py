@@ -55,18 +55,27 @@ _LOG_MAIL: Final = 2
 _SEVERITY: Final = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
 
-def decision_middle(domain: str, action: str, reason: str, cache: str) -> str:
+def decision_middle(domain: str, action: str, reason: str, cache: str, *, mx: str = "", up: str = "") -> str:
     """The part of a decision line that depends only on the answer.
 
     Built once per answer and kept with the memo, so a memo hit escapes
-    nothing but its queue id and recipient.
+    nothing but its queue id and recipient.  ``mx`` is the MX list
+    considered (``10:mx1.example.com,20:backup.example.net``) and ``up``
+    the address whose greeting a DEFER rests on: what Postfix's own line
+    for the 450 does not say.
     """
-    return f" domain={escape(domain) or '-'} action={action} reason={quoted(reason)} cache={cache} ms="
+    found = (f" mx={escape(mx)}" if mx else "") + (f" up={escape(up)}" if up else "")
+    return f" domain={escape(domain) or '-'} action={action} reason={quoted(reason)}{found} cache={cache} ms="
 
 
-def decision_line(queue_id: str, recipient: str, middle: str, elapsed: float) -> str:
-    """One decision line, without a newline; byte for byte the documented format."""
-    return f"{escape(queue_id) or 'NOQUEUE'}: rcpt=<{escape(recipient)}>{middle}{elapsed * 1000:.1f}"
+def decision_line(queue_id: str, recipient: str, middle: str, elapsed: float, age: float = math.nan) -> str:
+    """One decision line, without a newline; byte for byte the documented format.
+
+    ``age``: for a DEFER, how old the greeting it rests on is (changes with
+    every request, so it is not part of the memoised middle).
+    """
+    line = f"{escape(queue_id) or 'NOQUEUE'}: rcpt=<{escape(recipient)}>{middle}{elapsed * 1000:.1f}"
+    return line if age != age else f"{line} age={age:.1f}s"  # age != age: NaN, no greeting to age
 
 
 class _Target:
@@ -276,13 +285,13 @@ class LineSink(logging.Handler):
 
     # -- writing ------------------------------------------------------------
 
-    def decision(self, queue_id: str, recipient: str, middle: str, elapsed: float) -> None:
+    def decision(self, queue_id: str, recipient: str, middle: str, elapsed: float, age: float = math.nan) -> None:
         """Add one decision line (see :func:`decision_line`).
 
         With the flusher running it only buffers; without it (start-up,
         shutdown, ``--check``) it writes at once, waiting a bounded time.
         """
-        self._add(f"{self._info}{decision_line(queue_id, recipient, middle, elapsed)}{self._end}")
+        self._add(f"{self._info}{decision_line(queue_id, recipient, middle, elapsed, age)}{self._end}")
 
     def emit(self, record: logging.LogRecord) -> None:
         try:

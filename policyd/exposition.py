@@ -114,6 +114,10 @@ def make_registry(responder: Responder) -> object:
                 "smtpdcheck_accept_errors", "accept() failures for lack of resources (EMFILE, ...)", value=m.accept_errors
             )
             yield CounterMetricFamily(
+                "smtpdcheck_clients_refused", "Connections closed unanswered: the client is not in --allow-client",
+                value=m.clients_refused,
+            )
+            yield CounterMetricFamily(
                 "smtpdcheck_idle_closes", "Postfix connections closed after --idle-timeout of silence", value=m.idle_closes
             )
             sink = responder.sink

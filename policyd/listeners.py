@@ -8,7 +8,9 @@ take over (or break) someone else's service.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import grp
 import os
 import socket
 import stat
@@ -73,8 +75,8 @@ def unix_listen_error(path: str, exc: OSError) -> ListenError:
     return ListenError(exc.errno or errno.EINVAL, f"unix:{path}: {why}")
 
 
-async def open_unix_listener(path: str, mode: int, backlog: int = 128) -> trio.SocketListener:
-    """Listen on ``path``; any failure is a :class:`ListenError` that names the path."""
+async def open_unix_listener(path: str, mode: int, backlog: int = 128, group: str = "") -> trio.SocketListener:
+    """Listen on ``path``, the socket given to ``group`` if named; any failure is a :class:`ListenError` that names the path."""
     if len(os.fsencode(path)) > MAX_UNIX_PATH:
         raise ListenError(errno.ENAMETOOLONG, f"unix:{path}: path too long for a unix socket (at most {MAX_UNIX_PATH} bytes)")
     try:
@@ -92,15 +94,40 @@ async def open_unix_listener(path: str, mode: int, backlog: int = 128) -> trio.S
             await sock.bind(path)
         finally:
             os.umask(old)
+        if group:
+            _give_to_group(path, group)
         os.chmod(path, mode)
         sock.listen(backlog)
+    except ListenError:
+        sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # ours, just bound: no socket left behind that nobody may use
+        raise
     except OSError as exc:
         sock.close()
         raise unix_listen_error(path, exc) from None
     return trio.SocketListener(sock)
 
 
-async def open_listeners(endpoints: tuple[str, ...], *, socket_mode: int) -> list[trio.SocketListener]:
+def _give_to_group(path: str, group: str) -> None:
+    """chown the socket to ``group`` while only its owner can use it (mode 0600 from the umask)."""
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ListenError(errno.EINVAL, f"unix:{path}: no such group: {group!r}") from None
+    try:
+        os.chown(path, -1, gid)
+    except OSError as exc:
+        raise ListenError(
+            exc.errno or errno.EPERM,
+            f"unix:{path}: cannot give the socket to group {group} ({exc.strerror}): "
+            f"the daemon must run as root or as a member of {group}",
+        ) from None
+
+
+async def open_listeners(
+    endpoints: tuple[str, ...], *, socket_mode: int, socket_group: str = ""
+) -> list[trio.SocketListener]:
     """Open every endpoint or none: a half-started daemon is worse than none.
 
     When one fails, those already open are closed and the socket files made
@@ -111,7 +138,7 @@ async def open_listeners(endpoints: tuple[str, ...], *, socket_mode: int) -> lis
     try:
         for endpoint in endpoints:
             if endpoint.startswith("unix:"):
-                opened.append(await open_unix_listener(endpoint[5:], socket_mode))
+                opened.append(await open_unix_listener(endpoint[5:], socket_mode, group=socket_group))
                 made.append(endpoint[5:])
                 continue
             host, port = split_inet(endpoint)  # validated by policyd.config

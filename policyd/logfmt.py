@@ -7,6 +7,8 @@ forge a second log line.
 
 from __future__ import annotations
 
+import logging
+import math
 import re
 from typing import Final
 
@@ -44,3 +46,29 @@ def quoted(value: str, limit: int = 256) -> str:
         return f'"{value}"'
     text = escape(value, limit).replace("\\x20", " ")
     return f'"{text}"'
+
+
+class ThrottledWarning:
+    """A warning logged at most once per ``interval`` seconds, with how many were not logged.
+
+    For events that may come thousands of times a second (refused clients,
+    a limit reached under load): one line a minute says so without flooding
+    the log.  ``now`` is trio time, so the interval runs on a test's clock.
+    """
+
+    __slots__ = ("interval", "logger", "_next", "_unlogged")
+
+    def __init__(self, logger: logging.Logger, interval: float = 60.0) -> None:
+        self.logger = logger
+        self.interval = interval
+        self._next = -math.inf
+        self._unlogged = 0
+
+    def warn(self, now: float, message: str, *args: object) -> None:
+        if now < self._next:
+            self._unlogged += 1
+            return
+        more = f" ({self._unlogged} more since the last such line)" if self._unlogged else ""
+        self._unlogged = 0
+        self._next = now + self.interval
+        self.logger.warning(message + "%s", *args, more)

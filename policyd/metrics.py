@@ -36,6 +36,8 @@ class Metrics:
     # Connections closed by --idle-timeout: routine, so not a protocol error.
     idle_closes: int = 0
     accept_errors: int = 0
+    # Connections closed unanswered: the peer is not in --allow-client.
+    clients_refused: int = 0
 
     def observe(self, labels: tuple[str, str], seconds: float) -> None:
         """Count one request with its (action, kind) labels and its latency."""

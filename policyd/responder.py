@@ -17,11 +17,14 @@ import trio
 
 from smtpdcheck.cache import TTLCache
 from smtpdcheck.core import Core, CoreSettings
+from smtpdcheck.check import CheckResult
 from smtpdcheck.policy import Action, Decision, Kind, Policy
+from smtpdcheck.probe import Outcome
 from smtpdcheck.stoprule import StopSet
 
 from . import decisionlog
 from .config import Config
+from .logfmt import ThrottledWarning
 from .metrics import Metrics
 from .protocol import DUNNO_REPLY, PolicyRequest, format_reply
 
@@ -85,9 +88,16 @@ _NOT_RCPT = Answer(DUNNO_REPLY, Policy.undecided(Kind.NOT_RCPT, "not an RCPT req
 
 
 def _middle(decision: Decision) -> str:
-    """The part of the decision line that depends only on the decision."""
+    """The part of the decision line that depends only on the decision: built from the full one, then memoised."""
     verdict = decision.verdict
-    return decisionlog.decision_middle(decision.domain, verdict.action.value, verdict.reason, decision.cache.value)
+    mx = ",".join(f"{pref}:{host}" for pref, host in decision.mx.hosts) if decision.mx is not None else ""
+    up = ""
+    result = decision.result
+    if result is not None and result.winner is not None:
+        up = next((p.address for r in result.reports if r.server is result.winner for p in r.probes if p.available), "")
+    return decisionlog.decision_middle(
+        decision.domain, verdict.action.value, verdict.reason, decision.cache.value, mx=mx, up=up
+    )
 
 
 def _memo_key(recipient: str, server_address: str) -> tuple[str, str] | None:
@@ -136,6 +146,9 @@ class Responder:
         self.config = config
         self.policy = self._policy(config, core.stop)
         self._drained: trio.Event | None = None
+        # Limits reached are state an administrator must see at --log-level warning, but at most once a minute.
+        self.probe_limit_warning = ThrottledWarning(log)
+        self.connection_limit_warning = ThrottledWarning(log)
 
     def _policy(self, config: Config, stop: StopSet) -> Policy:
         return Policy(
@@ -212,8 +225,21 @@ class Responder:
             if not metrics.requests_in_flight and self._drained is not None:
                 self._drained.set()
         end = trio.current_time()
+        if outcome.decision.result is not None:
+            self._note_probe_limit(outcome.decision.result, end)
         self._finish(request, outcome, end - start, end)
         return outcome
+
+    def _note_probe_limit(self, result: CheckResult, now: float) -> None:
+        """Warn when a probe was not made for want of a slot: --max-probes is too low for the load."""
+        for report in result.reports:
+            for probe in report.probes:
+                if probe.outcome is Outcome.OVERLOADED:
+                    self.probe_limit_warning.warn(
+                        now, "probe limit reached (--max-probes %d): %s [%s] not probed, counted as down",
+                        self.config.max_probes, report.server.name, probe.address,
+                    )
+                    return
 
     async def wait_drained(self) -> None:
         """Return once no request is being decided (shutdown bounds it with its grace)."""
@@ -235,7 +261,7 @@ class Responder:
             if key is not None:
                 small = Decision(decision.verdict, decision.domain, decision.cache, decision.valid_until,
                                  decision.confirmed_at)
-                self.answers.put(key, Answer(answer.reply, small, line=_middle(small)), ttl)
+                self.answers.put(key, Answer(answer.reply, small, line=_middle(decision)), ttl)
         return answer
 
     def _finish(
@@ -245,20 +271,23 @@ class Responder:
         """Count and log one answered request, answered at ``now`` (``fields``: its
         :meth:`~PolicyRequest.rcpt_fields`, if read)."""
         self.metrics.observe(outcome.counted, elapsed)
+        age = math.nan
         if outcome.rests_on_a_greeting:
-            self.metrics.observe_defer_evidence(now - outcome.decision.confirmed_at)
+            age = now - outcome.decision.confirmed_at
+            self.metrics.observe_defer_evidence(age)
         if not outcome.checked:
             return
         sink = self.sink
         if sink is None:  # logging not set up (embedded, tests): a plain record
             if log.isEnabledFor(logging.INFO):
-                log.info("%s", decisionlog.decision_line(request.queue_id, request.recipient, _middle(outcome.decision), elapsed))
+                middle = outcome.line or _middle(outcome.decision)
+                log.info("%s", decisionlog.decision_line(request.queue_id, request.recipient, middle, elapsed, age))
         elif sink.decisions:
             middle = outcome.line or _middle(outcome.decision)
             if fields is None:
-                sink.decision(request.queue_id, request.recipient, middle, elapsed)
+                sink.decision(request.queue_id, request.recipient, middle, elapsed, age)
             else:
-                sink.decision(fields[2], fields[0], middle, elapsed)
+                sink.decision(fields[2], fields[0], middle, elapsed, age)
 
     async def explain(self, recipient: str, server_address: str = "") -> Explanation:
         """Decide one RCPT as the server would, and say how."""

@@ -23,7 +23,9 @@ import trio
 
 from smtpdcheck.compat import TaskStatus
 
+from .clients import AllowList, RefusalLog
 from .config import Config
+from .listeners import endpoint_of
 from .metrics import Metrics
 from .protocol import CLOSED, NEED_DATA, PolicyParser, ProtocolError
 from .responder import Responder
@@ -247,12 +249,34 @@ def _peer_text(stream: trio.SocketStream) -> str:
     return ""
 
 
+class Gate:
+    """The clients one listener answers (``--allow-client``), decided at accept, before any byte is read."""
+
+    __slots__ = ("allow", "endpoint", "log")
+
+    def __init__(self, allow: AllowList, endpoint: str, log: RefusalLog) -> None:
+        self.allow = allow
+        self.endpoint = endpoint
+        self.log = log
+
+    def admits(self, sock: socket.socket | trio.socket.SocketType, peer: object, responder: Responder) -> bool:
+        """Whether the peer may be served; a refused one is closed, counted and (rate-limited) logged."""
+        host = peer[0] if isinstance(peer, tuple) else ""
+        if self.allow.allows(host):
+            return True
+        sock.close()
+        responder.metrics.clients_refused += 1
+        self.log.refused(host or "an unknown peer", self.endpoint, trio.current_time())
+        return False
+
+
 async def accept_loop(
     listener: trio.SocketListener,
     responder: Responder,
     handlers: trio.Nursery,
     slots: trio.Semaphore,
     watchdog: Watchdog,
+    gate: Gate | None = None,
 ) -> None:
     """Accept while under the connection limit; beyond it, peers wait in the backlog.
 
@@ -260,10 +284,17 @@ async def accept_loop(
     smtpd of a restarted Postfix reconnects at once, the last one would
     wait a hundred passes for its first reply, so each wake-up takes every
     connection already waiting, through a non-blocking twin of the
-    listening socket.
+    listening socket.  With a ``gate``, a peer it does not admit is closed
+    at once and its slot given back.
     """
     with _twin(listener) as twin:
         while True:
+            if not slots.value:
+                responder.connection_limit_warning.warn(
+                    trio.current_time(),
+                    "connection limit reached (--max-connections %d): new connections wait in the listen queue",
+                    responder.config.max_connections,
+                )
             await slots.acquire()
             try:
                 stream = await listener.accept()
@@ -277,8 +308,18 @@ async def accept_loop(
             except BaseException:
                 slots.release()
                 raise
-            handlers.start_soon(_run_handler, stream, responder, slots, watchdog)
-            _accept_waiting(twin, responder, handlers, slots, watchdog)
+            if gate is None or gate.admits(stream.socket, _peer_name(stream.socket), responder):
+                handlers.start_soon(_run_handler, stream, responder, slots, watchdog)
+            else:
+                slots.release()
+            _accept_waiting(twin, responder, handlers, slots, watchdog, gate)
+
+
+def _peer_name(sock: trio.socket.SocketType) -> object:
+    try:
+        return sock.getpeername()
+    except OSError:
+        return None  # gone already: not admitted
 
 
 def _twin(listener: trio.SocketListener) -> socket.socket:
@@ -289,7 +330,8 @@ def _twin(listener: trio.SocketListener) -> socket.socket:
 
 
 def _accept_waiting(
-    twin: socket.socket, responder: Responder, handlers: trio.Nursery, slots: trio.Semaphore, watchdog: Watchdog
+    twin: socket.socket, responder: Responder, handlers: trio.Nursery, slots: trio.Semaphore, watchdog: Watchdog,
+    gate: Gate | None = None,
 ) -> None:
     """Start a handler for every connection already waiting, within the limit; never blocks."""
     while True:
@@ -298,7 +340,7 @@ def _accept_waiting(
         except trio.WouldBlock:
             return
         try:
-            sock, _ = twin.accept()
+            sock, peer = twin.accept()
         except BlockingIOError:
             slots.release()
             return
@@ -310,6 +352,9 @@ def _accept_waiting(
             if exc.errno in _ACCEPT_IGNORED_ERRNOS:
                 continue  # that one connection failed: next one
             raise
+        if gate is not None and not gate.admits(sock, peer, responder):
+            slots.release()
+            continue
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
         handlers.start_soon(_run_handler, stream, responder, slots, watchdog)
 
@@ -342,6 +387,10 @@ class PolicyServer:
         self.listeners = listeners
         self.responder = responder
         self.slots = trio.Semaphore(max_connections)
+        # --allow-client guards every inet listener; unix sockets are guarded by their mode.
+        allowed = responder.config.allow_clients
+        self._allow = AllowList(allowed) if allowed else None
+        self._refusals = RefusalLog()
         self._accepting = trio.CancelScope()
         self._handlers: trio.Nursery | None = None
 
@@ -355,7 +404,8 @@ class PolicyServer:
                         async with trio.open_nursery() as acceptors:
                             for listener in self.listeners:
                                 acceptors.start_soon(
-                                    accept_loop, listener, self.responder, handlers, self.slots, watchdog
+                                    accept_loop, listener, self.responder, handlers, self.slots, watchdog,
+                                    self._gate(listener),
                                 )
                             task_status.started()
                     self._close_listeners()
@@ -364,6 +414,11 @@ class PolicyServer:
                 watching.cancel_scope.cancel()  # no connection left to watch
         finally:
             self._close_listeners()
+
+    def _gate(self, listener: trio.SocketListener) -> Gate | None:
+        if self._allow is None or listener.socket.family == socket.AF_UNIX:
+            return None
+        return Gate(self._allow, endpoint_of(listener), self._refusals)
 
     def _close_listeners(self) -> None:
         for listener in self.listeners:

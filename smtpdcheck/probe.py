@@ -494,5 +494,5 @@ class Prober:
         label = f"{printable(name)} {address}" if name else address
         held = "" if math.isnan(before.since) else f" after {result.at - before.since:.1f}s {state(before)}"
         last = f", last greeting {result.at - before.at:.1f}s ago" if before.available and not math.isnan(before.at) else ""
-        log.info("%s %s -> %s (%s)%s%s", label, state(before), state(result), result.outcome.value, held, last)
+        log.warning("%s %s -> %s (%s)%s%s", label, state(before), state(result), result.outcome.value, held, last)
         return result

@@ -72,7 +72,7 @@ async def start_policyd(
     core.stop = stop
     responder = Responder(config, core)
     if listeners is None:
-        listeners = await open_listeners(config.listen, socket_mode=config.socket_mode)
+        listeners = await open_listeners(config.listen, socket_mode=config.socket_mode, socket_group=config.socket_group)
     server = PolicyServer(listeners, responder, max_connections=config.max_connections)
     await nursery.start(server.serve)
     return RunningPolicyd(responder, server, [endpoint_of(l) for l in listeners])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
 
@@ -33,7 +34,7 @@ class CountingListener:
         return await self.listener.accept()
 
 
-async def test_waiting_connections_are_accepted_together_within_the_limit() -> None:
+async def test_waiting_connections_are_accepted_together_within_the_limit(caplog: pytest.LogCaptureFixture) -> None:
     (base,) = await trio.open_tcp_listeners(0, host="127.0.0.1", backlog=64)
     listener = CountingListener(base)
     port = listener.socket.getsockname()[1]
@@ -61,6 +62,12 @@ async def test_waiting_connections_are_accepted_together_within_the_limit() -> N
                     await trio.sleep(0.01)
                 await trio.testing.wait_all_tasks_blocked()
                 assert service.metrics.connections_open == 25
+                # The limit reached is a warning, logged once however often it is reached in a minute.
+                limit = [r for r in caplog.records if "connection limit reached" in r.getMessage()]
+                assert [(r.levelno, r.getMessage()) for r in limit] == [(
+                    logging.WARNING,
+                    "connection limit reached (--max-connections 1000): new connections wait in the listen queue",
+                )]
                 nursery.cancel_scope.cancel()
     finally:
         for client in clients:

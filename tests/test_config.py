@@ -51,7 +51,7 @@ def test_cache_up_ttl_is_0_or_at_least_the_probe_refresh_floor() -> None:
 def test_defaults_work_out_of_the_box() -> None:
     config = parse([])
     assert config == cfg.Config()
-    assert config.listen == ("inet:127.0.0.1:10040",)
+    assert config.listen == (f"inet:127.0.0.1:{cfg.DEFAULT_PORT}",)
     assert config.failure_action == "DUNNO"
     # Answer well inside Postfix's policy timeout (10s in our snippets).
     assert config.deadline < 10
@@ -78,10 +78,10 @@ def test_file_then_flags_override(tmp_path: Path) -> None:
         ("timeout = nan\n", "timeout: not a number: nan"),
         ("cache_up_ttl = -1\n", "cache_up_ttl: must be 0, or 1 or more: -1"),
         ("smtp_port = 70000\n", "smtp_port: not a TCP port"),
-        ('listen = "inet:127.0.0.1:10040"\n', "listen: must be a list"),
+        ('listen = "inet:127.0.0.1:10041"\n', "listen: must be a list"),
         ('listen = ["tcp:1.2.3.4:5"]\n', "listen: bad listen address"),
         ('listen = ["unix:relative.sock"]\n', "must be absolute"),
-        ('listen = ["inet:mx.example.com:10040"]\n', "want inet:IP:PORT"),
+        ('listen = ["inet:mx.example.com:10041"]\n', "want inet:IP:PORT"),
         ("listen = []\n", "at least one endpoint"),
         ('mode = "loud"\n', "mode: must be one of enforce, warn"),
         ('defer_text = "primary {host} is up"\n', "unknown placeholder {host}"),
@@ -217,7 +217,7 @@ def test_restart_only_options_are_those_whose_parts_live_as_long_as_the_process(
     assert set(cfg.RESTART_ONLY) == {
         "listen", "socket_mode", "nameserver", "dns_timeout", "dns_max_ttl", "dns_negative_ttl",
         "dns_failure_ttl", "cache_size", "max_probes", "max_dns_queries", "max_connections", "metrics",
-        "refresh_window", "dns_stale_max",
+        "refresh_window", "dns_stale_max", "socket_group", "allow_clients",
     }
     assert cfg.RESTART_ONLY == tuple(o.name for o in cfg.OPTIONS if o.restart)
 
@@ -424,3 +424,37 @@ async def test_listeners_open_all_or_none_and_remove_the_socket_files_they_made(
         with pytest.raises(ListenError, match=f"^{endpoint}: "):
             await open_listeners((f"unix:{path}", endpoint), socket_mode=0o660)
     assert not path.exists()
+
+
+# -- who may connect: --allow-client, --socket-group ---------------------------
+
+
+def test_allow_client_flag_is_singular_and_the_file_key_plural(tmp_path: Path) -> None:
+    option = next(o for o in cfg.OPTIONS if o.name == "allow_clients")
+    assert option.flag == "--allow-client"
+    config = parse(["--allow-client", "192.0.2.0/24", "--allow-client", "2001:db8::1"])
+    assert config.allow_clients == ("192.0.2.0/24", "2001:db8::1/128")
+    from_file = parse([], tmp_path, 'allow_clients = ["127.0.0.2", "10.0.0.0/8"]\n')
+    assert from_file.allow_clients == ("127.0.0.2/32", "10.0.0.0/8")
+    assert "| `--allow-client NETWORK` | `allow_clients` |" in cfg.reference_markdown()
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('allow_clients = ["192.0.2.1/24"]\n', "allow_clients: not a network or address: '192.0.2.1/24' (192.0.2.1/24 has host bits set)"),
+        ('allow_clients = ["mx.example.com"]\n', "allow_clients: not a network or address: 'mx.example.com'"),
+        ('allow_clients = "127.0.0.1"\n', "allow_clients: must be a list"),
+        ('allow-clients = ["127.0.0.1"]\n', "use _ not -"),
+        ('socket_group = "no-such-group-here"\n', "socket_group: no such group: 'no-such-group-here'"),
+    ],
+)
+def test_bad_client_settings_are_refused_naming_the_key(tmp_path: Path, toml: str, message: str) -> None:
+    with pytest.raises(cfg.ConfigError, match=re.escape(message)):
+        parse([], tmp_path, toml)
+
+
+def test_socket_group_that_exists_is_kept_and_sockets_are_not_world_writable_by_default() -> None:
+    assert parse(["--socket-group", "nogroup"]).socket_group == "nogroup"
+    assert cfg.Config().socket_mode == 0o660
+    assert cfg.Config().socket_group == ""

@@ -15,7 +15,7 @@ import trio.testing
 
 from tools import manpage, roff
 from policyd.cli import build_parser as daemon_parser
-from policyd.config import OPTIONS, default_text
+from policyd.config import OPTIONS, Config, default_text
 from smtpdcheck.cli import build_parser as check_parser
 
 MAN = Path(__file__).resolve().parent.parent / "man"
@@ -148,10 +148,11 @@ def test_diagnostics_show_a_decision_line_as_the_daemon_writes_it() -> None:
     from policyd.decisionlog import decision_line, decision_middle
 
     diagnostics = _section(manpage.policyd_page(), "DIAGNOSTICS")
-    line = decision_line("", "user@example.com", decision_middle("example.com", "DEFER_IF_PERMIT",
-                                                                 "primary mx1.example.com live", "miss"), 0.0124)
+    middle = decision_middle("example.com", "DEFER_IF_PERMIT", "primary mx1.example.com live", "hit",
+                             mx="10:mx1.example.com,20:backup.example.net", up="192.0.2.1")
+    line = decision_line("", "user@example.com", middle, 0.0004, 3.2)
     assert roff.lit(line) in diagnostics
-    for field in ("rcpt=", "domain=", "action=", "reason=", "cache=", "ms=", "NOQUEUE"):
+    for field in ("rcpt=", "domain=", "action=", "reason=", "mx=", "up=", "cache=", "ms=", "age=", "NOQUEUE"):
         assert field in diagnostics.replace("\\-", "-")
     for cache in ("hit", "miss", "stale"):
         assert cache in diagnostics
@@ -218,7 +219,7 @@ def test_security_lists_the_service_units_sandbox() -> None:
         assert roff.lit(line) in security, line
     for topic in ("Who can query it", "Socket modes", "What it connects to", "systemd sandbox"):
         assert f'.IP "{topic}"' in security
-    assert "0666" in security  # --socket-mode's default, from the option table
+    assert f"{Config().socket_mode:04o}" in security  # --socket-mode's default, from the option table
 
 
 def test_smtpdcheck_diagnostics_show_a_verbose_line_as_the_command_writes_it() -> None:

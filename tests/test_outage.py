@@ -256,6 +256,8 @@ async def test_a_primary_that_stops_greeting_gets_dunno_within_its_ttl_plus_the_
     )
     assert re.fullmatch(r"mx1\.d\.test \[127\.0\.0\.2\] down -> up \(available\) after [0-9.]+s down", changes[1])
     assert len(changes) == 2
+    # At warning: --log-level warning keeps them and drops the per-RCPT decision lines.
+    assert {r.levelno for r in caplog.records if " -> " in r.getMessage()} == {logging.WARNING}
 
 
 async def test_probe_budget_one_per_ttl_while_rcpts_flow_and_none_after_the_refresh_window(

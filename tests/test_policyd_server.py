@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import os
 import socket
 import stat
@@ -271,6 +272,27 @@ async def test_decision_log_line(policyd: tuple[RunningPolicyd, Farm], caplog: p
     assert 'reason="all 1 more-preferred MX down"' in lines[1]
     assert "cache=hit" in lines[2]
     assert all("\n" not in line for line in lines)
+
+
+async def test_decision_line_says_what_postfixs_450_line_does_not(
+    policyd: tuple[RunningPolicyd, Farm], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The MX list considered, the address found up and how old its greeting is; a memo hit says the same."""
+    running, _ = policyd
+    caplog.set_level(logging.INFO, logger="smtpdcheck")
+    with trio.fail_after(5):
+        await running.ask(rcpt("user@up.example"))
+        await trio.sleep(0.2)
+        await running.ask(rcpt("other@up.example"))  # decided again, from the caches
+        await running.ask(rcpt("third@up.example"))  # the memoised answer
+        await running.ask(rcpt("user@down.example"))
+    assert len(running.responder.answers) == 1  # the third was answered from the memo
+    lines = [r.getMessage() for r in caplog.records if "rcpt=" in r.getMessage()]
+    found = " mx=10:mx1.up.example,20:backup.up.example up=127.0.0.2 cache="
+    assert found + "miss ms=" in lines[0] and found + "hit ms=" in lines[1] and found + "hit ms=" in lines[2], lines
+    first, *later = (float(re.search(r" ms=[0-9.]+ age=([0-9.]+)s$", line)[1]) for line in lines[:3])  # type: ignore[index]
+    assert first < 0.2 <= min(later)  # the same greeting, older
+    assert re.search(r' reason="all 1 more-preferred MX down" mx=10:mx1\.down\.example,20:backup\.down\.example cache=miss ms=[0-9.]+$', lines[3])
 
 
 async def test_stop_names_from_config(nursery: trio.Nursery, dns_server: FakeDNSServer, farm: Callable[..., Farm]) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Final
 
 from policyd import cli as daemon_cli
-from policyd.config import DEFAULT_LISTEN, OPTIONS, Config, default_text
+from policyd.config import DEFAULT_LISTEN, DEFAULT_PORT, OPTIONS, Config, default_text
 from policyd.decisionlog import BUFFER_LIMIT, decision_line, decision_middle
 from policyd.listeners import unix_listen_error
 from policyd.protocol import MAX_ATTRIBUTES, MAX_LINE_BYTES, MAX_REQUEST_BYTES
@@ -162,7 +162,10 @@ def verbose_example() -> str:
 
 #: A decision line, written by the daemon's own formatter.
 DECISION_EXAMPLE: Final = decision_line(
-    "", "user@example.com", decision_middle("example.com", Action.DEFER_IF_PERMIT.value, "primary mx1.example.com live", Cache.MISS.value), 0.0124
+    "", "user@example.com", decision_middle(
+        "example.com", Action.DEFER_IF_PERMIT.value, "primary mx1.example.com live", Cache.HIT.value,
+        mx="10:mx1.example.com,20:backup.example.net", up="192.0.2.1",
+    ), 0.0004, 3.2,
 )
 #: A state-change line, as the prober logs it (tests/test_manpages.py checks it against the prober).
 STATE_CHANGE_EXAMPLE: Final = "mx1.example.com [192.0.2.1] up -> down (timeout)"
@@ -181,7 +184,8 @@ def _diagnostics() -> list[str]:
         "DNS is escaped (\\xNN), so no recipient can forge a log line."
     )
     out += item("Decision lines", paragraph(
-        "One line per RCPT decided, at level info:"
+        "One line per RCPT decided, at level info (--log-level warning drops them and keeps every "
+        "state change below):"
     ))
     out += display([DECISION_EXAMPLE])
     out += [".sp"]
@@ -192,14 +196,26 @@ def _diagnostics() -> list[str]:
         "more-preferred MXes down, no more-preferred MX, domain does not exist, null MX, dns failure: "
         f"SERVFAIL, deadline of Ns exceeded, ...); cache= where its inputs came from ({', '.join(c.value for c in Cache)}; "
         "stale: from caches, one of them past its expiry and being refreshed); ms= the time it took to answer, "
-        "in milliseconds."
+        "in milliseconds.  What Postfix's own log line for the 450 does not say is here too: mx= the MX "
+        "list considered, preference:host, most preferred first (absent when DNS gave none); up= the address of "
+        "the live MX whose greeting a DEFER or WARN rests on; and, after ms=, age= how old that greeting "
+        "was when the answer was given."
     )
     out += item("State changes", paragraph(
-        "When a probe finds an MX address in another state than its cached result said, one info line "
+        "When a probe finds an MX address in another state than its cached result said, one warning line "
         "names the MX host, the address (with :port when --smtp-port is not 25), the old and the new "
         f"state, and the probe's outcome ({', '.join(STATE_OUTCOMES)}); it may say more after that:"
     ))
     out += display([STATE_CHANGE_EXAMPLE])
+    out += item("Limits and refusals", paragraph(
+        "Also at warning, each at most once a minute with how many were not logged: a probe not made "
+        "because --max-probes were all busy (probe limit reached (--max-probes N): ... not probed, counted "
+        "as down), a connection left waiting because --max-connections were open (connection limit "
+        "reached ...), and a connection closed unanswered because its client is not in --allow-client "
+        "(refused a connection from ADDRESS to ENDPOINT ...).  A DNS refresh that fails and leaves the "
+        "last good answer being served is a warning too, once per name (the line saying it answers "
+        "again is at info)."
+    ))
     out += item("Dropped lines", paragraph(
         "When the log target does not take lines (a stalled journald, a full pipe), lines wait in a "
         f"{BUFFER_LIMIT >> 20} MiB buffer, beyond it they are dropped and counted (smtpdcheck_log_lines_dropped_total), "
@@ -237,19 +253,26 @@ def _sandbox() -> list[str]:
 def _security() -> list[str]:
     out = section("SECURITY")
     out += item("Who can query it", paragraph(
-        f"Anyone who can connect to its endpoints; the protocol has no authentication.  The default, "
-        f"{DEFAULT_LISTEN}, is reachable by every user and process on this host.  A query reveals only "
-        "whether the MX hosts of a domain are up, but it makes the daemon look them up and probe them.  "
-        "To let only Postfix ask, use a unix socket whose group is postfix and mode 0660 (the socket unit "
-        "smtpdcheck-policyd-unix.socket does this); never listen on an address other hosts can reach "
-        "without a firewall.  --metrics serves its counters to anyone who can connect, without "
+        f"Anyone who can connect to its endpoints; the protocol has no authentication, and a query makes "
+        "the daemon look a domain up and connect to port 25 of the addresses its MX hosts name.  The "
+        f"default, {DEFAULT_LISTEN}, is reachable by every user and process on this host.  An inet "
+        "endpoint on any other address (0.0.0.0 and :: included) is refused at start-up unless "
+        "--allow-client names the clients that may ask; with --allow-client given, every inet endpoint "
+        "closes a connection from any other address as soon as it is accepted, before reading a byte, "
+        f"counts it (smtpdcheck_clients_refused_total) and logs at most one warning a minute about such "
+        "connections, with how many it did not log.  "
+        "To let only Postfix ask, use a unix socket whose group is postfix and mode 0660: the socket unit "
+        "smtpdcheck-policyd-unix.socket makes one, and --socket-group postfix gives one the daemon makes "
+        "to that group.  --metrics serves its counters to anyone who can connect, without "
         "authentication; it is off by default."
     ))
     out += item("Socket modes", paragraph(
-        f"A unix socket the daemon makes is bound under umask 0177 and then given --socket-mode (default "
-        f"{Config().socket_mode:04o}), so it is never reachable more widely than configured, even for a "
-        "moment.  An existing path that is not a socket, or a socket another server answers on, is never "
-        "replaced.  Sockets handed over by systemd keep the owner and mode their unit gives them."
+        f"A unix socket the daemon makes is bound under umask 0177, then given to --socket-group if set, "
+        f"then given --socket-mode (default {Config().socket_mode:04o}), so it is never reachable more "
+        "widely than configured, even for a moment.  Giving it to a group needs a daemon running as root "
+        "or as a member of that group; a group that does not exist stops start-up.  An existing path that "
+        "is not a socket, or a socket another server answers on, is never replaced.  Sockets handed over "
+        "by systemd keep the owner and mode their unit gives them."
     ))
     out += item("What it connects to", paragraph(
         "The nameservers of --nameserver or /etc/resolv.conf, for MX and address lookups; and the "
@@ -388,6 +411,21 @@ def policyd_page() -> str:
         "later permit cannot undo DEFER_IF_PERMIT.  try_limit=1 and default_action=DUNNO keep mail "
         "flowing if the daemon is down; timeout must exceed --deadline."
     )
+    out += [".PP"]
+    out += paragraph(
+        "The check is the restriction class smtpdcheck_backup, and only recipients of relay domains reach "
+        "it: the relay domains are a table, /etc/postfix/relay_domains (postmap it after each change), "
+        f"whose value for each domain is the class ({daemon_cli.RELAY_DOMAINS_EXAMPLE}).  relay_domains "
+        "only asks whether a domain is in the table; check_recipient_access on the same table applies "
+        "the value.  One table cannot drift apart as a list and a second table would, and a list cannot "
+        "be looked up by check_recipient_access.  Recipients of local (mydestination) and virtual domains "
+        "never reach the daemon: a more-preferred MX of such a domain that is this site's own filtering "
+        "front end, delivering here, would be found up and its deliveries deferred.  A relay domain with "
+        "such a front end gets DUNNO in the table instead of smtpdcheck_backup, or the front end's "
+        "addresses go into mynetworks, permitted before the check.  Subdomains match both lookups alike "
+        "while parent_domain_matches_subdomains lists relay_domains and smtpd_access_maps (the default); "
+        "change both or neither."
+    )
     out += section("DECISION RULES")
     for title, body in DECISION_RULES:
         out += item(text(title), paragraph(body))
@@ -415,8 +453,9 @@ def policyd_page() -> str:
         *paragraph("With --check: the mail would be deferred (a more-preferred MX is up)."),
         ".IP 2",
         *paragraph(
-            "Bad usage or configuration, a --stop name that does not resolve, or a listening socket "
-            "that cannot be opened; with --check, the decision could not be made (DNS failure, "
+            "Bad usage or configuration, a --stop name that does not resolve, a listening socket "
+            "that cannot be opened or given to --socket-group, or an inet endpoint off loopback without "
+            "--allow-client; with --check, the decision could not be made (DNS failure, "
             "deadline, error)."
         ),
     ]
@@ -427,7 +466,7 @@ def policyd_page() -> str:
         f"{CONFIG_PATH}, the configuration, read when it exists and no --config is given",
         "/etc/resolv.conf, the nameservers asked when no --nameserver is given",
         "/usr/lib/systemd/system/smtpdcheck-policyd.service, the service",
-        "/usr/lib/systemd/system/smtpdcheck-policyd.socket, socket activation on 127.0.0.1:10040",
+        f"/usr/lib/systemd/system/smtpdcheck-policyd.socket, socket activation on 127.0.0.1:{DEFAULT_PORT}",
         "/usr/share/doc/smtpdcheck/examples/, Postfix main.cf and master.cf snippets, and",
         "    smtpdcheck-policyd-unix.socket, socket activation in the queue directory",
     ]
