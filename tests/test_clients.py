@@ -21,7 +21,7 @@ from policyd.exposition import make_registry, render
 from policyd.listeners import split_inet
 from policyd.cli import SystemFiles
 from tests.policyd_helpers import rcpt, start_policyd
-from tests.support.greeters import unused_port
+from testbeds.greeters import unused_port
 from tests.test_policyd_cli import files, one_line, policyd  # noqa: F401 (files is a fixture)
 
 NOT_RCPT = rcpt("user@example.com", protocol_state="DATA")  # answered DUNNO at once: no DNS involved

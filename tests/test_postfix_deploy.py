@@ -28,8 +28,8 @@ from policyd.config import DEFAULT_LISTEN
 from tests.conftest import Farm
 from tests.installed import installed_daemon_requested, start_daemon
 from tests.policyd_helpers import policyd_config, start_policyd
-from tests.support.dnsserver import FakeDNSServer
-from tests.support.greeters import Mode
+from testbeds.dnsserver import FakeDNSServer
+from testbeds.greeters import Mode
 from tests.support.postfix import PostfixInstance, _postconf_default, smtp_rcpt
 from tests.support.pytest_postfix import PostfixFactory
 from tests.test_policyd_server import backup_zone

@@ -16,7 +16,7 @@ from policyd.config import Config
 from policyd.protocol import PolicyRequest
 from policyd.responder import Responder, core_settings
 from smtpdcheck.core import build_core
-from tests.support.postfix_request import POSTFIX_37_RCPT_ATTRS
+from testbeds.postfix_request import POSTFIX_37_RCPT_ATTRS
 from tests.support.virtual import SILENT, VirtualDNS, VirtualNet
 
 
