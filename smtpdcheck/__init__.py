@@ -14,7 +14,7 @@ one module per concept; import from them directly:
 * :mod:`smtpdcheck.cache`: TTL caches with single-flight;
 * :mod:`smtpdcheck.refresh`: when cached entries are refreshed ahead of expiry,
   and how long a stale one may be served;
-* :mod:`smtpdcheck.confirm`: how long a cached "up" is believed past its TTL;
+* :mod:`smtpdcheck.belief`: what a cached value is worth now (fresh, stale, unconfirmed), for every cache;
 * :mod:`smtpdcheck.values`: option values shared by both commands;
 * :mod:`smtpdcheck.cli`: the ``smtpdcheck`` command;
 * :mod:`smtpdcheck.release`: the version, from the installed metadata;

@@ -31,6 +31,7 @@ from typing import Generic, TypeVar
 
 import trio
 
+from .belief import Judgement, State, judge
 from .refresh import RefreshRules, Schedule, make_rng
 
 K = TypeVar("K", bound=Hashable)
@@ -159,6 +160,7 @@ class _Flight(Generic[V]):
     refresh: bool = False  # started to refresh a cached value, not for a waiting caller
     started: float = 0.0
     waiters: int = 0  # callers that waited for it (each a use of the key)
+    running: bool = True  # its producer has not returned yet
 
 
 class SingleFlight(Generic[K, V]):
@@ -183,6 +185,14 @@ class SingleFlight(Generic[K, V]):
     Refreshes are flights like any other: callers share them.  They are
     made by ``refresh_for(key)`` (default ``produce_for``), so a producer
     can take its slot from the smaller background share of its limit.
+
+    What a cached value is worth at any moment is
+    :func:`smtpdcheck.belief.judge`'s to say; this class only applies it.
+    ``confirm(value)`` gives the confirm grace of a value that is evidence
+    to be confirmed (None for others), ``doubt(value, now)`` the stand-in
+    answered for such a value when it is not believed, and
+    ``revisable(value)`` says a value may be replaced by the flight that
+    delivered it while that flight still runs.
     """
 
     def __init__(
@@ -200,6 +210,9 @@ class SingleFlight(Generic[K, V]):
         describe: Callable[[K], str] = repr,
         reason_of: Callable[[V], str] | None = None,
         rng: random.Random | None = None,
+        confirm: Callable[[V], float | None] | None = None,
+        doubt: Callable[[V, float], V] | None = None,
+        revisable: Callable[[V], bool] | None = None,
     ) -> None:
         self._nursery = nursery
         self.cache = cache
@@ -211,6 +224,12 @@ class SingleFlight(Generic[K, V]):
         self._name = name
         self._describe = describe
         self._reason_of = reason_of
+        self._confirm = confirm or (lambda value: None)
+        self._doubt = doubt or (lambda value, now: value)
+        self._revisable = revisable or (lambda value: False)
+        # Flights that delivered and still run, by key (a probe saying QUIT,
+        # or one that reported silence and still waits for a greeting).
+        self._lingering: dict[K, _Flight[V]] = {}
         self.started = 0
         self.joined = 0
         self._running = 0
@@ -267,26 +286,35 @@ class SingleFlight(Generic[K, V]):
             event = self._flight_ended = trio.Event()
             await event.wait()
 
-    def _servable(self, key: K, entry: Entry[V], now: float) -> Source | None:
-        """CACHE or STALE if ``entry`` may be handed out now; handing it out is a use.
+    def _judge(self, key: K, entry: Entry[V], now: float) -> Judgement:
+        """What ``entry`` is worth now (:func:`~smtpdcheck.belief.judge`); a judgement that uses it is a use.
 
-        A stale value starts its refresh at once when the floor allows
-        (else the one already planned for then runs).
+        A use starts the fetch the judgement asks for, as background work
+        (the value is served, or waited for only briefly, meanwhile).
         """
-        if entry.expires > now:
-            source = Source.CACHE
-        elif self.rules is None or now >= entry.stale_until:
-            return None
-        else:
-            source = Source.STALE
+        rules = self.rules
+        flight = self._inflight.get(key)
+        lingering = self._lingering.get(key)
+        verdict = judge(
+            now,
+            expires=entry.expires,
+            stale_until=entry.stale_until if rules is not None else entry.expires,
+            due=entry.due,
+            fetch_started=None if flight is None else flight.started,
+            can_fetch=(
+                rules is not None and self._refresh_for is not None and now >= entry.not_before
+                and rules.fetches_per_use >= 1
+            ),
+            revising=lingering is not None and lingering.value is entry.value and self._revisable(entry.value),
+            confirm=self._confirm(entry.value),
+        )
+        if verdict.state is State.EXPIRED:
+            return verdict
         self._use(key, entry, now)
-        if (
-            source is Source.STALE and key not in self._inflight and now >= entry.not_before
-            and entry.credits >= 1 and self._refresh_for is not None
-        ):
+        if verdict.fetch and self._refresh_for is not None:
             reason = RETRY_AFTER_FAILURE if entry.failing else STALE_USE
             self._start(key, self._refresh_for(key), refresh=True, reason=reason)
-        return source
+        return verdict
 
     def _use(self, key: K, entry: Entry[V], now: float) -> None:
         """A caller is handed ``entry``: LRU, the window, and the credits it buys."""
@@ -300,21 +328,31 @@ class SingleFlight(Generic[K, V]):
             self._plan(key, entry, rules.refresh_at(entry.expires - entry.lead, entry.not_before))
 
     def cached(self, key: K) -> tuple[V, float, Source] | None:
-        """A value usable without waiting, when it expires, and whether it is stale; no I/O.
+        """A value usable without waiting, until when what is built on it may be kept, and whether it is stale; no I/O.
 
-        The cache-only decision path uses this.  It may fall through to
-        :meth:`get` for the same key, so statistics (hits, stale answers)
-        are the caller's to count, with :meth:`count_served`, once it has
-        used the value.
+        The cache-only decision path uses this.  A value not believed comes
+        back as its stand-in (``doubt``), stale; None when the caller must
+        wait (nothing usable, or a fetch worth waiting for), which it does
+        with :meth:`get`.  Statistics (hits, stale answers) are the caller's
+        to count, with :meth:`count_served`, once it has used the value.
         """
         entry = self.cache.raw(key)
         if entry is None:
             return None
         now = self._clock()
-        source = self._servable(key, entry, now)
-        if source is None:
-            return None
-        return entry.value, entry.expires, source
+        verdict = self._judge(key, entry, now)
+        return self._served(entry, verdict, now)
+
+    def _served(self, entry: Entry[V], verdict: Judgement, now: float) -> tuple[V, float, Source] | None:
+        """What a caller is handed for ``verdict`` without waiting (None: it must wait)."""
+        state = verdict.state
+        if state is State.FRESH:
+            return entry.value, verdict.until, Source.CACHE
+        if state is State.STALE:
+            return entry.value, verdict.until, Source.STALE
+        if state is State.UNCONFIRMED:
+            return self._doubt(entry.value, now), -math.inf, Source.STALE
+        return None
 
     def count_served(self, hits: int, stale: int = 0) -> None:
         """Statistics for values taken with :meth:`cached`, as if each had come from :meth:`get`."""
@@ -325,44 +363,37 @@ class SingleFlight(Generic[K, V]):
         """Return ``(value, source)``; waits for a flight if nothing usable is cached.
 
         ``produce`` fetches the key on a miss (default: ``produce_for(key)``).
+        A value whose fetch is worth waiting for (WAIT) is waited for until
+        the judgement says, then judged again.
         """
         entry = self.cache.raw(key)
         if entry is not None:
             now = self._clock()
-            source = self._servable(key, entry, now)
-            if source is not None:
+            verdict = self._judge(key, entry, now)
+            if verdict.state is State.WAIT and key in self._inflight:
+                with trio.move_on_at(verdict.until):
+                    return await self._wait(self._inflight[key], joined=True)
+                now = self._clock()
+                verdict = self._judge(key, entry, now)
+            served = self._served(entry, verdict, now)
+            if served is not None:
                 self.cache.hits += 1
-                if source is Source.STALE:
+                if served[2] is Source.STALE:
                     self.stale_served += 1
                 await trio.lowlevel.checkpoint()
-                return entry.value, source
-        self.cache.misses += 1
+                return served[0], served[2]
         flight = self._inflight.get(key)
         if flight is None:
             if produce is None:
                 if self._produce_for is None:
                     raise TypeError(f"{self._name}: no producer for {key!r}")
                 produce = self._produce_for(key)
-            flight = self._start(key, produce, refresh=False)
-        else:
-            self.joined += 1
-        flight.waiters += 1
-        await flight.done.wait()
-        assert flight.value is not None
-        return flight.value, Source.NETWORK
+            return await self._wait(self._start(key, produce, refresh=False), joined=False)
+        return await self._wait(flight, joined=True)
 
-    async def join(self, key: K) -> tuple[V, Source]:
-        """Wait for the flight now fetching ``key`` and return its value; :meth:`get` when none runs.
-
-        For a caller that knows the cached value is not to be used while
-        its refresh is young (an old "up" being confirmed): waiting on that
-        refresh is a use of the key like waiting on any flight.
-        """
-        flight = self._inflight.get(key)
-        if flight is None:
-            return await self.get(key)
+    async def _wait(self, flight: _Flight[V], *, joined: bool) -> tuple[V, Source]:
         self.cache.misses += 1
-        self.joined += 1
+        self.joined += joined
         flight.waiters += 1
         await flight.done.wait()
         assert flight.value is not None
@@ -469,6 +500,8 @@ class SingleFlight(Generic[K, V]):
         flight.done.set()
         if self._inflight.get(key) is flight:
             del self._inflight[key]
+            if flight.running:
+                self._lingering[key] = flight
 
     def _plan_next(self, key: K, entry: Entry[V], at: float) -> None:
         """Plan the next background fetch at ``at`` if the last use still pays for one."""
@@ -522,6 +555,9 @@ class SingleFlight(Generic[K, V]):
             error = exc
         finally:
             self._running -= 1
+            flight.running = False
+            if self._lingering.get(key) is flight:
+                del self._lingering[key]
             if not flight.done.is_set():
                 if error is None:
                     self._abandon(key, flight)

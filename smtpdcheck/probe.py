@@ -20,7 +20,7 @@ from typing import Final, TypeAlias
 import trio
 
 from .cache import Producer, SingleFlight, Source, TTLCache
-from .confirm import Belief, believe_up, confirm_grace
+from .belief import confirm_grace
 from .refresh import RefreshRules, background_slots
 from .greeting import MAX_GREETING_BYTES, GreetingError, GreetingReader
 from .servers import IPAddress
@@ -65,7 +65,7 @@ class Outcome(enum.Enum):
     OVERLOADED = "not probed"  # our own probe limit, not the server's fault
     ERROR = "error"
     # Not a probe's outcome: a cached "up" whose confirming probe is overdue
-    # (see smtpdcheck.confirm); treated as not up, never cached.
+    # (see smtpdcheck.belief); treated as not up, never cached.
     UNCONFIRMED = "unconfirmed"
 
 
@@ -258,7 +258,7 @@ class Prober:
             is "not probed", our limit, not the server's fault, and is not
             cached), and for the greeting, after which the probe reports a
             timeout (later, for a primary known to greet slower: see
-            :func:`~smtpdcheck.confirm.confirm_grace`) and goes on waiting.
+            :func:`~smtpdcheck.belief.confirm_grace`) and goes on waiting.
         greeting_timeout: how long a probe waits for the greeting's first
             line at all, from its start; a 220 that comes after ``timeout``
             replaces the timeout in the cache.  At least ``timeout``.
@@ -272,7 +272,7 @@ class Prober:
         connect: opens the connection (a seam for tests on virtual time).
         refresh_window: results used within this many seconds are probed
             again before they expire, and served (up to ``greeting_timeout``
-            past expiry, an "up" only as :func:`~smtpdcheck.confirm.believe_up`
+            past expiry, an "up" only as :func:`~smtpdcheck.belief.judge`
             says) while that probe runs; 0 = neither.
     """
 
@@ -297,9 +297,6 @@ class Prober:
         self.quit_grace = quit_grace
         self._connect = connect
         self.limiter = trio.CapacityLimiter(max_concurrent)
-        # Addresses whose probe reported silence and still waits for a
-        # greeting: a 220 may replace that result at any moment.
-        self._awaiting_greeting: set[tuple[str, int]] = set()
         # Background probes take a slot here first, then one of ``limiter``.
         self.background_limiter = trio.CapacityLimiter(background_slots(max_concurrent))
         self.outcomes: dict[Outcome, int] = dict.fromkeys(PROBE_OUTCOMES, 0)
@@ -316,6 +313,11 @@ class Prober:
             # Only "we could not probe" is a failure; a TTL of 0 means "do not keep".
             is_failure=lambda result: result.outcome in (Outcome.OVERLOADED, Outcome.ERROR),
             describe=lambda key: f"{key[0]}:{key[1]}",
+            # An "up" is evidence with an age (smtpdcheck.belief); a reported
+            # silence may be replaced by a greeting while its probe still waits.
+            confirm=lambda result: confirm_grace(result.elapsed, self.greeting_timeout) if result.available else None,
+            doubt=_unconfirmed,
+            revisable=lambda result: result.outcome is Outcome.TIMEOUT,
         )
 
     @property
@@ -341,18 +343,13 @@ class Prober:
         return self.down_ttl
 
     def cached(self, address: IPAddress, port: int) -> tuple[ProbeResult, float, Source] | None:
-        """A result usable without waiting, until when it holds and whether it is stale; no I/O.
+        """A result usable without waiting, until when what is built on it may be kept, and whether it is stale; no I/O.
 
-        It holds until it expires or its refresh starts, whichever is first.
-
-        An "up" whose confirming probe is overdue comes back UNCONFIRMED (it
-        expires at once: nothing built on it is reused); one whose probe is
-        young but which is too old to be believed meanwhile is None: the
-        caller waits for that probe (:meth:`probe`).
+        An "up" no longer believed comes back UNCONFIRMED (nothing built on
+        it is kept); None when the caller must wait: nothing usable, or an
+        "up" being confirmed by a probe worth waiting for (:meth:`probe`).
         """
-        key = (str(address), port)
-        got, belief, _ = self._judge(key)
-        return None if belief is Belief.WAIT else got
+        return self.flights.cached((str(address), port))
 
     def count_cache_hits(self, n: int, stale: int = 0) -> None:
         self.flights.count_served(n, stale)
@@ -360,66 +357,13 @@ class Prober:
     async def probe(self, address: IPAddress, port: int, name: str = "") -> tuple[ProbeResult, Source]:
         """Return ``(result, where it came from)`` for one address; ``name`` is for the log.
 
-        Waits only when nothing usable is cached, or when an old "up" is
-        being confirmed by a probe that is still young, and then only while
-        it is young: past that the "up" is answered as UNCONFIRMED, not by
-        waiting for the probe that would settle it.
+        Waits only when nothing usable is cached, or while an old "up" is
+        being confirmed by a probe that is still young: past that the "up"
+        is answered as UNCONFIRMED, not by waiting for the probe that would
+        settle it (smtpdcheck.belief).
         """
         key = (str(address), port)
-        got, belief, until = self._judge(key)
-        if belief is Belief.WAIT:
-            with trio.move_on_at(until):
-                return await self.flights.join(key)
-            got, belief, until = self._judge(key)
-        if got is not None:
-            self.flights.count_served(1, int(got[2] is Source.STALE))
-            await trio.lowlevel.checkpoint()
-            return got[0], got[2]
         return await self.flights.get(key, self._producer(key, name))
-
-    def _judge(self, key: tuple[str, int]) -> tuple[tuple[ProbeResult, float, Source] | None, Belief | None, float]:
-        """What the cache says of ``key`` now: a usable result (or None), and for an "up", the belief in it.
-
-        Reading the cache this way is a use: it starts the confirming probe
-        of an expired entry when the refresh rules allow.  The result's
-        time is until when anything built on it may be kept: its expiry or
-        the start of its refresh, whichever is first, and not at all while
-        that refresh runs (it may land a new state at any moment: a primary
-        back up is seen a whole silent probe earlier).
-        """
-        got = self.flights.cached(key)
-        entry = self.flights.cache.raw(key)
-        if entry is None or not entry.value.available:
-            if got is None:
-                return None, None, -math.inf
-            result, expires, source = got
-            due = entry.due if entry is not None else expires
-            busy = self.flights.running_since(key) is not None or key in self._awaiting_greeting
-            until = -math.inf if busy else min(expires, due)
-            return (result, until, source), None, until
-        now = self.flights.cache.clock()
-        started = self.flights.running_since(key)
-        up = entry.value
-        belief, until = believe_up(now, entry.expires, started, up.elapsed, self.greeting_timeout)
-        if belief is Belief.FRESH:
-            if got is None:
-                return None, belief, until
-            if started is not None:
-                return (up, -math.inf, got[2]), belief, -math.inf
-            return (up, min(entry.expires, entry.due), got[2]), belief, min(entry.expires, entry.due)
-        if belief is Belief.STALE and got is not None:
-            return (up, -math.inf, Source.STALE), belief, until
-        if belief in (Belief.STALE, Belief.WAIT):
-            # Believed, but not servable stale (refreshing is off), or too
-            # old to be believed while its probe is young: wait for that probe.
-            return None, Belief.WAIT, until
-        if started is None and now >= entry.stale_until:
-            return None, belief, -math.inf  # unused for a while: probe and wait, as after any expiry
-        doubt = ProbeResult(
-            Outcome.UNCONFIRMED, up.address, up.port, f"last greeting {now - up.at:.1f}s ago",
-            name=up.name, at=up.at, since=up.since,
-        )
-        return (doubt, -math.inf, Source.STALE), belief, -math.inf
 
     def _refetch(self, key: tuple[str, int]) -> Producer[ProbeResult]:
         """A refresh probes for the MX host the cached result was probed for, in the background share."""
@@ -433,10 +377,6 @@ class Prober:
         async def produce(deliver: Callable[[ProbeResult], None]) -> None:
             def counted(result: ProbeResult) -> None:
                 self.outcomes[result.outcome] += 1
-                if result.outcome is Outcome.TIMEOUT:
-                    self._awaiting_greeting.add(key)
-                else:
-                    self._awaiting_greeting.discard(key)
                 deliver(self._note_change(key, name, result))
 
             start = trio.current_time()
@@ -452,7 +392,7 @@ class Prober:
                     return
                 # Silence is reported when a request can wait no longer, or
                 # later for a primary known to greet slower than that (its
-                # old "up" is believed meanwhile, see believe_up).  The slot
+                # old "up" is believed meanwhile, see smtpdcheck.belief).  The slot
                 # wait came out of the same budgets.
                 entry = self.flights.cache.raw(key)
                 greeted = entry.value.elapsed if entry is not None and entry.value.available else 0.0
@@ -463,7 +403,6 @@ class Prober:
                     deadline=start + greeting if greeting > 0 else math.inf, silent_at=silent_at, name=name,
                 )
             finally:
-                self._awaiting_greeting.discard(key)
                 for limiter in reversed(held):
                     limiter.release()
 
@@ -496,3 +435,11 @@ class Prober:
         last = f", last greeting {result.at - before.at:.1f}s ago" if before.available and not math.isnan(before.at) else ""
         log.warning("%s %s -> %s (%s)%s%s", label, state(before), state(result), result.outcome.value, held, last)
         return result
+
+
+def _unconfirmed(up: ProbeResult, now: float) -> ProbeResult:
+    """The stand-in for an "up" no longer believed: not up, and how old its greeting is."""
+    return ProbeResult(
+        Outcome.UNCONFIRMED, up.address, up.port, f"last greeting {now - up.at:.1f}s ago",
+        name=up.name, at=up.at, since=up.since,
+    )

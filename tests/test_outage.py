@@ -1,6 +1,6 @@
 """When a primary fails, know it within seconds: the confirm rules, then whole outages on virtual time.
 
-The rules are plain arithmetic (:mod:`smtpdcheck.confirm`).  The outages run
+The rules are plain arithmetic (:mod:`smtpdcheck.belief`, tested in test_belief).  The outages run
 the daemon's own answering path (:class:`policyd.responder.Responder` on a
 core built from the default configuration) against virtual peers on
 ``MockClock(autojump_threshold=0)``, so every time below is exact: one RCPT
@@ -25,51 +25,13 @@ import smtpdcheck.cache
 from policyd.config import Config
 from policyd.request import PolicyRequest
 from policyd.responder import Responder, core_settings
-from smtpdcheck.confirm import Belief, believe_up, confirm_grace
+from smtpdcheck.belief import confirm_grace
 from smtpdcheck.core import build_core
 from smtpdcheck.policy import Kind
 from testbeds.postfix_request import POSTFIX_37_RCPT_ATTRS
 from tests.support.virtual import REFUSING, SILENT, Peer, VirtualDNS, VirtualNet
 
 # -- the rules, as plain arithmetic -------------------------------------------
-
-
-def test_confirm_grace_is_twice_the_last_greeting_plus_a_margin_capped_at_the_timeout() -> None:
-    assert confirm_grace(0.02, 5.0) == pytest.approx(0.54)
-    assert confirm_grace(0.0, 5.0) == pytest.approx(0.5)
-    assert confirm_grace(1.0, 5.0) == pytest.approx(2.5)
-    assert confirm_grace(3.0, 5.0) == 5.0  # never longer than the probe may take
-    assert confirm_grace(0.02, 0.3) == 0.3
-    assert confirm_grace(3.0, 0.0) == pytest.approx(6.5)  # no timeout, no cap
-
-
-def test_an_up_is_fresh_then_believed_while_its_probe_is_young_then_unconfirmed() -> None:
-    # Expires at 100; the last greeting took 20 ms, so its refresh started at 99.98; grace 0.54 s.
-    assert believe_up(99.99, 100.0, 99.98, 0.02, 5.0) == (Belief.FRESH, 100.0)
-    assert believe_up(99.99, 100.0, None, 0.02, 5.0) == (Belief.FRESH, 100.0)
-    # Probe 0.52 s old: believed until it is 0.54 s old.
-    assert believe_up(100.5, 100.0, 99.98, 0.02, 5.0) == (Belief.STALE, pytest.approx(100.52))
-    assert believe_up(100.53, 100.0, 99.98, 0.02, 5.0) == (Belief.UNCONFIRMED, -math.inf)  # 0.55 s: overdue
-    assert believe_up(104.0, 100.0, 99.98, 0.02, 5.0) == (Belief.UNCONFIRMED, -math.inf)
-    # A slow greeter gets a longer grace: twice its 1 s greeting plus 0.5 s.
-    assert believe_up(101.4, 100.0, 99.0, 1.0, 5.0) == (Belief.STALE, pytest.approx(101.5))
-    assert believe_up(101.6, 100.0, 99.0, 1.0, 5.0)[0] is Belief.UNCONFIRMED
-    # One that greets after 20 s is believed while its confirming probe runs, up to the greeting timeout.
-    assert believe_up(130.0, 100.0, 95.0, 20.0, 40.0) == (Belief.STALE, 135.0)
-    assert believe_up(135.5, 100.0, 95.0, 20.0, 40.0)[0] is Belief.UNCONFIRMED
-
-
-def test_no_probe_confirms_nothing_and_a_late_one_is_waited_for_while_it_is_young() -> None:
-    # Nothing under way (our own probe limit refused it): not believed past expiry at all.
-    assert believe_up(100.0, 100.0, None, 0.02, 5.0) == (Belief.UNCONFIRMED, -math.inf)
-    # A probe started just after expiry: the old "up" is still within the grace of its expiry.
-    assert believe_up(100.3, 100.0, 100.3, 0.02, 5.0) == (Belief.STALE, pytest.approx(100.54))
-    # A probe started late, by the first RCPT after a pause, does not make an
-    # old "up" new: every caller of the burst waits for it while it is young...
-    assert believe_up(125.0, 100.0, 125.0, 0.02, 5.0) == (Belief.WAIT, pytest.approx(125.54))
-    assert believe_up(125.5, 100.0, 125.0, 0.02, 5.0) == (Belief.WAIT, pytest.approx(125.54))
-    # ... and no longer: then it is unconfirmed, like any overdue confirmation.
-    assert believe_up(125.55, 100.0, 125.0, 0.02, 5.0) == (Belief.UNCONFIRMED, -math.inf)
 
 
 # -- whole outages on virtual time, with the defaults -------------------------

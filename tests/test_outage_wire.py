@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from policyd.config import Config
-from smtpdcheck.confirm import confirm_grace
+from smtpdcheck.belief import confirm_grace
 from tests.conftest import Farm
 from tests.policyd_helpers import start_policyd
 from testbeds.dnsserver import FakeDNSServer
