@@ -29,6 +29,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from smtpdcheck.defaults import CACHE_SIZE
+
 from .loadgen import read_rss_kb, read_status_kb
 from .policyenv import PolicyEnv, policy_env
 from .previous import PREVIOUS_RELEASE, THIS, Release, ReleaseUnavailable
@@ -36,7 +38,6 @@ from .procs import run_loadgen
 from .report import BenchResult, Check, Table, fmt_num, fmt_ratio
 
 NAME = "memory"
-CACHE_SIZE = 10_000
 CONNECTIONS = 50
 TARGET_MAX_MB = 100.0
 TARGET_FLATNESS = 1.05

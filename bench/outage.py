@@ -38,6 +38,8 @@ from typing import Any, Final
 
 import trio
 
+from smtpdcheck import defaults
+from smtpdcheck.belief import CONFIRM_MARGIN_S
 from testbeds.dnsserver import Behavior, FakeDNSServer, Zone
 from testbeds.greeters import Farm, Mode, start_farm
 
@@ -50,12 +52,12 @@ from .workload import RequestTemplate
 NAME = "outage"
 
 PERIOD_S: Final = 0.25
-#: The defaults this benchmark is about (policyd/config.py), for the design worst cases.
-UP_TTL_S: Final = 10.0
+#: The defaults this benchmark is about (smtpdcheck/defaults.py), for the design worst cases.
+UP_TTL_S: Final = defaults.UP_TTL_S
 PREVIOUS_UP_TTL_S: Final = 120.0
-DOWN_TTL_S: Final = 60.0
-TIMEOUT_S: Final = 5.0
-CONFIRM_GRACE_S: Final = 0.5  # a primary that greets at once: twice ~0 plus the margin
+DOWN_TTL_S: Final = defaults.DOWN_TTL_S
+TIMEOUT_S: Final = 5.0  # the previous release's --timeout: how long it served an expired "up"
+CONFIRM_GRACE_S: Final = CONFIRM_MARGIN_S  # a primary that greets at once: twice ~0 plus the margin
 #: Targets, with the defaults.
 TARGET_WINDOW_S: Final = 15.0
 TARGET_RECOVERY_S: Final = 65.0
@@ -122,8 +124,8 @@ class Variant:
 
 VARIANTS: Final = (
     Variant(PREVIOUS_RELEASE.label, PREVIOUS_RELEASE, (), PREVIOUS_UP_TTL_S, TIMEOUT_S, main=True),
-    Variant("previous, --cache-up-ttl 10", PREVIOUS_RELEASE, ("--cache-up-ttl", "10"), UP_TTL_S, TIMEOUT_S),
-    Variant("this tree, --cache-up-ttl 120", THIS, ("--cache-up-ttl", "120"), PREVIOUS_UP_TTL_S, CONFIRM_GRACE_S),
+    Variant("previous, --cache-up-ttl 10", PREVIOUS_RELEASE, ("--cache-up-ttl", f"{UP_TTL_S:g}"), UP_TTL_S, TIMEOUT_S),
+    Variant("this tree, --cache-up-ttl 120", THIS, ("--cache-up-ttl", f"{PREVIOUS_UP_TTL_S:g}"), PREVIOUS_UP_TTL_S, CONFIRM_GRACE_S),
     Variant(THIS.label, THIS, (), UP_TTL_S, CONFIRM_GRACE_S, main=True),
 )
 

@@ -22,12 +22,13 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Final, Literal, get_args, get_type_hints
 
-from smtpdcheck import values
+from smtpdcheck import belief, defaults, refresh, values
 from smtpdcheck.probe import GREETING_TIMEOUT_S, PROBE_REFRESH_FLOOR_S, QUIT_GRACE_S
-from smtpdcheck.resolver import DNSConfigError, parse_nameserver
+from smtpdcheck.resolver import DNS_FETCHES_PER_USE, MIN_DNS_REFRESH_FLOOR_S, DNSConfigError, parse_nameserver
 from smtpdcheck.servers import is_valid_hostname, parse_address
 
 from .clients import check_group, check_network
+from .watchdog import MAX_TICK_S
 
 DEFAULT_PORT: Final = 10036  # written once: the units, snippets and documents say it too (tests check)
 DEFAULT_LISTEN: Final = f"inet:127.0.0.1:{DEFAULT_PORT}"
@@ -57,28 +58,28 @@ class Config:
     socket_group: str = ""
     allow_clients: tuple[str, ...] = ()
     stop: tuple[str, ...] = ()
-    timeout: float = 5.0
+    timeout: float = defaults.PROBE_TIMEOUT_S
     greeting_timeout: float = GREETING_TIMEOUT_S
-    dns_timeout: float = 2.0
-    deadline: float = 8.0
-    smtp_port: int = 25
+    dns_timeout: float = defaults.DNS_TIMEOUT_S
+    deadline: float = defaults.DEADLINE_S
+    smtp_port: int = defaults.SMTP_PORT
     nameserver: tuple[str, ...] = ()
     mode: Mode = "enforce"
     defer_text: str = DEFAULT_DEFER_TEXT
     failure_action: FailureAction = "DUNNO"
-    cache_up_ttl: float = 10.0
-    cache_down_ttl: float = 60.0
-    dns_max_ttl: float = 3600.0
-    dns_negative_ttl: float = 300.0
-    dns_failure_ttl: float = 10.0
-    refresh_window: float = 600.0
-    dns_stale_max: float = 3600.0
-    cache_size: int = 10_000
-    max_probes: int = 200
-    max_dns_queries: int = 100
-    max_connections: int = 1000
-    request_timeout: float = 10.0
-    idle_timeout: float = 3600.0
+    cache_up_ttl: float = defaults.UP_TTL_S
+    cache_down_ttl: float = defaults.DOWN_TTL_S
+    dns_max_ttl: float = defaults.DNS_MAX_TTL_S
+    dns_negative_ttl: float = defaults.DNS_NEGATIVE_TTL_S
+    dns_failure_ttl: float = defaults.DNS_FAILURE_TTL_S
+    refresh_window: float = defaults.REFRESH_WINDOW_S
+    dns_stale_max: float = defaults.DNS_STALE_MAX_S
+    cache_size: int = defaults.CACHE_SIZE
+    max_probes: int = defaults.MAX_PROBES
+    max_dns_queries: int = defaults.MAX_DNS_QUERIES
+    max_connections: int = defaults.MAX_CONNECTIONS
+    request_timeout: float = defaults.REQUEST_TIMEOUT_S
+    idle_timeout: float = defaults.IDLE_TIMEOUT_S
     log_level: LogLevel = "info"
     log_target: LogTarget = "stderr"
     metrics: str = ""
@@ -289,19 +290,19 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option("mode", _choice(Mode), "enforce: answer DEFER_IF_PERMIT; warn: answer WARN with the same text wherever enforce would defer, a failure action of DEFER_IF_PERMIT included (Postfix logs and accepts: nothing is deferred)", "MODE"),
     Option("defer_text", _defer_text, "reply text when deferring; {mx} is the live MX, {domain} the recipient domain", "TEMPLATE"),
     Option("failure_action", _choice(FailureAction), "answer when DNS fails, the deadline passes or anything breaks (DUNNO: fail-open); in --mode warn, DEFER_IF_PERMIT is answered as WARN with the same text", "ACTION"),
-    Option("cache_up_ttl", _up_ttl, "how long an MX address that greeted with 220 is believed up; one in use is probed again this often, and past expiry its 'up' is believed only while that probe is young (twice the last greeting time plus 0.5 s, at most --timeout), then the RCPT gets DUNNO (reason unconfirmed) until the probe ends; 0 = not cached: every RCPT waits for a probe", "SECONDS"),
+    Option("cache_up_ttl", _up_ttl, f"how long an MX address that greeted with 220 is believed up; one in use is probed again this often, and past expiry its 'up' is believed only while that probe is young ({defaults.times(belief.GREETING_FACTOR)} the last greeting time plus {belief.CONFIRM_MARGIN_S:g} s, at most --greeting-timeout), then the RCPT gets DUNNO (reason unconfirmed) until the probe ends; 0 = not cached: every RCPT waits for a probe", "SECONDS"),
     Option("cache_down_ttl", _seconds, "how long an MX address that failed is believed down", "SECONDS"),
     Option("dns_max_ttl", _seconds, "cap on how long a DNS answer is reused (its own TTL otherwise)", "SECONDS", restart=True),
     Option("dns_negative_ttl", _seconds, "cap on how long NXDOMAIN / no-records answers are reused", "SECONDS", restart=True),
     Option("dns_failure_ttl", _seconds, "how long a failed lookup (SERVFAIL, timeout) is reused before asking again", "SECONDS", restart=True),
-    Option("refresh_window", _seconds, "cached MX lists, addresses and probe results used within this window are refreshed in the background before they expire, and served while a refresh runs (up to --timeout / --dns-timeout past expiry; an 'up' only as --cache-up-ttl says); each use of a DNS answer pays for at most 3 such fetches, no two within --dns-timeout (1 s at the least), and failed lookups are not refreshed; probe results are refreshed once per TTL (at most once a second) for the whole window; 0 = off: an expired entry makes the RCPT wait", "SECONDS", restart=True),
-    Option("dns_stale_max", _seconds, "when a DNS refresh fails, keep answering with the last good answer for up to this long past its expiry, retrying every --dns-failure-ttl (1 s at the least) while uses pay for retries; 0 = no longer than while a refresh runs (--dns-timeout past expiry)", "SECONDS", restart=True),
+    Option("refresh_window", _seconds, f"cached MX lists, addresses and probe results used within this window are refreshed in the background before they expire, and served while a refresh runs (up to --timeout / --dns-timeout past expiry; an 'up' only as --cache-up-ttl says); each use of a DNS answer pays for at most {DNS_FETCHES_PER_USE} such fetches, no two within --dns-timeout ({MIN_DNS_REFRESH_FLOOR_S:g} s at the least), and failed lookups are not refreshed; probe results are refreshed once per TTL (no two within {PROBE_REFRESH_FLOOR_S:g} s) for the whole window; 0 = off: an expired entry makes the RCPT wait", "SECONDS", restart=True),
+    Option("dns_stale_max", _seconds, f"when a DNS refresh fails, keep answering with the last good answer for up to this long past its expiry, retrying every --dns-failure-ttl ({refresh.MIN_RETRY_AFTER_S:g} s at the least) while uses pay for retries; 0 = no longer than while a refresh runs (--dns-timeout past expiry)", "SECONDS", restart=True),
     Option("cache_size", _count, "entries per cache (probe results, MX lists, host addresses)", "N", restart=True),
     Option("max_probes", _count, "SMTP probes connecting at once, process-wide; background refreshes hold at most half of them (at least 1), the rest is kept for probes a request waits for", "N", restart=True),
     Option("max_dns_queries", _count, "DNS queries in flight at once, process-wide; background refreshes hold at most half of them (at least 1), the rest is kept for lookups a request waits for", "N", restart=True),
     Option("max_connections", _count, "Postfix connections served at once; more wait in the listen queue", "N", restart=True),
     Option("request_timeout", _positive_seconds, "a request that has started must arrive completely, and each reply be taken by Postfix, within this time (checked like --idle-timeout, up to one watchdog tick late)", "SECONDS"),
-    Option("idle_timeout", _seconds, "close a connection idle this long, or up to one watchdog tick later (a tenth of the shorter of this and --request-timeout, at most 1 s); 0 = never; Postfix closes idle ones itself", "SECONDS"),
+    Option("idle_timeout", _seconds, f"close a connection idle this long, or up to one watchdog tick later (a tenth of the shorter of this and --request-timeout, at most {MAX_TICK_S:g} s); 0 = never; Postfix closes idle ones itself", "SECONDS"),
     Option("log_level", _choice(LogLevel), "log level; decisions are logged at info", "LEVEL"),
     Option("log_target", _choice(LogTarget), "where logs go: stderr (journald-friendly) or syslog (facility mail)", "TARGET"),
     Option("metrics", _metrics, "serve Prometheus metrics at inet:IP:PORT (empty = off)", "ENDPOINT", restart=True),

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from . import defaults
 from .cache import Source
 from .probe import Outcome, Prober, ProbeResult
 from .resolver import Lookups
@@ -118,7 +119,7 @@ class Checker:
     hung lookup must be given up on while there is still time to probe.
     """
 
-    def __init__(self, resolver: Lookups, prober: Prober, *, port: int = 25, timeout: float = 10.0) -> None:
+    def __init__(self, resolver: Lookups, prober: Prober, *, port: int = defaults.SMTP_PORT, timeout: float = defaults.CHECK_TIMEOUT_S) -> None:
         self.resolver = resolver
         self.prober = prober
         self.port = port

@@ -14,7 +14,7 @@ from typing import Final, NoReturn, TextIO, TypeVar
 
 import trio
 
-from . import release, values
+from . import defaults, release, values
 from .check import CheckResult
 from .compat import STRICT_EXCEPTION_GROUPS
 from .core import Core, CoreSettings, open_core
@@ -28,7 +28,6 @@ _T = TypeVar("_T")
 EXIT_NONE: Final = 0
 EXIT_AVAILABLE: Final = 1
 EXIT_ERROR: Final = 2
-DNS_TIMEOUT_S: Final = 5.0
 
 DESCRIPTION = """\
 Check whether SMTP servers are available.  Meant for secondary mail
@@ -103,10 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="this host; stop before checking it (see stop rule); may be repeated",
     )
     parser.add_argument(
-        "--timeout", type=_non_negative, default=10.0, metavar="seconds",
-        help="time allowed for each server: lookup, connect and greeting (default 10; 0 = no limit)",
+        "--timeout", type=_non_negative, default=defaults.MAIL_AVENGER_TIMEOUT_S, metavar="seconds",
+        help=f"time allowed for each server: lookup, connect and greeting (default {defaults.MAIL_AVENGER_TIMEOUT_S:g}; 0 = no limit)",
     )
-    parser.add_argument("--smtp-port", type=_port, default=25, metavar="N", help="SMTP port to probe (default 25)")
+    parser.add_argument("--smtp-port", type=_port, default=defaults.SMTP_PORT, metavar="N", help=f"SMTP port to probe (default {defaults.SMTP_PORT})")
     parser.add_argument(
         "--nameserver", action="append", default=[], metavar="IP[:PORT]",
         help="DNS server to ask (repeatable; default: the system resolver configuration)",
@@ -142,7 +141,7 @@ def core_settings(args: argparse.Namespace) -> CoreSettings:
     # The per-server timeout bounds lookup plus probe together, as the man
     # page says; lookups get half of it so a hung nameserver leaves time to
     # probe the servers that did resolve.
-    dns_timeout = min(DNS_TIMEOUT_S, args.timeout / 2) if args.timeout > 0 else DNS_TIMEOUT_S
+    dns_timeout = min(defaults.COMMAND_DNS_TIMEOUT_S, args.timeout / 2) if args.timeout > 0 else defaults.COMMAND_DNS_TIMEOUT_S
     return CoreSettings(
         nameservers=[parse_nameserver(n) for n in args.nameserver],
         dns_timeout=dns_timeout,

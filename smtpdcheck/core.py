@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 
 import trio
 
+from . import defaults
 from .check import Checker
 from .probe import QUIT_GRACE_S, Connect, Prober
-from .resolver import DEFAULT_DNS_TIMEOUT_S, RESOLV_CONF, DNSConfigError, Lookups, Resolver
+from .resolver import RESOLV_CONF, DNSConfigError, Lookups, Resolver
 from .stophost import StopHostError, resolve_stop
 from .stoprule import StopSet
 
@@ -37,19 +38,19 @@ class CoreSettings:
     """
 
     nameservers: Sequence[tuple[str, int]] = ()
-    dns_timeout: float = DEFAULT_DNS_TIMEOUT_S
-    probe_timeout: float = 10.0
+    dns_timeout: float = defaults.DNS_TIMEOUT_S
+    probe_timeout: float = defaults.PROBE_TIMEOUT_S
     greeting_timeout: float | None = None
-    check_timeout: float = 10.0
-    smtp_port: int = 25
-    up_ttl: float = 10.0
-    down_ttl: float = 60.0
-    dns_max_ttl: float = 3600.0
-    dns_negative_ttl: float = 300.0
-    dns_failure_ttl: float = 10.0
-    cache_size: int = 10_000
-    max_probes: int = 200
-    max_dns_queries: int = 100
+    check_timeout: float = defaults.CHECK_TIMEOUT_S
+    smtp_port: int = defaults.SMTP_PORT
+    up_ttl: float = defaults.UP_TTL_S
+    down_ttl: float = defaults.DOWN_TTL_S
+    dns_max_ttl: float = defaults.DNS_MAX_TTL_S
+    dns_negative_ttl: float = defaults.DNS_NEGATIVE_TTL_S
+    dns_failure_ttl: float = defaults.DNS_FAILURE_TTL_S
+    cache_size: int = defaults.CACHE_SIZE
+    max_probes: int = defaults.MAX_PROBES
+    max_dns_queries: int = defaults.MAX_DNS_QUERIES
     quit_grace: float = QUIT_GRACE_S
     refresh_window: float = 0.0
     dns_stale_max: float = 0.0

@@ -19,9 +19,10 @@ from typing import Final, TypeAlias
 
 import trio
 
+from . import defaults
 from .cache import Producer, SingleFlight, Source, TTLCache
 from .belief import confirm_grace
-from .refresh import RefreshRules, background_slots
+from .refresh import MIN_RETRY_AFTER_S, RefreshRules, background_slots
 from .greeting import MAX_GREETING_BYTES, GreetingError, GreetingReader
 from .servers import IPAddress
 
@@ -282,10 +283,10 @@ class Prober:
         *,
         timeout: float,
         greeting_timeout: float | None = None,
-        up_ttl: float = 10.0,
-        down_ttl: float = 60.0,
-        max_entries: int = 10_000,
-        max_concurrent: int = 200,
+        up_ttl: float = defaults.UP_TTL_S,
+        down_ttl: float = defaults.DOWN_TTL_S,
+        max_entries: int = defaults.CACHE_SIZE,
+        max_concurrent: int = defaults.MAX_PROBES,
         quit_grace: float = QUIT_GRACE_S,
         connect: Connect = trio.open_tcp_stream,
         refresh_window: float = 0.0,
@@ -308,7 +309,7 @@ class Prober:
             name="probe",
             produce_for=self._refetch,
             rules=RefreshRules(
-                window=refresh_window, stale_grace=self._stale_grace, retry_after=1.0, floor=PROBE_REFRESH_FLOOR_S,
+                window=refresh_window, stale_grace=self._stale_grace, retry_after=MIN_RETRY_AFTER_S, floor=PROBE_REFRESH_FLOOR_S,
             ),
             # Only "we could not probe" is a failure; a TTL of 0 means "do not keep".
             is_failure=lambda result: result.outcome in (Outcome.OVERLOADED, Outcome.ERROR),
@@ -429,7 +430,7 @@ class Prober:
             return result
         def state(r: ProbeResult) -> str:
             return "up" if r.available else "down"
-        address = f"[{key[0]}]" if key[1] == 25 else f"[{key[0]}]:{key[1]}"
+        address = f"[{key[0]}]" if key[1] == defaults.SMTP_PORT else f"[{key[0]}]:{key[1]}"
         label = f"{printable(name)} {address}" if name else address
         held = "" if math.isnan(before.since) else f" after {result.at - before.since:.1f}s {state(before)}"
         last = f", last greeting {result.at - before.at:.1f}s ago" if before.available and not math.isnan(before.at) else ""

@@ -26,13 +26,16 @@ import math
 import random
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 
 #: Jitter of a refresh time, as a fraction of the TTL (and at most the stale
 #: grace): entries stored in one burst are not all refreshed in one instant.
 MAX_JITTER = 0.1
+#: No failed refresh is retried sooner than this, whatever a cache's own
+#: retry interval (--dns-failure-ttl) says.
+MIN_RETRY_AFTER_S: Final = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +61,7 @@ class RefreshRules:
     window: float
     stale_grace: float
     failure_stale_max: float = 0.0
-    retry_after: float = 1.0
+    retry_after: float = MIN_RETRY_AFTER_S
     fetches_per_use: float = math.inf
     floor: float = 0.0
 

@@ -33,13 +33,12 @@ import dns.rdatatype
 import dns.resolver
 import trio
 
-from . import values
+from . import defaults, values
 from .cache import Producer, SingleFlight, Source, TTLCache
 from .compat import dns_backend, use_nameservers
-from .refresh import RefreshRules, background_slots
+from .refresh import MIN_RETRY_AFTER_S, RefreshRules, background_slots
 from .servers import IPAddress, is_valid_hostname, normalize_hostname
 
-DEFAULT_DNS_TIMEOUT_S: Final = 5.0
 #: The system's resolver configuration, read when no nameserver is given.
 RESOLV_CONF: Final = "/etc/resolv.conf"
 MAX_MX_HOSTS: Final = 10
@@ -55,6 +54,10 @@ DNS_FETCHES_PER_USE: Final = 3
 #: at which an answer in steady use is still refreshed before it may no
 #: longer be served.
 MIN_DNS_REFRESH_FLOOR_S: Final = 1.0
+
+#: dnspython's time for one query to one nameserver: shorter than the
+#: lookup's budget, so a second nameserver is asked while there is time.
+DNS_TRY_TIMEOUT_S: Final = 2.0
 
 
 class DNSConfigError(ValueError):
@@ -180,12 +183,12 @@ class Resolver:
         nursery: trio.Nursery,
         *,
         nameservers: Sequence[tuple[str, int]] | None = None,
-        timeout: float = DEFAULT_DNS_TIMEOUT_S,
-        max_ttl: float = 3600.0,
-        negative_ttl: float = 300.0,
-        failure_ttl: float = 10.0,
-        max_entries: int = 20_000,
-        max_concurrent: int = 100,
+        timeout: float = defaults.DNS_TIMEOUT_S,
+        max_ttl: float = defaults.DNS_MAX_TTL_S,
+        negative_ttl: float = defaults.DNS_NEGATIVE_TTL_S,
+        failure_ttl: float = defaults.DNS_FAILURE_TTL_S,
+        max_entries: int = defaults.CACHE_SIZE,
+        max_concurrent: int = defaults.MAX_DNS_QUERIES,
         max_addresses: int = MAX_ADDRESSES_PER_HOST,
         max_mx_hosts: int = MAX_MX_HOSTS,
         refresh_window: float = 0.0,
@@ -208,7 +211,7 @@ class Resolver:
             what = f"{resolv_conf} names no nameserver" if os.access(resolv_conf, os.R_OK) else f"cannot read {resolv_conf}"
             raise DNSConfigError(f"no DNS server to ask: {what} (give --nameserver)") from None
         self._dns.cache = None  # ours is in front, with capped TTLs
-        self._dns.timeout = min(2.0, timeout) if timeout > 0 else 2.0
+        self._dns.timeout = min(DNS_TRY_TIMEOUT_S, timeout) if timeout > 0 else DNS_TRY_TIMEOUT_S
         # A backstop only: our own trio deadline in _query is what counts.
         self._dns.lifetime = timeout + 1.0 if timeout > 0 else 3600.0
         self._backend = dns_backend()
@@ -223,10 +226,10 @@ class Resolver:
         # they never hold more than their share of it.
         self.background_limiter = trio.CapacityLimiter(background_slots(max_concurrent))
         self.failures = 0
-        grace = timeout if timeout > 0 else DEFAULT_DNS_TIMEOUT_S
+        grace = timeout if timeout > 0 else defaults.DNS_TIMEOUT_S
         rules = RefreshRules(
             window=refresh_window, stale_grace=grace,
-            failure_stale_max=stale_max, retry_after=max(failure_ttl, 1.0),
+            failure_stale_max=stale_max, retry_after=max(failure_ttl, MIN_RETRY_AFTER_S),
             fetches_per_use=DNS_FETCHES_PER_USE, floor=max(grace, MIN_DNS_REFRESH_FLOOR_S),
         )
         self.address_flights: SingleFlight[str, AddressLookup] = SingleFlight(

@@ -32,10 +32,12 @@ from policyd.decisionlog import BUFFER_LIMIT, decision_line, decision_middle
 from policyd.listeners import unix_listen_error
 from policyd.protocol import MAX_ATTRIBUTES, MAX_LINE_BYTES, MAX_REQUEST_BYTES
 from smtpdcheck import cli as check_cli
-from smtpdcheck import release
+from smtpdcheck import defaults, release
 from smtpdcheck.check import CheckResult, ServerReport
+from smtpdcheck.belief import CONFIRM_MARGIN_S, GREETING_FACTOR
 from smtpdcheck.policy import Action, Cache
-from smtpdcheck.probe import Outcome, ProbeResult
+from smtpdcheck.probe import PROBE_REFRESH_FLOOR_S, Outcome, ProbeResult
+from smtpdcheck.resolver import DNS_FETCHES_PER_USE, MAX_ADDRESSES_PER_HOST, MAX_MX_HOSTS, MIN_DNS_REFRESH_FLOOR_S
 from smtpdcheck.servers import parse_address, parse_servers
 
 from .roff import (
@@ -151,7 +153,7 @@ def verbose_example() -> str:
     [server] = parse_servers(["10:mx1.example.com"])
     address = parse_address("192.0.2.1")
     assert address is not None
-    probe = ProbeResult(Outcome.DECLINED, "192.0.2.1", 25, "421 4.3.2 Service shutting down", elapsed=0.0123)
+    probe = ProbeResult(Outcome.DECLINED, "192.0.2.1", defaults.SMTP_PORT, "421 4.3.2 Service shutting down", elapsed=0.0123)
     report = ServerReport(server, (address,), eligible=True, probes=[probe], cached=False)
     out = io.StringIO()
     check_cli.format_report(CheckResult(None, [report], 0.0123), out)
@@ -203,7 +205,7 @@ def _diagnostics() -> list[str]:
     )
     out += item("State changes", paragraph(
         "When a probe finds an MX address in another state than its cached result said, one warning line "
-        "names the MX host, the address (with :port when --smtp-port is not 25), the old and the new "
+        f"names the MX host, the address (with :port when --smtp-port is not {defaults.SMTP_PORT}), the old and the new "
         f"state, and the probe's outcome ({', '.join(STATE_OUTCOMES)}); it may say more after that:"
     ))
     out += display([STATE_CHANGE_EXAMPLE])
@@ -313,8 +315,8 @@ DECISION_RULES: Final = (
         "MX lookup",
         "NXDOMAIN and a null MX (RFC 7505) answer DUNNO.  SERVFAIL, a timeout or a garbled answer "
         "answer the failure action.  MX records are sorted by preference; without MX records the "
-        "domain itself is the implicit MX at preference 0 (RFC 5321 section 5.1).  At most 10 MX "
-        "hosts and 8 addresses per host are considered.",
+        f"domain itself is the implicit MX at preference 0 (RFC 5321 section 5.1).  At most {MAX_MX_HOSTS} MX "
+        f"hosts and {MAX_ADDRESSES_PER_HOST} addresses per host are considered.",
     ),
     (
         "This host",
@@ -335,8 +337,8 @@ DECISION_RULES: Final = (
         "are cached per address (--cache-up-ttl, --cache-down-ttl) and shared by concurrent "
         "requests.  A more-preferred MX up: DEFER_IF_PERMIT with --defer-text (WARN in warn mode), "
         "so Postfix answers 450 4.7.1.  All of them down, or none more preferred: DUNNO.  An "
-        "\"up\" past its --cache-up-ttl whose confirming probe has not answered within twice the "
-        "address's last greeting time plus 0.5 s (at most --timeout) is unconfirmed: the address "
+        f"\"up\" past its --cache-up-ttl whose confirming probe has not answered within {defaults.times(GREETING_FACTOR)} the "
+        f"address's last greeting time plus {CONFIRM_MARGIN_S:g} s (at most --timeout) is unconfirmed: the address "
         "counts as not up and the answer is DUNNO at once (reason \"primary ... unconfirmed\"), "
         "never cached; the probe's result is cached when it ends.",
     ),
@@ -357,14 +359,14 @@ DECISION_RULES: Final = (
         "is not unconfirmed (see Probes); the decision line then "
         "says cache=stale.  A DNS refresh that fails keeps the last good answer up to "
         "--dns-stale-max past its expiry.  Background work is paid for by traffic: each use of a "
-        "DNS answer pays for at most 3 background fetches of it (refreshes or retries), whatever "
-        "its TTL, and none comes within --dns-timeout (1 s at the least) of the one before; a "
+        f"DNS answer pays for at most {DNS_FETCHES_PER_USE} background fetches of it (refreshes or retries), whatever "
+        f"its TTL, and none comes within --dns-timeout ({MIN_DNS_REFRESH_FLOOR_S:g} s at the least) of the one before; a "
         "lookup that failed is asked again only when a request needs it.  Probe results are "
-        "refreshed once per TTL (at most once a second) until the window ends.  Background work "
+        f"refreshed once per TTL (no two within {PROBE_REFRESH_FLOOR_S:g} s) until the window ends.  Background work "
         "holds at most half of --max-dns-queries and --max-probes; the rest is kept for requests.  "
         "--refresh-window 0 turns this off.  A primary that "
         "stops greeting is answered DUNNO at most --cache-up-ttl plus that grace after its last "
-        "greeting (10.5 s with the defaults for a primary that greets at once); one that greets "
+        f"greeting ({defaults.UP_TTL_S + CONFIRM_MARGIN_S:g} s with the defaults for a primary that greets at once); one that greets "
         "again is seen within about --cache-down-ttl.",
     ),
 )
