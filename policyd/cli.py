@@ -158,7 +158,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
 
 
 def load(args: argparse.Namespace, files: SystemFiles) -> cfg.Config:
-    return cfg.build(args, files.config_path(args.config))
+    return cfg.build(args, files.config_path(args.config), stdio=args.stdio)
 
 
 def settings_of(config: cfg.Config, files: SystemFiles) -> CoreSettings:

@@ -13,21 +13,21 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import string
 import sys
 import textwrap
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Final, Literal, get_args, get_type_hints
+from typing import Final, Literal, get_type_hints
 
 from smtpdcheck import belief, defaults, refresh, values
 from smtpdcheck.probe import GREETING_TIMEOUT_S, PROBE_REFRESH_FLOOR_S, QUIT_GRACE_S
-from smtpdcheck.resolver import DNS_FETCHES_PER_USE, MIN_DNS_REFRESH_FLOOR_S, DNSConfigError, parse_nameserver
-from smtpdcheck.servers import is_valid_hostname, parse_address
+from smtpdcheck.resolver import DNS_FETCHES_PER_USE, MIN_DNS_REFRESH_FLOOR_S, parse_nameserver
 
+from . import validators as v
 from .clients import check_group, check_network
+from .validators import ConfigError as ConfigError, ConflictingOptions as ConflictingOptions, Number as Number
 from .watchdog import MAX_TICK_S
 
 DEFAULT_PORT: Final = 10036  # written once: the units, snippets and documents say it too (tests check)
@@ -41,14 +41,6 @@ Mode = Literal["enforce", "warn"]
 FailureAction = Literal["DUNNO", "DEFER_IF_PERMIT"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogTarget = Literal["stderr", "syslog"]
-
-
-class ConfigError(ValueError):
-    """An option value that cannot be used; the message names the option."""
-
-
-class ConflictingOptions(ConfigError):
-    """Values each valid on their own that cannot work together; the message names every option involved."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,147 +97,6 @@ class Config:
         return replace(new, **{name: getattr(self, name) for name in RESTART_ONLY}), waiting
 
 
-# -- validators -------------------------------------------------------------
-
-
-class Number:
-    """A validator of a number with its allowed range, stated once where the option is declared.
-
-    The refusal messages and the documented range (``--help``, the manual
-    page, the README, the example file) are all written from ``range``, so
-    they cannot say different things.
-    """
-
-    def __init__(self, parse: Callable[[object, values.Range], float | int], within: values.Range) -> None:
-        self.parse = parse
-        self.range = within
-
-    def __call__(self, value: object) -> float | int:
-        try:
-            return self.parse(value, self.range)
-        except values.BadValueError as exc:
-            raise ConfigError(str(exc)) from None
-
-    @property
-    def allowed(self) -> str:
-        return str(self.range)
-
-
-_seconds = Number(values.seconds, values.ZERO_OR_MORE)
-_positive_seconds = Number(values.seconds, values.MORE_THAN_ZERO)
-_port = Number(values.port, values.PORTS)
-_count = Number(values.whole, values.ONE_OR_MORE)
-# An "up" is confirmed by a probe at most once per PROBE_REFRESH_FLOOR_S; a
-# shorter TTL expires before its confirmation can come, and RCPTs to a live
-# primary would get DUNNO ("unconfirmed").  0 still means "not cached".
-_up_ttl = Number(values.seconds, values.Range(PROBE_REFRESH_FLOOR_S, or_zero=True))
-
-
-def _mode_bits(value: object) -> int:
-    """A file mode: a TOML integer is the bits as written, text is octal.
-
-    TOML hands ``0o660`` over as the integer 432, so an integer must never
-    be read again as octal digits: that turned 0o660 into mode 0432.  That
-    an integer in a file was written in octal at all is checked where the
-    file's text is still at hand (:func:`load_file`).
-    """
-    if isinstance(value, int) and not isinstance(value, bool):
-        if not 0 <= value <= 0o777:
-            hint = f" (write 0o{value} or \"0{value}\")" if set(str(value)) <= set("01234567") else ""
-            raise ConfigError(f"not a file mode: {value}{hint}")
-        return value
-    if not isinstance(value, str):
-        raise ConfigError('must be a TOML integer such as 0o660 or a string such as "0660"')
-    digits = value.removeprefix("0o")
-    if not digits or not set(digits) <= set("01234567"):
-        raise ConfigError(f"not an octal file mode: {value!r}")
-    bits = int(digits, 8)
-    if bits > 0o777:
-        raise ConfigError(f"not a file mode: {value!r}")
-    return bits
-
-
-class _Choice:
-    """A validator for one of the words of a ``Literal`` type.
-
-    Upper-case choices (Postfix actions) are matched in upper case, the
-    others in lower case, so ``Warn`` and ``dunno`` are understood.  The
-    words are listed in ``--help`` and the documents from here.
-    """
-
-    def __init__(self, choices: object) -> None:
-        self.words: tuple[str, ...] = get_args(choices)
-
-    def __call__(self, value: object) -> str:
-        text = str(value).lower() if self.words[0].islower() else str(value).upper()
-        if text not in self.words:
-            raise ConfigError(f"must be one of {', '.join(self.words)}: {value!r}")
-        return text
-
-    @property
-    def allowed(self) -> str:
-        return "one of " + ", ".join(self.words)
-
-
-def _choice(choices: object) -> _Choice:
-    return _Choice(choices)
-
-
-def check_listen(value: object) -> str:
-    text = str(value)
-    kind, _, rest = text.partition(":")
-    if kind == "unix":
-        if not rest.startswith("/"):
-            raise ConfigError(f"unix socket path must be absolute: {text!r}")
-        return text
-    if kind == "inet":
-        host, _, port = rest.rpartition(":")
-        if host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]
-        if parse_address(host) is None and host != "localhost":
-            raise ConfigError(f"bad listen address {text!r} (want inet:IP:PORT, inet:[IPv6]:PORT or unix:/path)")
-        _port(port)
-        return text
-    raise ConfigError(f"bad listen address {text!r} (want inet:IP:PORT, inet:[IPv6]:PORT or unix:/path)")
-
-
-def _stop_value(value: object) -> str:
-    text = str(value)
-    if parse_address(text) is None and not is_valid_hostname(text):
-        raise ConfigError(f"not a host name or IP address: {text!r}")
-    return text
-
-
-def _nameserver(value: object) -> str:
-    try:
-        parse_nameserver(str(value))
-    except DNSConfigError as exc:
-        raise ConfigError(str(exc)) from None
-    return str(value)
-
-
-def _defer_text(value: object) -> str:
-    text = str(value)
-    fields_used = {f for _, f, _, _ in string.Formatter().parse(text) if f is not None}
-    unknown = fields_used - {"mx", "domain"}
-    if unknown:
-        raise ConfigError(f"unknown placeholder {{{sorted(unknown)[0]}}} (known: {{mx}}, {{domain}})")
-    try:
-        text.format(mx="mx.example", domain="example")
-    except (ValueError, IndexError) as exc:
-        raise ConfigError(f"bad template: {exc}") from None
-    if any(ord(c) < 0x20 or ord(c) > 0x7E for c in text):
-        raise ConfigError("must be printable ASCII")
-    return text
-
-
-def _metrics(value: object) -> str:
-    text = str(value)
-    if text and not text.startswith("inet:"):
-        raise ConfigError(f"want inet:IP:PORT: {text!r}")
-    return check_listen(text) if text else text
-
-
 @dataclass(frozen=True, slots=True)
 class Option:
     name: str  # the Config field; the flag is --name-with-dashes
@@ -263,6 +114,8 @@ class Option:
     file_types: tuple[type, ...] | None = field(default=None, kw_only=True)
     # The flag when the file key's plural reads wrong on a command line (--allow-client).
     cli: str = field(default="", kw_only=True)
+    # Another default under --stdio (spawn(8)), where each smtpd has a process of its own.
+    stdio_default: object = field(default=None, kw_only=True)
 
     @property
     def flag(self) -> str:
@@ -276,36 +129,36 @@ class Option:
 
 
 OPTIONS: Final[tuple[Option, ...]] = (
-    Option("listen", check_listen, "where to accept Postfix's connections: inet:IP:PORT, inet:[IPv6]:PORT or unix:/path (repeatable)", "ENDPOINT", True, restart=True),
-    Option("socket_mode", _mode_bits, "file mode of unix sockets the daemon makes, in octal: 0660 on the command line; 0o660 or \"0660\" in the file (a bare TOML integer such as 660 is decimal, and refused)", "MODE", restart=True, file_types=(int, str)),
+    Option("listen", v.check_listen, "where to accept Postfix's connections: inet:IP:PORT, inet:[IPv6]:PORT or unix:/path (repeatable)", "ENDPOINT", True, restart=True),
+    Option("socket_mode", v.mode_bits, "file mode of unix sockets the daemon makes, in octal: 0660 on the command line; 0o660 or \"0660\" in the file (a bare TOML integer such as 660 is decimal, and refused)", "MODE", restart=True, file_types=(int, str)),
     Option("socket_group", check_group, "group of unix sockets the daemon makes (postfix: with mode 0660 only Postfix's smtpd, and root, may connect); the daemon must run as root or be a member of it; empty = the daemon's own", "GROUP", restart=True, default_doc="(the daemon's)"),
     Option("allow_clients", check_network, "client network (CIDR) or address allowed to connect to inet endpoints (repeatable); others are closed unanswered; needed to listen on an address other than loopback; empty = any client of loopback endpoints", "NETWORK", True, restart=True, cli="--allow-client"),
-    Option("stop", _stop_value, "this host's names and addresses besides the request's server_address (repeatable); names are resolved at start-up and on every reload", "NAME|IP", True),
-    Option("timeout", _positive_seconds, "how long a request waits for a probe: for a probe slot (--max-probes), the connect and the greeting's first line; a primary still silent then is reported down for now (later for one known to greet slower), and the probe goes on waiting up to --greeting-timeout", "SECONDS"),
-    Option("greeting_timeout", _positive_seconds, f"how long a probe waits for a primary's greeting at all (RFC 5321 asks for 5 minutes; primaries that delay it on purpose wait 5 to 30 s); a 220 after --timeout marks the primary up for the requests that follow; at least --timeout. After the first line the probe reads the rest of the greeting, says QUIT and reads the reply, for up to {QUIT_GRACE_S:g} s more, holding its --max-probes slot", "SECONDS"),
-    Option("dns_timeout", _positive_seconds, "budget for one DNS lookup", "SECONDS", restart=True),
-    Option("deadline", _positive_seconds, "every request is answered within this time; keep it below Postfix's policy timeout", "SECONDS"),
-    Option("smtp_port", _port, "port probed on the MX hosts", "PORT"),
-    Option("nameserver", _nameserver, "DNS server to ask, IP[:PORT] (repeatable)", "IP[:PORT]", True, restart=True, default_doc="the nameservers of /etc/resolv.conf"),
-    Option("mode", _choice(Mode), "enforce: answer DEFER_IF_PERMIT; warn: answer WARN with the same text wherever enforce would defer, a failure action of DEFER_IF_PERMIT included (Postfix logs and accepts: nothing is deferred)", "MODE"),
-    Option("defer_text", _defer_text, "reply text when deferring; {mx} is the live MX, {domain} the recipient domain", "TEMPLATE"),
-    Option("failure_action", _choice(FailureAction), "answer when DNS fails, the deadline passes or anything breaks (DUNNO: fail-open); in --mode warn, DEFER_IF_PERMIT is answered as WARN with the same text", "ACTION"),
-    Option("cache_up_ttl", _up_ttl, f"how long an MX address that greeted with 220 is believed up; one in use is probed again this often, and past expiry its 'up' is believed only while that probe is young ({defaults.times(belief.GREETING_FACTOR)} the last greeting time plus {belief.CONFIRM_MARGIN_S:g} s, at most --greeting-timeout), then the RCPT gets DUNNO (reason unconfirmed) until the probe ends; 0 = not cached: every RCPT waits for a probe", "SECONDS"),
-    Option("cache_down_ttl", _seconds, "how long an MX address that failed is believed down", "SECONDS"),
-    Option("dns_max_ttl", _seconds, "cap on how long a DNS answer is reused (its own TTL otherwise)", "SECONDS", restart=True),
-    Option("dns_negative_ttl", _seconds, "cap on how long NXDOMAIN / no-records answers are reused", "SECONDS", restart=True),
-    Option("dns_failure_ttl", _seconds, "how long a failed lookup (SERVFAIL, timeout) is reused before asking again", "SECONDS", restart=True),
-    Option("refresh_window", _seconds, f"cached MX lists, addresses and probe results used within this window are refreshed in the background before they expire, and served while a refresh runs (up to --timeout / --dns-timeout past expiry; an 'up' only as --cache-up-ttl says); each use of a DNS answer pays for at most {DNS_FETCHES_PER_USE} such fetches, no two within --dns-timeout ({MIN_DNS_REFRESH_FLOOR_S:g} s at the least), and failed lookups are not refreshed; probe results are refreshed once per TTL (no two within {PROBE_REFRESH_FLOOR_S:g} s) for the whole window; 0 = off: an expired entry makes the RCPT wait", "SECONDS", restart=True),
-    Option("dns_stale_max", _seconds, f"when a DNS refresh fails, keep answering with the last good answer for up to this long past its expiry, retrying every --dns-failure-ttl ({refresh.MIN_RETRY_AFTER_S:g} s at the least) while uses pay for retries; 0 = no longer than while a refresh runs (--dns-timeout past expiry)", "SECONDS", restart=True),
-    Option("cache_size", _count, "entries per cache (probe results, MX lists, host addresses)", "N", restart=True),
-    Option("max_probes", _count, "SMTP probes connecting at once, process-wide; background refreshes hold at most half of them (at least 1), the rest is kept for probes a request waits for", "N", restart=True),
-    Option("max_dns_queries", _count, "DNS queries in flight at once, process-wide; background refreshes hold at most half of them (at least 1), the rest is kept for lookups a request waits for", "N", restart=True),
-    Option("max_connections", _count, "Postfix connections served at once; more wait in the listen queue", "N", restart=True),
-    Option("request_timeout", _positive_seconds, "a request that has started must arrive completely, and each reply be taken by Postfix, within this time (checked like --idle-timeout, up to one watchdog tick late)", "SECONDS"),
-    Option("idle_timeout", _seconds, f"close a connection idle this long, or up to one watchdog tick later (a tenth of the shorter of this and --request-timeout, at most {MAX_TICK_S:g} s); 0 = never; Postfix closes idle ones itself", "SECONDS"),
-    Option("log_level", _choice(LogLevel), "log level; decisions are logged at info", "LEVEL"),
-    Option("log_target", _choice(LogTarget), "where logs go: stderr (journald-friendly) or syslog (facility mail)", "TARGET"),
-    Option("metrics", _metrics, "serve Prometheus metrics at inet:IP:PORT (empty = off)", "ENDPOINT", restart=True),
+    Option("stop", v.stop_value, "this host's names and addresses besides the request's server_address (repeatable); names are resolved at start-up and on every reload", "NAME|IP", True),
+    Option("timeout", v.positive_seconds, "how long a request waits for a probe: for a probe slot (--max-probes), the connect and the greeting's first line; a primary still silent then is reported down for now (later for one known to greet slower), and the probe goes on waiting up to --greeting-timeout", "SECONDS"),
+    Option("greeting_timeout", v.positive_seconds, f"how long a probe waits for a primary's greeting at all (RFC 5321 asks for 5 minutes; primaries that delay it on purpose wait 5 to 30 s); a 220 after --timeout marks the primary up for the requests that follow; at least --timeout. After the first line the probe reads the rest of the greeting, says QUIT and reads the reply, for up to {QUIT_GRACE_S:g} s more, holding its --max-probes slot", "SECONDS"),
+    Option("dns_timeout", v.positive_seconds, "budget for one DNS lookup", "SECONDS", restart=True),
+    Option("deadline", v.positive_seconds, "every request is answered within this time; keep it below Postfix's policy timeout", "SECONDS"),
+    Option("smtp_port", v.port, "port probed on the MX hosts", "PORT"),
+    Option("nameserver", v.nameserver, "DNS server to ask, IP[:PORT] (repeatable)", "IP[:PORT]", True, restart=True, default_doc="the nameservers of /etc/resolv.conf"),
+    Option("mode", v.choice(Mode), "enforce: answer DEFER_IF_PERMIT; warn: answer WARN with the same text wherever enforce would defer, a failure action of DEFER_IF_PERMIT included (Postfix logs and accepts: nothing is deferred)", "MODE"),
+    Option("defer_text", v.defer_text, "reply text when deferring; {mx} is the live MX, {domain} the recipient domain", "TEMPLATE"),
+    Option("failure_action", v.choice(FailureAction), "answer when DNS fails, the deadline passes or anything breaks (DUNNO: fail-open); in --mode warn, DEFER_IF_PERMIT is answered as WARN with the same text", "ACTION"),
+    Option("cache_up_ttl", v.up_ttl, f"how long an MX address that greeted with 220 is believed up; one in use is probed again this often, and past expiry its 'up' is believed only while that probe is young ({defaults.times(belief.GREETING_FACTOR)} the last greeting time plus {belief.CONFIRM_MARGIN_S:g} s, at most --greeting-timeout), then the RCPT gets DUNNO (reason unconfirmed) until the probe ends; 0 = not cached: every RCPT waits for a probe", "SECONDS"),
+    Option("cache_down_ttl", v.seconds, "how long an MX address that failed is believed down", "SECONDS"),
+    Option("dns_max_ttl", v.seconds, "cap on how long a DNS answer is reused (its own TTL otherwise)", "SECONDS", restart=True),
+    Option("dns_negative_ttl", v.seconds, "cap on how long NXDOMAIN / no-records answers are reused", "SECONDS", restart=True),
+    Option("dns_failure_ttl", v.seconds, "how long a failed lookup (SERVFAIL, timeout) is reused before asking again", "SECONDS", restart=True),
+    Option("refresh_window", v.seconds, f"cached MX lists, addresses and probe results used within this window are refreshed in the background before they expire, and served while a refresh runs (up to --greeting-timeout / --dns-timeout past expiry; an 'up' only as --cache-up-ttl says); each use of a DNS answer pays for at most {DNS_FETCHES_PER_USE} such fetches, no two within --dns-timeout ({MIN_DNS_REFRESH_FLOOR_S:g} s at the least), and failed lookups are not refreshed; probe results are refreshed once per TTL (no two within {PROBE_REFRESH_FLOOR_S:g} s) for the whole window; 0 = off: an expired entry makes the RCPT wait", "SECONDS", restart=True, stdio_default=defaults.SPAWN_REFRESH_WINDOW_S),
+    Option("dns_stale_max", v.seconds, f"when a DNS refresh fails, keep answering with the last good answer for up to this long past its expiry, retrying every --dns-failure-ttl ({refresh.MIN_RETRY_AFTER_S:g} s at the least) while uses pay for retries; 0 = no longer than while a refresh runs (--dns-timeout past expiry)", "SECONDS", restart=True),
+    Option("cache_size", v.count, "entries per cache (probe results, MX lists, host addresses)", "N", restart=True),
+    Option("max_probes", v.count, "SMTP probes connecting at once, process-wide; background refreshes hold at most half of them (at least 1), the rest is kept for probes a request waits for", "N", restart=True),
+    Option("max_dns_queries", v.count, "DNS queries in flight at once, process-wide; background refreshes hold at most half of them (at least 1), the rest is kept for lookups a request waits for", "N", restart=True),
+    Option("max_connections", v.count, "Postfix connections served at once; more wait in the listen queue", "N", restart=True),
+    Option("request_timeout", v.positive_seconds, "a request that has started must arrive completely, and each reply be taken by Postfix, within this time (checked like --idle-timeout, up to one watchdog tick late)", "SECONDS"),
+    Option("idle_timeout", v.seconds, f"close a connection idle this long, or up to one watchdog tick later (a tenth of the shorter of this and --request-timeout, at most {MAX_TICK_S:g} s); 0 = never; Postfix closes idle ones itself", "SECONDS"),
+    Option("log_level", v.choice(LogLevel), "log level; decisions are logged at info", "LEVEL"),
+    Option("log_target", v.choice(LogTarget), "where logs go: stderr (journald-friendly) or syslog (facility mail)", "TARGET"),
+    Option("metrics", v.metrics_endpoint, "serve Prometheus metrics at inet:IP:PORT (empty = off)", "ENDPOINT", restart=True),
 )
 
 _BY_NAME: Final = {o.name: o for o in OPTIONS}
@@ -316,7 +169,13 @@ assert set(_BY_NAME) == {f.name for f in fields(Config)}
 def default_text(option: Option) -> str:
     if option.default_doc is not None:
         return option.default_doc
-    value = getattr(Config(), option.name)
+    text = _value_text(option, getattr(Config(), option.name))
+    if option.stdio_default is not None:
+        text += f" ({_value_text(option, option.stdio_default)} with --stdio)"
+    return text
+
+
+def _value_text(option: Option, value: object) -> str:
     if option.name == "socket_mode":
         return f"{value:04o}"
     if isinstance(value, tuple):
@@ -499,8 +358,15 @@ def from_args(args: argparse.Namespace, base: Config) -> Config:
     return _check_whole(replace(base, **changes), "command line")  # type: ignore[arg-type]
 
 
-def build(args: argparse.Namespace, config_path: Path | None) -> Config:
-    base = load_file(config_path) if config_path is not None else Config()
+def stdio_defaults() -> Config:
+    """The built-in defaults under ``--stdio``: those of the daemon, but where an option says otherwise."""
+    return replace(Config(), **{o.name: o.stdio_default for o in OPTIONS if o.stdio_default is not None})  # type: ignore[arg-type]
+
+
+def build(args: argparse.Namespace, config_path: Path | None, *, stdio: bool = False) -> Config:
+    """The configuration: the built-in defaults (``--stdio``'s own where they differ), the file, then the flags."""
+    defaults = stdio_defaults() if stdio else Config()
+    base = load_file(config_path, defaults) if config_path is not None else defaults
     return from_args(args, base)
 
 
@@ -554,6 +420,8 @@ def example_toml() -> str:
                                 break_long_words=False, break_on_hyphens=False)
         if option.allowed:
             comment += f"\n# Allowed: {option.allowed}."
+        if option.stdio_default is not None:
+            comment += f"\n# With --stdio the default is {_value_text(option, option.stdio_default)}."
         if option.restart:
             comment += "\n# Needs a restart: a reload keeps the running value."
         parts.append(f"\n{comment}\n#{option.name} = {_toml_value(option)}\n")

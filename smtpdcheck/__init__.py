@@ -16,6 +16,7 @@ one module per concept; import from them directly:
   and how long a stale one may be served;
 * :mod:`smtpdcheck.belief`: what a cached value is worth now (fresh, stale, unconfirmed), for every cache;
 * :mod:`smtpdcheck.defaults`: every default of both commands, each written once;
+* :mod:`smtpdcheck.ttlcache`: the bounded, expiring storage under every cache, and where a value came from;
 * :mod:`smtpdcheck.values`: option values shared by both commands;
 * :mod:`smtpdcheck.cli`: the ``smtpdcheck`` command;
 * :mod:`smtpdcheck.release`: the version, from the installed metadata;

@@ -68,10 +68,19 @@ CACHE_SIZE: Final = 10_000
 # -- keeping answers fresh (the daemon; a one-shot command never refreshes) --
 
 #: Entries used within this long are refreshed ahead of expiry
-#: (--refresh-window): longer than the gaps between RCPTs of a domain that
-#: gets mail every few minutes, short enough that a domain gone quiet stops
-#: costing its primary probes soon.
-REFRESH_WINDOW_S: Final = 600.0
+#: (--refresh-window).  Chosen from what a primary sees (python -m
+#: bench.probe_volume): while mail flows a primary is probed once per up TTL
+#: whatever the window; after the last RCPT the window costs it one probe
+#: per up TTL more (12 with 2 minutes, 60 with the 10 minutes of earlier
+#: releases), and a domain whose mail comes in bursts further apart than the
+#: window pays one greeting's wait per burst (every RCPT of the burst waits
+#: for the one probe), not a probe every 10 s around the clock.
+REFRESH_WINDOW_S: Final = 120.0
+#: --refresh-window under spawn(8) (--stdio): each smtpd's process has
+#: caches of its own and ends with its smtpd, so refreshing ahead multiplies
+#: the probes a primary sees by the number of smtpd processes (16 processes:
+#: 16 times one daemon's probes, against 4 times without refreshing).
+SPAWN_REFRESH_WINDOW_S: Final = 0.0
 #: How long past expiry a DNS answer whose refresh fails is still served
 #: (--dns-stale-max): an hour of a nameserver outage.
 DNS_STALE_MAX_S: Final = 3600.0

@@ -10,6 +10,8 @@ import stat
 import subprocess
 import sys
 import tempfile
+import argparse
+from dataclasses import replace
 from pathlib import Path
 from typing import get_args, get_type_hints
 
@@ -458,3 +460,21 @@ def test_socket_group_that_exists_is_kept_and_sockets_are_not_world_writable_by_
     assert parse(["--socket-group", "nogroup"]).socket_group == "nogroup"
     assert cfg.Config().socket_mode == 0o660
     assert cfg.Config().socket_group == ""
+
+
+# -- spawn(8): defaults of its own where one process per smtpd changes the trade --
+
+
+def test_stdio_mode_does_not_refresh_ahead_unless_told_to(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    cfg.add_arguments(parser)
+    assert cfg.build(parser.parse_args([]), None).refresh_window == cfg.defaults.REFRESH_WINDOW_S
+    assert cfg.build(parser.parse_args([]), None, stdio=True).refresh_window == cfg.defaults.SPAWN_REFRESH_WINDOW_S == 0
+    path = tmp_path / "policyd.toml"
+    path.write_text("refresh_window = 300\n")
+    assert cfg.build(parser.parse_args([]), path, stdio=True).refresh_window == 300
+    assert cfg.build(parser.parse_args(["--refresh-window", "30"]), None, stdio=True).refresh_window == 30
+    # Every other default is the daemon's.
+    assert cfg.stdio_defaults() == replace(cfg.Config(), refresh_window=0.0)
+    option = next(o for o in cfg.OPTIONS if o.name == "refresh_window")
+    assert cfg.default_text(option) == "120 (0 with --stdio)"

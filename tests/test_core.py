@@ -14,7 +14,7 @@ from pathlib import Path
 import trio
 
 from smtpdcheck.core import CoreSettings, build_core
-from tests.support.virtual import VirtualDNS, VirtualNet
+from testbeds.virtual import VirtualDNS, VirtualNet
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTS = {"Resolver", "Prober", "Checker"}

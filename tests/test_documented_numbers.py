@@ -35,7 +35,7 @@ from policyd.watchdog import MAX_TICK_S
 from smtpdcheck import cli as check_cli
 from smtpdcheck import defaults as D
 from smtpdcheck.belief import CONFIRM_MARGIN_S, GREETING_FACTOR
-from smtpdcheck.probe import PROBE_REFRESH_FLOOR_S, QUIT_GRACE_S
+from smtpdcheck.probe import GREETING_TIMEOUT_S, PROBE_REFRESH_FLOOR_S, QUIT_GRACE_S
 from smtpdcheck.refresh import MIN_RETRY_AFTER_S, background_slots
 from smtpdcheck.resolver import DNS_FETCHES_PER_USE, MAX_ADDRESSES_PER_HOST, MAX_MX_HOSTS, MIN_DNS_REFRESH_FLOOR_S
 
@@ -94,9 +94,8 @@ RULES: tuple[Rule, ...] = (
     rule(r"--cache-down-ttl, N s", D.DOWN_TTL_S),
     rule(r"--cache-down-ttl \(N s\)", D.DOWN_TTL_S),
     rule(r"one probe per N s per address", D.UP_TTL_S),
-    rule(r"\(N a minute with the defaults, N a day", 60 / D.UP_TTL_S, 86400 / D.UP_TTL_S),
     rule(r"(twice) the (?:address's )?last greeting time plus N s", GREETING_FACTOR, CONFIRM_MARGIN_S),
-    rule(r"at most --timeout; N s for a primary that greets at once", CONFIRM_MARGIN_S),
+    rule(r"at most --greeting-timeout; N s for a primary that greets at once", CONFIRM_MARGIN_S),
     rule(r"\(N s with the defaults", UP_GRACE),
     rule(r"both \(the defaults\): up to N s", UP_GRACE),
     rule(r"--cache-up-ttl 120\) cuts only the part after expiry: up to N s", 120 + CONFIRM_MARGIN_S),
@@ -106,8 +105,15 @@ RULES: tuple[Rule, ...] = (
     rule(r"deadline of Ns exceeded", D.DEADLINE_S),
     rule(r"the daemon's N s --deadline", D.DEADLINE_S),
     rule(r"for up to N s more", QUIT_GRACE_S),
+    rule(r"within N s of the first line", QUIT_GRACE_S),
+    rule(r"A request waits for a probe at most --timeout \(N s\)", D.PROBE_TIMEOUT_S),
+    rule(r"--greeting-timeout \(N s\)", GREETING_TIMEOUT_S),
     # keeping answers fresh, and what it costs
     rule(r"--refresh-window \(N s\)", D.REFRESH_WINDOW_S),
+    rule(r"--refresh-window \(N s; N under --stdio\)", D.REFRESH_WINDOW_S, D.SPAWN_REFRESH_WINDOW_S),
+    rule(r"to N s on these counts", D.REFRESH_WINDOW_S),
+    rule(r"probed every N s around the clock", D.UP_TTL_S),
+    rule(r"\| every N s / every burst \|", D.UP_TTL_S),
     rule(r"for N minutes after", D.REFRESH_WINDOW_S / 60),
     rule(r"--dns-stale-max \(N s\)", D.DNS_STALE_MAX_S),
     rule(r"--dns-timeout \(N s; N s at the least\)", D.DNS_TIMEOUT_S, MIN_DNS_REFRESH_FLOOR_S),
@@ -144,8 +150,9 @@ RULES: tuple[Rule, ...] = (
     rule(r"--socket-mode \(default N, never world-writable", f"{Config().socket_mode:04o}"),
     # the daemon's options, as --help and the manual page append their defaults
     rule(r"--socket-mode \(default N\)", f"{Config().socket_mode:04o}"),
-    *(Rule(rf"{re.escape(' '.join(o.help.split()))} \((?:[^()]*; )?default: {N}\)", (default_text(o),)) for o in OPTIONS),
-    *(Rule(rf"File key {o.name}, (?:allowed: [^;]*; )?default {N}\.", (default_text(o),)) for o in OPTIONS),
+    # (a default of its own under --stdio follows in parentheses, checked by test_config)
+    *(Rule(rf"{re.escape(' '.join(o.help.split()))} \((?:[^()]*; )?default: {N}(?: \(\w+ with --stdio\))?\)", (default_text(o).split(" (")[0],)) for o in OPTIONS),
+    *(Rule(rf"File key {o.name}, (?:allowed: [^;]*; )?default {N}(?: \(\w+ with --stdio\))?\.", (default_text(o).split(" (")[0],)) for o in OPTIONS),
 )
 
 #: Numbers stated the same way that are not defaults of this project, and why.
@@ -154,6 +161,10 @@ NOT_DEFAULTS: tuple[str, ...] = (
     r"after Ns (?:up|down)", r"last greeting Ns ago",  # example log lines
     r"shutting down\) N ms",  # the -v example line
     r"age=Ns",  # example decision lines
+    # what other servers do, and what bench/probe_volume measured (its own traffic, and the window it replaced)
+    r"postscreen sends the last line after its N s greet wait", r"waits out the greet wait \(N s\)",
+    r"hung up N s after postscreen's", r"a stock jail \(N in N minutes\)",
+    r"one RCPT every N s \|", r"N ms", r"every N minutes \|", r"cut from N s", r"cost the primary N more connections",
     r"RFC 5321 asks for N minutes", r"on purpose wait \d+ to N s",  # other servers' greeting delays
     r"\(N minutes at the earliest for Postfix",  # Postfix's own retry schedule
     r"implicit TLS \(port N\)",
@@ -163,7 +174,7 @@ NOT_DEFAULTS: tuple[str, ...] = (
     r"an address named (twice) is probed once",
     r"all N more-preferred MXes down",  # an example reason
     # the previous release and measurements, in "What the defaults trade"
-    r"the previous default of N s", r"one per N minutes before", r"up to N s, and N s measured",
+    r"one per N minutes before", r"up to N s, and N s measured",
     r"no DUNNO in N s measured", r"measured N s \(hang\) and N s \(refuse\)",
 )
 

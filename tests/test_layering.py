@@ -83,3 +83,13 @@ def test_the_package_docstring_names_every_module() -> None:
     assert smtpdcheck.__doc__ is not None
     modules = {path.stem for path in (ROOT / "smtpdcheck").glob("*.py")} - {"__init__"}
     assert {m for m in modules if f":mod:`smtpdcheck.{m}`" not in smtpdcheck.__doc__} == set()
+
+
+#: The size past which a product module is split into modules named for what they hold.
+MAX_MODULE_LINES = 550
+
+
+@pytest.mark.parametrize("package", ["smtpdcheck", "policyd"])
+def test_no_product_module_outgrows_one_concern(package: str) -> None:
+    sizes = {path.name: len(path.read_text().splitlines()) for path in sorted((ROOT / package).glob("*.py"))}
+    assert {name: n for name, n in sizes.items() if n > MAX_MODULE_LINES} == {}

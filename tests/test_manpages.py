@@ -163,7 +163,7 @@ async def test_state_change_example_is_what_the_prober_logs(
 ) -> None:
     from smtpdcheck.core import CoreSettings, build_core
     from smtpdcheck.servers import parse_address
-    from tests.support.virtual import SILENT, Peer, VirtualDNS, VirtualNet
+    from testbeds.virtual import SILENT, Peer, VirtualDNS, VirtualNet
 
     net = VirtualNet(nursery, {"192.0.2.1": Peer()})
     settings = CoreSettings(probe_timeout=2.0, up_ttl=10.0, down_ttl=10.0, quit_grace=0.1)

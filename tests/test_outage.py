@@ -29,7 +29,7 @@ from smtpdcheck.belief import confirm_grace
 from smtpdcheck.core import build_core
 from smtpdcheck.policy import Kind
 from testbeds.postfix_request import POSTFIX_37_RCPT_ATTRS
-from tests.support.virtual import REFUSING, SILENT, Peer, VirtualDNS, VirtualNet
+from testbeds.virtual import REFUSING, SILENT, Peer, VirtualDNS, VirtualNet
 
 # -- the rules, as plain arithmetic -------------------------------------------
 

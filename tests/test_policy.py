@@ -27,7 +27,7 @@ from smtpdcheck.policy import (
 from smtpdcheck.check import CheckResult, ServerReport
 from smtpdcheck.resolver import MXKind, MXLookup
 from smtpdcheck.stoprule import StopSet, eligibility
-from tests.support.virtual import SILENT, Peer, VirtualDNS, VirtualNet
+from testbeds.virtual import SILENT, Peer, VirtualDNS, VirtualNet
 
 
 @pytest.mark.parametrize(

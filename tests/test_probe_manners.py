@@ -28,7 +28,7 @@ from smtpdcheck.probe import GREETING_TIMEOUT_S, QUIT_GRACE_S, Outcome
 from smtpdcheck.servers import parse_servers
 from smtpdcheck.stoprule import StopSet
 from testbeds.postfix_request import POSTFIX_37_RCPT_ATTRS
-from tests.support.virtual import Peer, VirtualDNS, VirtualNet
+from testbeds.virtual import Peer, VirtualDNS, VirtualNet
 
 DEFAULTS = Config()
 PRIMARY = "127.0.0.2"

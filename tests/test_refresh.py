@@ -19,7 +19,7 @@ from smtpdcheck.resolver import MXLookup
 from smtpdcheck.refresh import MAX_JITTER, RefreshRules, Schedule, background_slots
 from smtpdcheck.servers import parse_address, parse_servers
 from smtpdcheck.stoprule import StopSet
-from tests.support.virtual import SILENT, Peer, VirtualDNS, VirtualNet
+from testbeds.virtual import SILENT, Peer, VirtualDNS, VirtualNet
 
 # -- the rules, as plain arithmetic -------------------------------------------
 

@@ -26,7 +26,7 @@ from smtpdcheck.compat import STRICT_EXCEPTION_GROUPS
 from smtpdcheck.core import CoreSettings, build_core
 from smtpdcheck.resolver import MXKind, MXLookup
 from testbeds.postfix_request import POSTFIX_37_RCPT_ATTRS
-from tests.support.virtual import SILENT, Peer, VirtualDNS, VirtualNet
+from testbeds.virtual import SILENT, Peer, VirtualDNS, VirtualNet
 
 REQUEST = PolicyRequest({**POSTFIX_37_RCPT_ATTRS, "recipient": "user@d.test", "server_address": "192.0.2.25"})
 

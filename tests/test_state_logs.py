@@ -17,7 +17,7 @@ from policyd.protocol import PolicyRequest
 from policyd.responder import Responder, core_settings
 from smtpdcheck.core import build_core
 from testbeds.postfix_request import POSTFIX_37_RCPT_ATTRS
-from tests.support.virtual import SILENT, VirtualDNS, VirtualNet
+from testbeds.virtual import SILENT, VirtualDNS, VirtualNet
 
 
 def request(recipient: str) -> PolicyRequest:

@@ -23,7 +23,7 @@ from smtpdcheck.probe import Outcome, ProbeResult
 from smtpdcheck.resolver import AddressLookup, MXKind, MXLookup
 from smtpdcheck.servers import parse_address, parse_servers
 from smtpdcheck.stoprule import StopSet
-from tests.support.virtual import SILENT, Peer, VirtualDNS, VirtualNet
+from testbeds.virtual import SILENT, Peer, VirtualDNS, VirtualNet
 
 NO_STOP = StopSet()
 
