@@ -249,8 +249,7 @@ async def test_exim_slow_greeting_is_judged_up(
 
 async def test_exim_logs_per_client(exim_config: None, nursery: trio.Nursery, tmp_path: Path) -> None:
     """What exim logs for a client that leaves politely and for ones that do not (a measurement, and the
-    control that shows the log checks above can fail: the rude clients are logged ``lost`` or with a
-    ``synchronization error``)."""
+    control that shows the log checks above can fail: the clients that hang up are logged ``lost``)."""
     acl = slow_connect_acl(tmp_path, 8)
     fast, slow = await start_exim(nursery), await start_exim(nursery, connect_acl=acl)
     cases = [(fast, Leave.POLITE), (fast, Leave.AFTER_FIRST_LINE), (slow, Leave.POLITE), (slow, Leave.BEFORE_GREETING),
@@ -271,8 +270,9 @@ async def test_exim_logs_per_client(exim_config: None, nursery: trio.Nursery, tm
         report(f"+all -arguments, {speed}, client {leave.value}: {len(mine)} lines", mine)
         if leave is Leave.POLITE and (exim_bad(mine) or not any("closed by QUIT" in line for line in mine)):
             failures.append((leave, mine))
-        expected = {Leave.AFTER_FIRST_LINE: " lost", Leave.BEFORE_GREETING: " lost",
-                    Leave.EARLY_QUIT: "synchronization error"}.get(leave)
+        # (exim 4.98 answers a QUIT sent during a connect ACL's delay after the delay, as if in
+        # turn: that client is measured, not judged.)
+        expected = {Leave.AFTER_FIRST_LINE: " lost", Leave.BEFORE_GREETING: " lost"}.get(leave)
         if expected and not any(expected in line for line in mine):
             failures.append((leave, mine))
     await fast.stop()
