@@ -58,7 +58,8 @@ LINES_PER_CONNECTION: Final = (
     ("Postfix postscreen, deep tests on", 2),  # CONNECT, DISCONNECT (the greeting test passed is remembered)
     ("Postfix postscreen, greeting test only", 4),  # CONNECT, PASS OLD, smtpd's connect and disconnect
     ("exim4 (Debian's log selector)", 0),  # a clean QUIT is not logged
-    ("exim4 (+all)", 2),  # SMTP connection from ..., ... closed by QUIT
+    ("exim4 (+smtp_connection)", 2),  # SMTP connection from ..., ... closed by QUIT
+    ("exim4 (+all)", 3),  # and no MAIL in SMTP connection from ... C=QUIT
     ("OpenSMTPD", 2),  # smtp connected, smtp disconnected reason=quit
 )
 

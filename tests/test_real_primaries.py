@@ -37,7 +37,7 @@ from policyd.client import parse_reply
 from policyd.config import Config
 from tests.installed import command, start_daemon
 from tests.policyd_helpers import rcpt, read_replies
-from tests.support.dnsserver import FakeDNSServer
+from testbeds.dnsserver import FakeDNSServer
 from tests.support.primaries import (
     EXIM_DEBIAN_SELECTOR,
     HOST,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import trio
 
-from tests.support.greeters import unused_port
+from testbeds.greeters import unused_port
 
 #: Where the servers listen (the primary MX's address in the tests' DNS).
 HOST = "127.0.0.2"
