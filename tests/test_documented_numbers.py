@@ -160,7 +160,7 @@ NOT_DEFAULTS: tuple[str, ...] = (
     r"timeout=Ns",  # Postfix's check_policy_service timeout in the snippets (above --deadline: tests/test_wiring.py)
     r"after Ns (?:up|down)", r"last greeting Ns ago",  # example log lines
     r"shutting down\) N ms",  # the -v example line
-    r"age=Ns",  # example decision lines
+    r"age=Ns", r"D=Ns",  # example log lines
     # what other servers do, and what bench/probe_volume measured (its own traffic, and the window it replaced)
     r"postscreen sends the last line after its N s greet wait", r"waits out the greet wait \(N s\)",
     r"hung up N s after postscreen's", r"a stock jail \(N in N minutes\)",
