@@ -257,6 +257,12 @@ async def _serve_signals(
         log.info("stopping on %s", signal.Signals(signum).name)
         systemd.notify("STOPPING=1")
         await server.shutdown(SHUTDOWN_GRACE_S)
+        # A probe cut off in the middle of a greeting is what postscreen
+        # logs as a HANGUP: those that have their verdict end their session.
+        ending = responder.core.prober.flights.lingering
+        if ending:
+            log.info("stopping: %d probe(s) ending their SMTP session with QUIT", ending)
+            await responder.core.let_probes_finish()
         return
 
 

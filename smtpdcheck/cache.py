@@ -163,8 +163,12 @@ class SingleFlight(Generic[K, V]):
 
     @property
     def lingering(self) -> int:
-        """Flights that delivered but are still finishing (a probe saying QUIT)."""
-        return self._running - len(self._inflight)
+        """Flights that delivered and are ending politely (a probe saying QUIT).
+
+        Not those whose value the flight may still replace (a probe that
+        reported silence and waits on for a greeting): nobody needs them to end.
+        """
+        return sum(1 for flight in self._lingering.values() if not self._revisable(flight.value))
 
     def kept_fresh(self) -> int:
         """Entries a use still pays background fetches for, within the window; O(n), for scrapes."""

@@ -178,6 +178,12 @@ async def test_sigterm_finishes_request_in_flight(nursery: trio.Nursery, dns_ser
             assert reply[0] == "DEFER_IF_PERMIT"
             assert await idle.receive_some(10) == b""  # idle connections are closed
         assert await daemon.process.wait() == 0
+    # The probe decided on postscreen's teaser; stopping did not cut it off
+    # before the greeting's last line (a HANGUP): it said QUIT after it.
+    greeter = f.greeters[0]
+    assert greeter.pregreet == [b""]
+    assert greeter.received == [b"QUIT\r\n"]
+    assert any("ending their SMTP session with QUIT" in line for line in daemon.stderr_lines)
     # Accepting stopped: the port is closed.
     with pytest.raises(OSError):
         await trio.open_tcp_stream("127.0.0.1", daemon.port)
