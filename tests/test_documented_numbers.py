@@ -165,7 +165,7 @@ NOT_DEFAULTS: tuple[str, ...] = (
     # what other servers do, and what bench/probe_volume measured (its own traffic, and the window it replaced)
     r"postscreen sends the last line after its N s greet wait", r"waits out the greet wait \(N s\)",
     r"hung up N s after postscreen's", r"a stock jail \(N in N minutes\)",
-    r"one RCPT every N s \|", r"N ms", r"every N minutes \|", r"cut from N s", r"cost the primary N more connections",
+    r"one RCPT every N s \|", r"one RCPT every N s for an hour", r"N ms", r"every N minutes \|", r"cut from N s", r"cost the primary N more connections",
     r"RFC 5321 asks for N minutes", r"on purpose wait \d+ to N s",  # other servers' greeting delays
     r"\(N minutes at the earliest for Postfix",  # Postfix's own retry schedule
     r"implicit TLS \(port N\)",
