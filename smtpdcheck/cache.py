@@ -168,7 +168,8 @@ class SingleFlight(Generic[K, V]):
         Not those whose value the flight may still replace (a probe that
         reported silence and waits on for a greeting): nobody needs them to end.
         """
-        return sum(1 for flight in self._lingering.values() if not self._revisable(flight.value))
+        revisable = self._revisable
+        return len([f for f in self._lingering.values() if f.value is None or not revisable(f.value)])
 
     def kept_fresh(self) -> int:
         """Entries a use still pays background fetches for, within the window; O(n), for scrapes."""
