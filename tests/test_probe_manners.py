@@ -166,3 +166,28 @@ async def test_a_burst_after_a_lull_waits_for_the_confirming_probe_and_every_rcp
     assert [action for action, _, _ in results] == ["DEFER_IF_PERMIT"] * 20
     assert [waited for _, _, waited in results] == [pytest.approx(0.02)] * 20
     assert len(net.attempts) == probes_before + 1  # one probe for the whole burst
+
+
+async def test_verbose_report_gives_a_timed_out_servers_real_time(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock,
+) -> None:
+    """``smtpdcheck -v`` once printed ``timeout 0.0 ms`` for a server cut off by --timeout after 5 s.
+
+    The lookup took part of the server's budget, so the check ended before
+    its probe could report anything: no probe result to time.
+    """
+    import io
+
+    from smtpdcheck.cli import format_report
+    from smtpdcheck.core import CoreSettings
+
+    net = VirtualNet(nursery, {PRIMARY: Peer(greet_after=math.inf)})
+    settings = CoreSettings(probe_timeout=5.0, check_timeout=5.0)
+    dns = VirtualDNS()
+    dns.set_host("mx1.d.test", [PRIMARY], delay=0.2)
+    core = build_core(nursery, settings, connect=net.connect, lookups=dns)
+    result = await core.checker.check(parse_servers(["10:mx1.d.test"]), StopSet())
+    assert result.reports[0].probes == []
+    out = io.StringIO()
+    format_report(result, out)
+    assert out.getvalue() == f"smtpdcheck: 10:mx1.d.test [{PRIMARY}] timeout 5000.0 ms\n"
