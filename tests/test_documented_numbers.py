@@ -106,6 +106,8 @@ RULES: tuple[Rule, ...] = (
     rule(r"the daemon's N s --deadline", D.DEADLINE_S),
     rule(r"for up to N s more", QUIT_GRACE_S),
     rule(r"within N s of the first line", QUIT_GRACE_S),
+    rule(r"--cache-up-ttl \(N s\) while it is up", D.UP_TTL_S),
+    rule(r"--greeting-timeout, N s, for the first line, and N s more for the last", GREETING_TIMEOUT_S, QUIT_GRACE_S),
     rule(r"up to N s after their greeting's first line", QUIT_GRACE_S),
     rule(r"A request waits for a probe at most --timeout \(N s\)", D.PROBE_TIMEOUT_S),
     rule(r"--greeting-timeout \(N s\)", GREETING_TIMEOUT_S),

@@ -36,7 +36,7 @@ from smtpdcheck import defaults, release
 from smtpdcheck.check import CheckResult, ServerReport
 from smtpdcheck.belief import CONFIRM_MARGIN_S, GREETING_FACTOR
 from smtpdcheck.policy import Action, Cache
-from smtpdcheck.probe import PROBE_REFRESH_FLOOR_S, Outcome, ProbeResult
+from smtpdcheck.probe import PROBE_REFRESH_FLOOR_S, QUIT_GRACE_S, Outcome, ProbeResult
 from smtpdcheck.resolver import DNS_FETCHES_PER_USE, MAX_ADDRESSES_PER_HOST, MAX_MX_HOSTS, MIN_DNS_REFRESH_FLOOR_S
 from smtpdcheck.servers import parse_address, parse_servers
 
@@ -252,6 +252,40 @@ def _sandbox() -> list[str]:
     return settings
 
 
+def _primaries() -> list[str]:
+    """What a primary's administrator sees of this host's probes, and how to keep it out of their defences."""
+    config = Config()
+    out = section("WHAT A PRIMARY SEES")
+    out += paragraph(
+        f"Each address of each more-preferred MX of a domain is probed once per --cache-up-ttl "
+        f"({config.cache_up_ttl:g} s) while it is up, and once per --cache-down-ttl while it is down, "
+        f"for as long as the domain gets mail through this host and --refresh-window "
+        f"({config.refresh_window:g} s) after.  A probe is a complete SMTP session: it connects, waits "
+        f"for the whole greeting (up to --greeting-timeout, {config.greeting_timeout:g} s, for the first "
+        f"line, and {QUIT_GRACE_S:g} s more for the last), says QUIT, reads the reply and closes.  "
+        "Nothing is sent before the greeting's last line.  One probe leaves these lines in the "
+        "primary's log:"
+    )
+    for server, lines in (
+        ("Postfix smtpd", "connect from and disconnect from ... quit=1 commands=1."),
+        ("Postfix postscreen", "CONNECT from and DISCONNECT; the first probe waits out the greet wait and passes "
+         "the greeting test, which postscreen remembers.  With the deep protocol tests off, later probes "
+         "pass to smtpd: CONNECT, PASS OLD and smtpd's two lines."),
+        ("exim", "nothing with Debian's log selector; with +smtp_connection, SMTP connection from and "
+         "... closed by QUIT; +smtp_no_mail adds no MAIL in SMTP connection from ... C=QUIT."),
+        ("OpenSMTPD", "smtp connected and smtp disconnected reason=quit."),
+    ):
+        out += item(server, paragraph(lines))
+    out += paragraph(
+        "No mode of fail2ban's stock postfix filter matches these lines.  A backup MX delivers its queue "
+        "to the primary, so its address is still worth exempting there: postscreen_access_list with a "
+        "cidr table line such as 192.0.2.25/32 permit (postscreen's tests are then skipped), and the "
+        "fail2ban jail's ignoreip.  exim's +smtp_no_mail logs every session without a message, and "
+        "fail2ban's exim filter matches that line: leave it off, or exempt the backup with ignoreip."
+    )
+    return out
+
+
 def _security() -> list[str]:
     out = section("SECURITY")
     out += item("Who can query it", paragraph(
@@ -462,6 +496,7 @@ def policyd_page() -> str:
         ),
     ]
     out += _diagnostics()
+    out += _primaries()
     out += _security()
     out += section("FILES", filled=False)
     out += [
