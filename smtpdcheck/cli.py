@@ -131,8 +131,10 @@ def format_report(result: CheckResult, out: TextIO) -> None:
         label = f"{server.prio}:{server.name}" if server.prio is not None else server.name
         addrs = ",".join(str(a) for a in report.addresses) or "-"
         # A server cut off by the timeout has no probe result to time: its
-        # own check's time is what the reader wants.
-        ms = max([report.elapsed, *(p.elapsed for p in report.probes)]) * 1000
+        # own check's time is what the reader wants.  One not checked (this
+        # host, or after it) took none.
+        spent = report.elapsed if report.eligible else 0.0
+        ms = max([spent, *(p.elapsed for p in report.probes)]) * 1000
         cache = " (cached)" if report.cached and report.probes else ""
         print(f"smtpdcheck: {label} [{addrs}] {report.summary()}{cache} {ms:.1f} ms", file=out)
 
