@@ -187,10 +187,8 @@ class Walk:
     def result(self, elapsed: float = 0.0, valid_until: float = math.inf) -> CheckResult:
         """The walk as it stands, with each report's stop-rule verdict filled in."""
         decided = eligibility(self.servers, self.matches)
-        winner: Server | None = None
         for report, match, ok in zip(self.reports, self.matches, decided):
             report.is_stop = match
             report.eligible = ok
-            if winner is None and report.available:
-                winner = report.server
-        return CheckResult(winner, self.reports, elapsed, valid_until)
+        won = self.winner()
+        return CheckResult(None if won is None else self.servers[won], self.reports, elapsed, valid_until)
