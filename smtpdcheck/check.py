@@ -63,9 +63,12 @@ class Checker:
         resolver, prober, port = self.resolver, self.prober, self.port
         valid_until = math.inf
         lookups = stale_lookups = probes = stale_probes = 0
+        matches = walk.matches
         for i, server in enumerate(servers):
-            if not walk.wants_lookup(i):
-                continue
+            if walk.settled:
+                break  # what is left cannot change a thing
+            if matches[i] is not None:
+                continue  # known without a lookup (walk.wants_lookup, inlined: this is the hot path)
             entry = resolver.cached_addresses(server.host)
             if entry is None:
                 continue  # open: so is the fate of this server and of those it could exclude
@@ -75,8 +78,9 @@ class Checker:
             stale_lookups += source is Source.STALE
             if expires < valid_until:
                 valid_until = expires
-        complete, won = True, False
-        for i, ok in enumerate(walk.eligibility()):
+        complete, won = True, None
+        decided = walk.eligibility()
+        for i, ok in enumerate(decided):
             if ok is None:
                 complete = False
                 continue
@@ -93,16 +97,16 @@ class Checker:
                 if expires < valid_until:
                     valid_until = expires
                 if walk.probed(i, result, source):
-                    won = True
+                    won = i  # read in list order: the earliest known up
                     break
-            if won:
+            if won is not None:
                 break
-        if not won and not complete:
+        if won is None and not complete:
             return None
         # As if each had been a get(); not before, as the full path may follow.
         resolver.count_cache_hits(addresses=lookups, stale_addresses=stale_lookups)
         prober.count_cache_hits(probes, stale_probes)
-        return walk.result(0.0, valid_until)
+        return walk.result(0.0, valid_until, decided, won)
 
     async def check(self, servers: Sequence[Server], stop: StopSet, *, sequential: bool = False) -> CheckResult:
         """Which server of ``servers`` (in list order) is available, if any.

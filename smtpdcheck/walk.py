@@ -110,30 +110,36 @@ class Walk:
     (the earliest listed server known up, if any) and :meth:`result`.
     """
 
-    __slots__ = ("servers", "stop", "reports", "matches")
+    __slots__ = ("servers", "stop", "reports", "matches", "settled")
+
+    reports: list[ServerReport]
+    matches: list[bool | None]  # per server: is it this host?  None until its lookup says
 
     def __init__(self, servers: Sequence[Server], stop: StopSet) -> None:
         self.servers = servers
         self.stop = stop
-        self.reports = [ServerReport(s) for s in servers]
         # Per server: is it this host?  None until its lookup says.  A
-        # literal address is its own lookup.
-        self.matches: list[bool | None] = []
-        for report in self.reports:
-            server = report.server
-            if server.address is not None:
-                report.addresses = (server.address,)
-                self.matches.append(server.address in stop.addresses)
+        # literal address is its own lookup.  (One plain loop: the cheapest
+        # way, and this is the hot path.)
+        self.reports = reports = []
+        self.matches = matches = []
+        names, addresses = stop.names, stop.addresses
+        for server in servers:
+            report = ServerReport(server)
+            if server.address is None:
+                matches.append(True if server.host in names else None)
             else:
-                self.matches.append(True if server.host in stop.names else None)
+                report.addresses = (server.address,)
+                matches.append(server.address in addresses)
+            reports.append(report)
+        #: Whether the stop rule's verdict on every server is known: no
+        #: lookup left can change it.  Once true, it stays true.
+        self.settled = self._settled()
 
-    def settled(self) -> bool:
-        """Whether the stop rule's verdict on every server is known: no lookup left can change it.
-
-        That is when the first server not known to be another host is known
-        to be this one (or there is none): what comes after it is out
-        whatever its lookup says.
-        """
+    def _settled(self) -> bool:
+        # The first server not known to be another host is known to be this
+        # one (or there is none): what comes after it is out whatever its
+        # lookup says.
         for match in self.matches:
             if match is None:
                 return False
@@ -143,19 +149,26 @@ class Walk:
 
     def wants_lookup(self, i: int) -> bool:
         """Whether server ``i``'s lookup is still worth making: its match is open and matters."""
-        return self.matches[i] is None and not self.settled()
+        return self.matches[i] is None and not self.settled
+
 
     def looked_up(self, i: int, lookup: AddressLookup, source: Source) -> None:
         report = self.reports[i]
         report.note(source)
         report.addresses = lookup.addresses
         report.lookup_error = lookup.error
-        self.matches[i] = self.stop.matches(report.server, lookup.addresses)
+        # Its name is not this host's (it would not have been looked up):
+        # one of its addresses must be.
+        self.matches[i] = not self.stop.addresses.isdisjoint(lookup.addresses)
+        if not self.settled:
+            self.settled = self._settled()
 
     def lookup_lost(self, i: int) -> None:
         """A lookup that ran out of time: its server is taken not to be this host, as Mail Avenger did."""
         self.matches[i] = False
         self.reports[i].timed_out = True
+        if not self.settled:
+            self.settled = self._settled()
 
     def eligibility(self) -> list[bool | None]:
         """Per server: check it (True), do not (False), or not known yet (None)."""
@@ -184,11 +197,20 @@ class Walk:
                 return i
         return None
 
-    def result(self, elapsed: float = 0.0, valid_until: float = math.inf) -> CheckResult:
-        """The walk as it stands, with each report's stop-rule verdict filled in."""
-        decided = eligibility(self.servers, self.matches)
+    def result(
+        self, elapsed: float = 0.0, valid_until: float = math.inf,
+        decided: list[bool | None] | None = None, won: int | None = -1,
+    ) -> CheckResult:
+        """The walk as it stands, with each report's stop-rule verdict filled in.
+
+        ``decided`` and ``won``: :meth:`eligibility` and :meth:`winner`, if
+        the caller has them and nothing was learnt since (the hot path).
+        """
+        if decided is None:
+            decided = eligibility(self.servers, self.matches)
         for report, match, ok in zip(self.reports, self.matches, decided):
             report.is_stop = match
             report.eligible = ok
-        won = self.winner()
+        if won == -1:
+            won = self.winner()
         return CheckResult(None if won is None else self.servers[won], self.reports, elapsed, valid_until)
