@@ -344,7 +344,7 @@ class Policy:
         self.resolver.count_cache_hits(mx=1, stale_mx=int(source is Source.STALE))
         # A stale input has already expired, so valid_until is past: a
         # decision made from one is never reused.
-        return self._conclude(domain, mx, source, verdict, result, valid_until)
+        return self._conclude(domain, mx, source, verdict, result, valid_until, from_caches=True)
 
     async def decide(self, domain: str, stop: StopSet) -> Decision:
         """The full decision, within the deadline.  Never raises (but for outside cancellation)."""
@@ -362,17 +362,19 @@ class Policy:
         result = None
         if verdict is None:
             result = await self.checker.check(mx_servers(mx), stop, sequential=self.sequential)
-        return self._conclude(domain, mx, source, verdict, result, -math.inf)
+        return self._conclude(domain, mx, source, verdict, result, -math.inf, from_caches=False)
 
     def _conclude(
         self, domain: str, mx: MXLookup, source: Source, verdict: Verdict | None, result: CheckResult | None,
-        valid_until: float,
+        valid_until: float, *, from_caches: bool,
     ) -> Decision:
         """The decision from what the steps found, however they were fed: no I/O.
 
         ``verdict`` is :func:`verdict_for_mx`'s; ``result`` the check of the
         MX list when that verdict is None; ``valid_until`` how long the
-        inputs hold (``-inf``: the decision is not to be reused).
+        inputs hold (``-inf``: the decision is not to be reused);
+        ``from_caches``: every input is known to be cached (the hot path,
+        spared the question).
         """
         if verdict is not None and verdict.kind is Kind.DNS_FAILURE:
             failed = self.failure(verdict.kind, verdict.reason, domain)
@@ -381,7 +383,7 @@ class Policy:
             assert result is not None
             verdict = verdict_for_check(result, warn_only=self.warn_only)
         cache = Cache.MISS
-        if source is not Source.NETWORK and (result is None or result.from_cache):
+        if from_caches or (source is not Source.NETWORK and (result is None or result.from_cache)):
             stale = source is Source.STALE or (result is not None and result.stale)
             cache = Cache.STALE if stale else Cache.HIT
         confirmed_at = result.confirmed_at if result is not None else math.nan
