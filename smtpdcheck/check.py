@@ -167,7 +167,10 @@ class Checker:
                 if ok and await self._probe_all(walk, i):
                     nursery.cancel_scope.cancel()
 
+            decided = walk.eligibility()
             for i in range(len(walk.servers)):
+                if decided[i] is False and not walk.wants_lookup(i):
+                    continue  # out already (this host, or after it): nothing to ask or wait for
                 nursery.start_soon(run, i)
 
         won = walk.winner()
