@@ -106,8 +106,9 @@ class Walk:
     Fed by a driver: :meth:`looked_up` / :meth:`lookup_lost` for lookups,
     :meth:`probed` for probe results.  Asked: :meth:`wants_lookup` (is this
     server's lookup still worth making), :meth:`eligible` (may it be
-    probed: None while a lookup could still say no), :meth:`winner`
-    (the earliest listed server known up, if any) and :meth:`result`.
+    probed: None while a lookup could still say no), :attr:`settled`
+    (no lookup left can change what is probed), :meth:`winner` (the
+    earliest listed server known up, if any) and :meth:`result`.
     """
 
     __slots__ = ("servers", "stop", "reports", "matches", "settled")
@@ -118,9 +119,8 @@ class Walk:
     def __init__(self, servers: Sequence[Server], stop: StopSet) -> None:
         self.servers = servers
         self.stop = stop
-        # Per server: is it this host?  None until its lookup says.  A
-        # literal address is its own lookup.  (One plain loop: the cheapest
-        # way, and this is the hot path.)
+        # A literal address is its own lookup.  (One plain loop: the
+        # cheapest way, and this is the hot path.)
         self.reports = reports = []
         self.matches = matches = []
         names, addresses = stop.names, stop.addresses
@@ -150,7 +150,6 @@ class Walk:
     def wants_lookup(self, i: int) -> bool:
         """Whether server ``i``'s lookup is still worth making: its match is open and matters."""
         return self.matches[i] is None and not self.settled
-
 
     def looked_up(self, i: int, lookup: AddressLookup, source: Source) -> None:
         report = self.reports[i]

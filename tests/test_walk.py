@@ -37,7 +37,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from smtpdcheck.cache import Source
-from smtpdcheck.check import Checker, CheckResult
+from smtpdcheck.check import Checker, CheckResult, ServerReport
 from smtpdcheck.compat import STRICT_EXCEPTION_GROUPS
 from smtpdcheck.probe import Outcome, ProbeResult
 from smtpdcheck.resolver import AddressLookup
@@ -282,10 +282,37 @@ def _tie() -> World:
     return World(tuple(parse_servers(["c.test", "127.0.0.2", "127.0.0.3"])), StopSet(), hosts, probes, "concurrent", 0)
 
 
+def _lost_lookup() -> World:
+    """One at a time: the first lookup never answers and is given up as not
+    this host, so the next server, this host by name, settles the list: the
+    one after it is not looked up."""
+    hosts = {n: Known(AddressLookup(n, error="NXDOMAIN", ttl=300), None, 50.0, math.inf if n == "a.test" else 0.5)
+             for n in NAMES}
+    probes = {a: Known(ProbeResult(Outcome.DECLINED, a, 25), None, 50.0, 0.1) for a in POOL}
+    servers = tuple(parse_servers(["a.test", "b.test", "c.test"]))
+    return World(servers, StopSet.build(["b.test"]), hosts, probes, "sequential", 0)
+
+
 @example(_tie())
+@example(_lost_lookup())
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(worlds())
 def test_the_walk_agrees_with_the_three_it_replaced(world: World) -> None:
     old, new = run(world, OldChecker), run(world, Checker)
     event(f"{world.mode}: " + ("incomplete" if new.result is None else "won" if new.result.winner else "no winner"))
     assert_same(world, old, new)
+
+
+def test_a_report_summarises_what_happened_to_its_server() -> None:
+    """The words of ``smtpdcheck -v`` and of the daemon's explanation, one per state."""
+    server = parse_servers(["mx.test"])[0]
+    down = ProbeResult(Outcome.DECLINED, "127.0.0.2", 25, "421")
+    silent = ProbeResult(Outcome.TIMEOUT, "::1", 25)
+    assert ServerReport(server, is_stop=True, eligible=False).summary() == "this host"
+    assert ServerReport(server, is_stop=False, eligible=False).summary() == "not checked (stop rule)"
+    assert ServerReport(server, eligible=True, available=True, probes=[down]).summary() == "available"
+    assert ServerReport(server, eligible=True, lookup_error="NXDOMAIN").summary() == "lookup failed: NXDOMAIN"
+    assert ServerReport(server, eligible=True, timed_out=True).summary() == "timeout"
+    assert ServerReport(server, eligible=True).summary() == "not probed"
+    both = ServerReport(server, eligible=True, timed_out=True, probes=[down, silent])
+    assert both.summary() == "127.0.0.2:25 declined (421); [::1]:25 timeout"
