@@ -197,7 +197,7 @@ class Walk:
         return None
 
     def result(
-        self, elapsed: float = 0.0, valid_until: float = math.inf,
+        self, elapsed: float, valid_until: float = math.inf,
         decided: list[bool | None] | None = None, won: int | None = -1,
     ) -> CheckResult:
         """The walk as it stands, with each report's stop-rule verdict filled in.
