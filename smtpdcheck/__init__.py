@@ -6,7 +6,10 @@ one module per concept; import from them directly:
 * :mod:`smtpdcheck.policy`: the decision for a recipient domain, in full or
   from caches, and its explanation;
 * :mod:`smtpdcheck.core`: building resolver, prober and checker, and this host;
-* :mod:`smtpdcheck.check`: the stop rule, lookups and probes for a server list;
+* :mod:`smtpdcheck.walk`: the walk over a server list (stop rule, lookups,
+  probes, who wins), written once with no I/O;
+* :mod:`smtpdcheck.check`: its lookup sources: the caches alone, or the network
+  all at once or one server after another;
 * :mod:`smtpdcheck.resolver`, :mod:`smtpdcheck.probe`, :mod:`smtpdcheck.greeting`:
   DNS, greeting probes and the sans-IO greeting reader;
 * :mod:`smtpdcheck.servers`, :mod:`smtpdcheck.stoprule`, :mod:`smtpdcheck.stophost`:

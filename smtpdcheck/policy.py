@@ -16,10 +16,13 @@ The algorithm, as the policy server runs it on every RCPT and as
 
 :class:`Policy` runs it in full (:meth:`Policy.decide`) or from caches only
 (:meth:`Policy.decide_cached`, no task, no await: the daemon's hot path).
-Both go through the same verdict functions and give the same action and
-kind.  They may differ in what they name: from partial caches a primary
-known up is named at once, where probing may find one listed earlier up
-too, and a reason says "this host is not an MX" only when every lookup is
+Those are two drivers of one decision: each only fetches the MX list and
+runs the check of step 4 (:mod:`smtpdcheck.walk`, fed from the caches or
+the network by :mod:`smtpdcheck.check`), and :meth:`Policy._conclude`, which
+does no I/O, makes the decision from what they found.  So both give the same
+action and kind.  They may differ in what they name: from partial caches a
+primary known up is named at once, where probing may find one listed earlier
+up too, and a reason says "this host is not an MX" only when every lookup is
 known.
 """
 
@@ -319,17 +322,16 @@ class Policy:
     def decide_cached(self, domain: str, stop: StopSet) -> Decision | None:
         """The decision when every input is cached, else None: no task, no await.
 
-        Same verdict functions as :meth:`decide`, so the same action and
-        kind (see the module's docstring for what may differ); the
-        decision says how long it stays valid.  A cached DNS failure is left
-        to the full path, which answers it from the cache too, but it is
-        never reusable.
+        The same steps as :meth:`decide`, fed from the caches (see
+        :meth:`_conclude`), so the same action and kind (see the module's
+        docstring for what may differ); the decision says how long it stays
+        valid.  A cached DNS failure is left to the full path, which answers
+        it from the cache too, but it is never reusable.
         """
         entry = self.resolver.cached_mx(domain)
         if entry is None:
             return None
         mx, valid_until, source = entry
-        stale = source is Source.STALE
         verdict = verdict_for_mx(mx)
         result = None
         if verdict is None:
@@ -337,17 +339,12 @@ class Policy:
             if result is None:
                 return None
             valid_until = min(valid_until, result.valid_until)
-            verdict = verdict_for_check(result, warn_only=self.warn_only)
-            stale = stale or result.stale
         elif verdict.kind is Kind.DNS_FAILURE:
             return None
         self.resolver.count_cache_hits(mx=1, stale_mx=int(source is Source.STALE))
         # A stale input has already expired, so valid_until is past: a
         # decision made from one is never reused.
-        confirmed_at = result.confirmed_at if result is not None else math.nan
-        return Decision(
-            verdict, domain, Cache.STALE if stale else Cache.HIT, valid_until, confirmed_at, mx=mx, result=result
-        )
+        return self._conclude(domain, mx, source, verdict, result, valid_until, from_caches=True)
 
     async def decide(self, domain: str, stop: StopSet) -> Decision:
         """The full decision, within the deadline.  Never raises (but for outside cancellation)."""
@@ -363,16 +360,31 @@ class Policy:
         mx, source = await self.resolver.mx(domain)
         verdict = verdict_for_mx(mx)
         result = None
+        if verdict is None:
+            result = await self.checker.check(mx_servers(mx), stop, sequential=self.sequential)
+        return self._conclude(domain, mx, source, verdict, result, -math.inf, from_caches=False)
+
+    def _conclude(
+        self, domain: str, mx: MXLookup, source: Source, verdict: Verdict | None, result: CheckResult | None,
+        valid_until: float, *, from_caches: bool,
+    ) -> Decision:
+        """The decision from what the steps found, however they were fed: no I/O.
+
+        ``verdict`` is :func:`verdict_for_mx`'s; ``result`` the check of the
+        MX list when that verdict is None; ``valid_until`` how long the
+        inputs hold (``-inf``: the decision is not to be reused);
+        ``from_caches``: every input is known to be cached (the hot path,
+        spared the question).
+        """
         if verdict is not None and verdict.kind is Kind.DNS_FAILURE:
             failed = self.failure(verdict.kind, verdict.reason, domain)
             return Decision(failed.verdict, domain, mx=mx)
         if verdict is None:
-            result = await self.checker.check(mx_servers(mx), stop, sequential=self.sequential)
+            assert result is not None
             verdict = verdict_for_check(result, warn_only=self.warn_only)
         cache = Cache.MISS
-        if source is not Source.NETWORK and (result is None or result.from_cache):
+        if from_caches or (source is not Source.NETWORK and (result is None or result.from_cache)):
             stale = source is Source.STALE or (result is not None and result.stale)
             cache = Cache.STALE if stale else Cache.HIT
         confirmed_at = result.confirmed_at if result is not None else math.nan
-        return Decision(verdict, domain, cache, confirmed_at=confirmed_at, mx=mx, result=result)
-
+        return Decision(verdict, domain, cache, valid_until, confirmed_at, mx=mx, result=result)
