@@ -129,7 +129,7 @@ def judge(
         return Judgement(State.UNCONFIRMED) if now < stale_until else Judgement(State.EXPIRED)
     young_until = started + confirm
     if now > young_until:
-        return Judgement(State.UNCONFIRMED, fetch)
+        return Judgement(State.UNCONFIRMED)  # (a fetch started now is young: none starts here)
     if now - expires <= confirm and now < stale_until:
         return Judgement(State.STALE, fetch)
     return Judgement(State.WAIT, fetch, young_until)

@@ -87,3 +87,18 @@ def test_ttl_zero_is_never_fresh() -> None:
     # A value stored for 0 s is not stored at all; an entry that expires the instant it is read is of no use.
     assert judge(100.0, expires=100.0, stale_until=100.0) == Judgement(State.EXPIRED)
     assert judge(100.0, expires=100.0, stale_until=100.0, confirm=0.54) == Judgement(State.EXPIRED)
+
+
+def test_each_bound_holds_at_its_exact_instant() -> None:
+    """Binary-exact times, so each comparison is tried at the instant it changes."""
+    up = {"expires": 100.0, "stale_until": 104.0, "confirm": 0.5}
+    # Young until the grace has passed, inclusive.
+    assert judge(100.5, **up, fetch_started=100.0) == Judgement(State.STALE)
+    assert judge(100.5, **up, fetch_started=100.25) == Judgement(State.STALE)  # also exactly the grace past expiry
+    assert judge(100.5 + 2**-20, **up, fetch_started=100.25) == Judgement(State.WAIT, until=100.75)
+    # Servable stale only before the stale bound, not at it: then the young probe is waited for.
+    bounded = {**up, "stale_until": 100.5, "confirm": 1.0}
+    assert judge(100.5, **bounded, fetch_started=100.25) == Judgement(State.WAIT, until=101.25)
+    # At the stale bound no refresh starts from a use: the caller fetches and waits, as after any expiry.
+    assert judge(104.0, **up, can_fetch=True) == Judgement(State.EXPIRED)
+    assert judge(104.0, **ANSWER | {"stale_until": 104.0}, can_fetch=True) == Judgement(State.EXPIRED)
